@@ -1,0 +1,77 @@
+# sd-triton: the README's two commands are `make demo` and `make test`.
+# Each sets up what it needs on a fresh clone (virtual environment with CPU
+# torch, the tritonserver from the nvidia-pytriton wheel, the tiny model, the
+# exported model repository) and then does its job.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+BUILD      ?= build
+CHECKPOINT ?= $(BUILD)/tiny-sd
+REPOSITORY ?= $(BUILD)/model_repository
+HOST       ?= python
+HTTP_PORT  ?= 8000
+GRPC_PORT  ?= 8001
+METRICS_PORT ?= 8002
+PROMPT     ?= a photo of an astronaut riding a horse on the moon
+OUT        ?= $(BUILD)/out/demo.png
+PYTEST_ARGS ?=
+
+INSTALLED  := $(VENV)/.installed
+SOURCES    := $(shell find export model_repository sd_triton -name '*.py' -not -path '*/__pycache__/*' 2>/dev/null)
+
+.PHONY: help setup tiny export demo serve test lint format bench clean
+
+help:
+	@echo "make demo    set up, export the tiny model, serve it, generate an image"
+	@echo "make test    set up and run the test suite (lint + pytest)"
+	@echo "make serve   run tritonserver on $(REPOSITORY) in the foreground"
+	@echo "make bench   run the benchmark harness (see benchmarks/README.md)"
+
+# Virtual environment. torch's CPU build is installed first and explicitly:
+# an unpinned torch would pull a multi-GB CUDA build. open-clip-torch is
+# installed without its dependencies: we only read its CLIP BPE file.
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps open-clip-torch==3.3.0
+	$(BIN)/pip check
+	touch $@
+
+setup: $(INSTALLED)
+
+$(CHECKPOINT)/model_index.json: $(INSTALLED) export/tiny.py export/tokenizer.py
+	$(BIN)/python -m sd_triton.export.tiny $(CHECKPOINT)
+
+tiny: $(CHECKPOINT)/model_index.json
+
+$(REPOSITORY)/.exported: $(CHECKPOINT)/model_index.json $(SOURCES)
+	$(BIN)/sd-triton-export $(CHECKPOINT) $(REPOSITORY) --host $(HOST) --overwrite
+	touch $@
+
+export: $(REPOSITORY)/.exported
+
+demo: $(REPOSITORY)/.exported
+	$(BIN)/python -m sd_triton.demo --repository $(REPOSITORY) --prompt "$(PROMPT)" --output $(OUT)
+
+serve: $(REPOSITORY)/.exported
+	$(BIN)/sd-triton-server $(REPOSITORY) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(INSTALLED)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(REPOSITORY)/.exported
+	$(BIN)/python -m sd_triton.benchmarks.harness --repository $(REPOSITORY)
+
+clean:
+	rm -rf $(BUILD)

@@ -1,0 +1,163 @@
+"""The tensor contract, declared once.
+
+Every tensor that crosses a Triton model boundary is described here: the
+five component models (text encoder, UNet, VAE encoder/decoder, safety
+checker) and the public ``stable_diffusion`` model. The exporter builds the
+ONNX graphs' input/output names and dynamic axes and every ``config.pbtxt``
+from these descriptions; the pipeline makes its BLS calls with them; tests
+check configs and ONNX files against them.
+
+Dimensions are ints (fixed) or strings (symbolic, dynamic). ``"B"`` is the
+batch dimension: in Triton configs it is the implicit batch dimension
+(``max_batch_size > 0``), everything after it is ``dims``.
+
+This module must stay importable with only the standard library: it ships
+inside the model repository and is imported by the exporter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+BATCH = "B"
+
+# Triton config data types by the numpy dtype names we use.
+TRITON_DTYPES = {
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64",
+    "uint8": "TYPE_UINT8",
+    "bool": "TYPE_BOOL",
+    "bytes": "TYPE_STRING",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor: numpy dtype name and dims (ints or symbolic names)."""
+
+    name: str
+    dtype: str
+    dims: tuple[int | str, ...]
+    optional: bool = False
+    # When set, Triton presents the tensor to the model with this shape
+    # (config ``reshape``); used for the per-sample UNet timestep, declared
+    # ``dims: [1]`` and seen by the model as ``[B]``.
+    reshape: tuple[int, ...] | None = None
+    description: str = ""
+
+    @property
+    def batched(self) -> bool:
+        return bool(self.dims) and self.dims[0] == BATCH
+
+    @property
+    def triton_dims(self) -> tuple[int, ...]:
+        """Dims as a Triton config writes them: batch dropped, dynamic = -1."""
+        dims = self.dims[1:] if self.batched else self.dims
+        return tuple(d if isinstance(d, int) else -1 for d in dims)
+
+    @property
+    def triton_dtype(self) -> str:
+        return TRITON_DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+
+# Component models. Names follow diffusers / Optimum's ONNX export. "dtype"
+# here is the fp32 export's; an fp16 export turns every float32 tensor into
+# float16 except the UNet timestep (fractional timesteps must not be rounded).
+TEXT_ENCODER = ModelSpec(
+    name="text_encoder",
+    inputs=(TensorSpec("input_ids", "int32", (BATCH, "sequence")),),
+    outputs=(TensorSpec("last_hidden_state", "float32", (BATCH, "sequence", "text_width")),),
+    description="CLIP text model: token ids -> per-token embeddings.",
+)
+
+UNET = ModelSpec(
+    name="unet",
+    inputs=(
+        TensorSpec("sample", "float32", (BATCH, "in_channels", "latent_height", "latent_width")),
+        TensorSpec("timestep", "float32", (BATCH, 1), reshape=()),
+        TensorSpec("encoder_hidden_states", "float32", (BATCH, "sequence", "text_width")),
+    ),
+    outputs=(
+        TensorSpec("out_sample", "float32", (BATCH, "latent_channels", "latent_height", "latent_width")),
+    ),
+    description="Denoising UNet; timestep is per sample so requests at different steps batch together.",
+)
+
+VAE_ENCODER = ModelSpec(
+    name="vae_encoder",
+    inputs=(TensorSpec("sample", "float32", (BATCH, 3, "height", "width")),),
+    outputs=(
+        # Mean and log-variance of the latent distribution, concatenated on
+        # channels (2 * latent_channels): the pipeline samples from it with
+        # the request's generator, exactly as diffusers does.
+        TensorSpec("latent_parameters", "float32", (BATCH, "latent_parameters", "latent_height", "latent_width")),
+    ),
+    description="VAE encoder: image in [-1, 1] -> latent distribution parameters.",
+)
+
+VAE_DECODER = ModelSpec(
+    name="vae_decoder",
+    inputs=(TensorSpec("latent_sample", "float32", (BATCH, "latent_channels", "latent_height", "latent_width")),),
+    outputs=(TensorSpec("sample", "float32", (BATCH, 3, "height", "width")),),
+    description="VAE decoder: unscaled latents -> image in [-1, 1].",
+)
+
+SAFETY_CHECKER = ModelSpec(
+    name="safety_checker",
+    inputs=(
+        TensorSpec("clip_input", "float32", (BATCH, 3, "clip_height", "clip_width")),
+        TensorSpec("images", "float32", (BATCH, "height", "width", 3)),
+    ),
+    outputs=(
+        TensorSpec("out_images", "float32", (BATCH, "height", "width", 3)),
+        TensorSpec("has_nsfw_concepts", "bool", (BATCH,)),
+    ),
+    description="Stable Diffusion safety checker: flags NSFW images and blacks them out.",
+)
+
+COMPONENTS: dict[str, ModelSpec] = {
+    m.name: m for m in (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER, SAFETY_CHECKER)
+}
+
+# The public model. One request = one prompt; no Triton batch dimension
+# (max_batch_size 0), so dims are the full shapes a client sends.
+STABLE_DIFFUSION = ModelSpec(
+    name="stable_diffusion",
+    inputs=(
+        TensorSpec("prompt", "bytes", (1,), description="UTF-8 text prompt"),
+        TensorSpec("negative_prompt", "bytes", (1,), optional=True),
+        TensorSpec("height", "int32", (1,), optional=True),
+        TensorSpec("width", "int32", (1,), optional=True),
+        TensorSpec("num_inference_steps", "int32", (1,), optional=True),
+        TensorSpec("guidance_scale", "float32", (1,), optional=True),
+        TensorSpec("seed", "int64", (1,), optional=True),
+        TensorSpec("scheduler", "bytes", (1,), optional=True),
+        TensorSpec("num_images_per_prompt", "int32", (1,), optional=True),
+        TensorSpec("image", "uint8", ("height", "width", 3), optional=True),
+        TensorSpec("mask_image", "uint8", ("height", "width"), optional=True),
+        TensorSpec("strength", "float32", (1,), optional=True),
+    ),
+    outputs=(
+        TensorSpec("images", "uint8", ("num_images", "height", "width", 3)),
+        TensorSpec("nsfw_content_detected", "bool", ("num_images",)),
+        TensorSpec("seeds", "int64", ("num_images",)),
+    ),
+    description="Text-to-image, img2img and inpainting with Stable Diffusion.",
+)

@@ -1,0 +1,337 @@
+"""Start, wait for and stop the ``tritonserver`` that ships in the nvidia-pytriton wheel.
+
+The wheel carries a complete Triton 2.51 server with the Python backend, so a
+model repository can be served on any Linux machine with pip, no container
+and no GPU. Tests, the demo and users without Docker all start it here::
+
+    with TritonServer("build/model_repository") as server:
+        print(server.grpc_url)          # "127.0.0.1:8001"
+
+or from the shell, in the foreground::
+
+    sd-triton-server build/model_repository --grpc-port 8001
+
+What it takes to run the binary (see DESIGN.md): a backends folder laid out
+as Triton expects, the interpreter's ``libpython`` and the wheel's bundled
+libraries on ``LD_LIBRARY_PATH``, and this interpreter's ``bin/`` first on
+``PATH`` so that the Python backend's stub picks up this environment's
+packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SHM_PATTERN = "/dev/shm/triton_python_backend_shm_region_*"
+
+
+class ServerError(RuntimeError):
+    """The server could not be found, did not start, or died."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+    @classmethod
+    def free(cls) -> Ports:
+        """Three ports the OS says are free right now (for tests)."""
+        socks = []
+        try:
+            for _ in range(3):
+                s = socket.socket()
+                s.bind(("127.0.0.1", 0))
+                socks.append(s)
+            return cls(*(s.getsockname()[1] for s in socks))
+        finally:
+            for s in socks:
+                s.close()
+
+
+def pytriton_root() -> Path:
+    """Folder of the tritonserver distribution inside the nvidia-pytriton wheel."""
+    try:
+        import pytriton
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ServerError(
+            "nvidia-pytriton is not installed; install the server extra: pip install 'sd-triton[server]'"
+        ) from e
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    if not (root / "bin" / "tritonserver").exists():
+        raise ServerError(f"no tritonserver binary under {root}")
+    return root
+
+
+def prepare_backends(dest: Path) -> Path:
+    """Lay out ``dest/python/`` as Triton's --backend-directory expects."""
+    root = pytriton_root()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"the pytriton wheel has no Python backend stub for Python {version}")
+    python_dir = dest / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for src in (
+        root / "backends" / "python" / "libtriton_python.so",
+        root / "backends" / "python" / "triton_python_backend_utils.py",
+        stub,
+    ):
+        target = python_dir / src.name
+        if not target.exists():
+            shutil.copy2(src, target)
+    return dest
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    libs = Path(pytriton_root()).parent.parent / "nvidia_pytriton.libs"
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    parts = [str(libs), libdir, env.get("LD_LIBRARY_PATH", "")]
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in parts if p)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    # One stub process per model instance; each would otherwise start as many
+    # BLAS threads as there are cores.
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    return env
+
+
+class TritonServer:
+    """A ``tritonserver`` process on a model repository; a context manager.
+
+    ``ports=None`` picks free ports (tests); pass ``Ports()`` for the
+    standard 8000/8001/8002. ``model_control="explicit"`` starts with no
+    model loaded unless named in ``load_models``.
+    """
+
+    def __init__(
+        self,
+        repository: str | os.PathLike,
+        *,
+        ports: Ports | None = None,
+        model_control: str = "none",
+        load_models: Sequence[str] = (),
+        log_verbose: int = 0,
+        log_file: str | os.PathLike | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        if not self.repository.is_dir():
+            raise ServerError(f"model repository {self.repository} does not exist")
+        self.ports = ports or Ports.free()
+        self.model_control = model_control
+        self.load_models = tuple(load_models)
+        self.log_verbose = log_verbose
+        self.extra_args = tuple(extra_args)
+        self._workdir = Path(tempfile.mkdtemp(prefix="sd-triton-server-"))
+        self.log_path = Path(log_file) if log_file else self._workdir / "tritonserver.log"
+        self._proc: subprocess.Popen | None = None
+        self._log_handle = None
+
+    # ------------------------------------------------------------------ urls
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.ports.http}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.metrics}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    # ------------------------------------------------------------- lifecycle
+    def command(self) -> list[str]:
+        backends = prepare_backends(self._workdir / "backends")
+        cmd = [
+            str(pytriton_root() / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backends}",
+            f"--http-port={self.ports.http}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--metrics-port={self.ports.metrics}",
+            "--pinned-memory-pool-byte-size=0",
+            "--allow-gpu-metrics=false",
+            f"--model-control-mode={self.model_control}",
+            f"--log-verbose={self.log_verbose}",
+        ]
+        cmd += [f"--load-model={m}" for m in self.load_models]
+        return cmd + list(self.extra_args)
+
+    def start(self, *, wait: bool = True, timeout_s: float = 120.0) -> TritonServer:
+        if self._proc is not None:
+            raise ServerError("server already started")
+        cmd = self.command()
+        log.info("starting %s", " ".join(cmd))
+        self._log_handle = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._proc = subprocess.Popen(
+            cmd,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            env=server_env(),
+            start_new_session=True,
+        )
+        if wait:
+            try:
+                self.wait_until_ready(timeout_s)
+            except BaseException:
+                self.stop()
+                raise
+        return self
+
+    def _get(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}{path}", timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return 0
+
+    def is_ready(self) -> bool:
+        return self._get("/v2/health/ready") == 200
+
+    def is_live(self) -> bool:
+        return self._get("/v2/health/live") == 200
+
+    def wait_until_ready(self, timeout_s: float = 120.0) -> None:
+        """Block until the server and every model are ready; raise with the log tail otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.poll() is not None:
+                code = None if self._proc is None else self._proc.returncode
+                raise ServerError(f"tritonserver exited (code {code}) before it was ready:\n{self.log_tail()}")
+            if self.is_ready():
+                log.info("tritonserver ready: grpc %s, http %s", self.grpc_url, self.http_url)
+                return
+            time.sleep(0.25)
+        raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 60.0) -> int | None:
+        """SIGTERM, wait; SIGKILL only as a last resort (then clean its /dev/shm regions)."""
+        proc, self._proc = self._proc, None
+        code = None
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("tritonserver did not stop in %.0f s; killing it", timeout_s)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    _remove_orphan_shm()
+            code = proc.returncode
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+        return code
+
+    def __enter__(self) -> TritonServer:
+        return self.start() if self._proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _remove_orphan_shm() -> None:
+    """Remove Python-backend shared-memory regions no live process holds open."""
+    held = set()
+    for fd_dir in glob.glob("/proc/[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(fd_dir):
+                with contextlib.suppress(OSError):
+                    held.add(os.readlink(os.path.join(fd_dir, fd)))
+    for path in glob.glob(SHM_PATTERN):
+        if path not in held:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="sd-triton-server",
+        description="Serve a model repository with the tritonserver from the nvidia-pytriton wheel, in the foreground.",
+    )
+    parser.add_argument("repository", help="model repository (output of sd-triton-export)")
+    parser.add_argument("--http-port", type=int, default=int(os.environ.get("HTTP_PORT", 8000)))
+    parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", 8001)))
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("METRICS_PORT", 8002)))
+    parser.add_argument("--model-control", choices=("none", "poll", "explicit"), default="none")
+    parser.add_argument("--load-model", action="append", default=[], help="with --model-control explicit")
+    parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        server = TritonServer(
+            args.repository,
+            ports=Ports(args.http_port, args.grpc_port, args.metrics_port),
+            model_control=args.model_control,
+            load_models=args.load_model,
+            log_verbose=args.log_verbose,
+            extra_args=extra,
+        )
+        server.start(timeout_s=args.timeout)
+    except ServerError as e:
+        print(f"sd-triton-server: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}"
+        f"  (log: {server.log_path}; Ctrl-C to stop)",
+        flush=True,
+    )
+    stop = {"now": False}
+
+    def _stop(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop["now"] and server._proc is not None and server._proc.poll() is None:
+            time.sleep(0.5)
+        died = server._proc is not None and server._proc.poll() is not None
+        if died:
+            print(f"sd-triton-server: tritonserver exited:\n{server.log_tail()}", file=sys.stderr)
+    finally:
+        code = server.stop()
+    return 0 if not died else (code or 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

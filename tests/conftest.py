@@ -1,0 +1,77 @@
+"""Shared fixtures: the tiny checkpoint, its exported repository and a real tritonserver.
+
+Everything is built once per session from code (fixed seeds, nothing
+downloaded). Set ``SD_TRITON_TEST_BUILD=<dir>`` to keep and reuse the built
+checkpoint and repository across runs while iterating locally; CI builds
+them fresh.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory) -> Path:
+    keep = os.environ.get("SD_TRITON_TEST_BUILD")
+    if keep:
+        path = Path(keep).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp("sd-triton-build")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(build_dir) -> Path:
+    """The embedded tiny SD 1.x model in diffusers format."""
+    path = build_dir / "tiny-sd"
+    if not (path / "model_index.json").exists():
+        subprocess.run([sys.executable, "-m", "sd_triton.export.tiny", str(path)], check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(build_dir, tiny_checkpoint) -> Path:
+    """The tiny model exported to a Triton model repository (Python-backend ONNX host)."""
+    from sd_triton.export import export_repository
+
+    path = build_dir / "model_repository"
+    export_repository(tiny_checkpoint, path, host="python", overwrite=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def triton_server(tiny_repository):
+    """A real tritonserver process serving the tiny repository on free ports."""
+    from sd_triton.server import TritonServer
+
+    server = TritonServer(tiny_repository)
+    server.start(timeout_s=300)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def triton_url(triton_server) -> str:
+    """gRPC address of the session's server, e.g. ``127.0.0.1:40123``."""
+    return triton_server.grpc_url
+
+
+@pytest.fixture
+def grpc_client(triton_url):
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(triton_url)
+    try:
+        yield client
+    finally:
+        client.close()
