@@ -1,0 +1,145 @@
+"""The server launcher on small hand-written repositories (no export needed)."""
+
+from __future__ import annotations
+
+import glob
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from sd_triton.server import Ports, ServerError, TritonServer
+
+ECHO_CONFIG = """
+name: "echo"
+backend: "python"
+max_batch_size: 4
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 2 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 2 ] } ]
+"""
+
+ECHO_MODEL = """
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [
+            pb_utils.InferenceResponse(
+                [pb_utils.Tensor("y", pb_utils.get_input_tensor_by_name(r, "x").as_numpy() * 2)]
+            )
+            for r in requests
+        ]
+"""
+
+
+def _write_model(repo, name, config, code):
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text(textwrap.dedent(config))
+    (repo / name / "1" / "model.py").write_text(textwrap.dedent(code))
+
+
+@pytest.fixture
+def echo_repo(tmp_path):
+    _write_model(tmp_path, "echo", ECHO_CONFIG, ECHO_MODEL)
+    return tmp_path
+
+
+def _process_tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def _shm_held_by(pid: int) -> set[str]:
+    """Python-backend shm regions opened (or mapped) by the server and its stub processes."""
+    held = set()
+    for p in _process_tree(pid):
+        try:
+            with open(f"/proc/{p}/maps") as f:
+                held |= {line.split()[-1] for line in f if "triton_python_backend_shm_region" in line}
+        except OSError:
+            pass
+    return held
+
+
+def test_start_infer_stop_leaves_nothing_behind(echo_repo):
+    with TritonServer(echo_repo) as server:
+        assert server.is_ready()
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        assert client.is_model_ready("echo")
+        x = grpcclient.InferInput("x", [1, 2], "FP32")
+        x.set_data_from_numpy(np.array([[1.5, -2.0]], np.float32))
+        y = client.infer("echo", [x]).as_numpy("y")
+        np.testing.assert_array_equal(y, [[3.0, -4.0]])
+        pid = server.pid
+        regions = _shm_held_by(pid)
+        assert regions, "the Python backend should hold a shm region while running"
+    assert server.pid is None
+    with pytest.raises(ProcessLookupError):
+        import os
+
+        os.kill(pid, 0)
+    assert {r for r in regions if glob.glob(r)} == set(), "shm regions left in /dev/shm"
+
+
+def test_model_that_fails_to_load_reports_the_log(tmp_path):
+    _write_model(tmp_path, "broken", ECHO_CONFIG.replace('"echo"', '"broken"'), "raise ImportError('no such thing')\n")
+    server = TritonServer(tmp_path)
+    with pytest.raises(ServerError, match="broken"):
+        server.start(timeout_s=60)
+    assert server.pid is None
+
+
+def test_missing_repository_is_a_clear_error(tmp_path):
+    with pytest.raises(ServerError, match="does not exist"):
+        TritonServer(tmp_path / "nope")
+
+
+def test_cli_serves_in_foreground_and_stops_on_sigterm(echo_repo):
+    ports = Ports.free()
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "sd_triton.server", str(echo_repo),
+            "--http-port", str(ports.http),
+            "--grpc-port", str(ports.grpc),
+            "--metrics-port", str(ports.metrics),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        while line and not line.startswith("ready:"):
+            line = proc.stdout.readline()
+        assert line.startswith("ready:"), "the CLI never said it was ready"
+        assert f"127.0.0.1:{ports.grpc}" in line
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports.grpc}")
+        assert client.is_server_ready()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                client.is_server_live()
+            except Exception:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("server still answering after the CLI stopped")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
