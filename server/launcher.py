@@ -167,6 +167,7 @@ class TritonServer:
 
     # ------------------------------------------------------------- lifecycle
     def command(self) -> list[str]:
+        self._workdir.mkdir(parents=True, exist_ok=True)
         backends = prepare_backends(self._workdir / "backends")
         cmd = [
             str(pytriton_root() / "bin" / "tritonserver"),
@@ -188,6 +189,7 @@ class TritonServer:
             raise ServerError("server already started")
         cmd = self.command()
         log.info("starting %s", " ".join(cmd))
+        self._workdir.mkdir(parents=True, exist_ok=True)
         self._log_handle = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(
             cmd,
@@ -259,6 +261,8 @@ class TritonServer:
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
+        # Backends copy and (unless a log_file was given) the log go with the process.
+        shutil.rmtree(self._workdir, ignore_errors=True)
         return code
 
     def __enter__(self) -> TritonServer:

@@ -87,6 +87,7 @@ def test_start_infer_stop_leaves_nothing_behind(echo_repo):
         regions = _shm_held_by(pid)
         assert regions, "the Python backend should hold a shm region while running"
     assert server.pid is None
+    assert not server._workdir.exists(), "the launcher's temporary folder was left behind"
     with pytest.raises(ProcessLookupError):
         import os
 
