@@ -1,0 +1,76 @@
+"""A small typed client for the ``stable_diffusion`` Triton models, sync and asyncio.
+
+::
+
+    from sd_triton.client import Client
+
+    with Client("localhost:8001") as client:
+        client.wait_until_ready(timeout_s=60)
+        result = client.generate("a photo of a cat", num_inference_steps=20, seed=123)
+        result.save("cat.png")              # PNG with AUTOMATIC1111 "parameters" text
+        for event in client.stream("a photo of a dog", seed=1):
+            print(event)                    # ProgressEvent(step=1, total_steps=50, ...) ..., GenerationResult
+
+Options are keyword-only and named as in the server contract (and diffusers);
+an omitted option is not sent and the server applies its default. The result
+reports the settings actually used. Only numpy, Pillow and tritonclient are
+imported (never torch).
+
+Exceptions (every error is one of these; the server's message is kept intact)::
+
+    SDTritonError                 base; .message, .status (gRPC status string or None)
+    ├── InvalidRequestError       the request was rejected (INVALID_ARGUMENT); also a ValueError
+    ├── UnavailableError          no server, model not loaded / not ready, overloaded
+    │                             (UNAVAILABLE, NOT_FOUND, RESOURCE_EXHAUSTED)
+    ├── DeadlineExceededError     the call's timeout_s expired (DEADLINE_EXCEEDED); also a TimeoutError
+    ├── CancelledError            cancelled through a stream or a submit() handle (CANCELLED)
+    └── ServerError               anything else (INTERNAL, a failure inside the model, ...)
+"""
+
+from ._async import AsyncClient, AsyncGenerationStream, AsyncPendingGeneration
+from ._errors import (
+    CancelledError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    SDTritonError,
+    ServerError,
+    UnavailableError,
+)
+from ._infotext import (
+    A1111_SAMPLERS,
+    format_infotext,
+    parse_infotext,
+    read_infotext,
+    sampler_name,
+    save_png,
+)
+from ._request import GenerationRequest
+from ._sync import Client, GenerationStream, Health, ModelStatus, PendingGeneration
+from ._types import GenerationResult, GenerationSettings, ProgressEvent
+
+__all__ = [
+    "A1111_SAMPLERS",
+    "AsyncClient",
+    "AsyncGenerationStream",
+    "AsyncPendingGeneration",
+    "CancelledError",
+    "Client",
+    "DeadlineExceededError",
+    "GenerationRequest",
+    "GenerationResult",
+    "GenerationSettings",
+    "GenerationStream",
+    "Health",
+    "InvalidRequestError",
+    "ModelStatus",
+    "PendingGeneration",
+    "ProgressEvent",
+    "SDTritonError",
+    "ServerError",
+    "UnavailableError",
+    "format_infotext",
+    "parse_infotext",
+    "read_infotext",
+    "sampler_name",
+    "save_png",
+]

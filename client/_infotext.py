@@ -1,0 +1,141 @@
+"""Generation settings as AUTOMATIC1111's ``parameters`` text, in PNG text chunks.
+
+The Stable Diffusion web UI (AUTOMATIC1111, and Forge, ComfyUI's readers,
+Civitai, ...) stores how an image was made in a PNG text chunk named
+``parameters``::
+
+    a photo of a cat
+    Negative prompt: blurry
+    Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 123, Size: 512x512, Model: stable_diffusion
+
+Writing the same format lets people's tools read our images. The sampler is
+named the web UI's way (:data:`A1111_SAMPLERS`); a value containing ``,``,
+``:`` or a newline is JSON-quoted, as the web UI does. Several images from one
+request share its seed (one generator draws them all), so their position is
+written as ``Batch size`` / ``Batch pos``, the web UI's keys for that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from ._types import GenerationSettings
+
+__all__ = [
+    "A1111_SAMPLERS",
+    "format_infotext",
+    "output_paths",
+    "parse_infotext",
+    "read_infotext",
+    "sampler_name",
+    "save_png",
+]
+
+PARAMETERS_KEY = "parameters"
+
+# Our scheduler aliases (the pipeline's scheduler table) -> the web UI's sampler names.
+A1111_SAMPLERS: dict[str, str] = {
+    "ddim": "DDIM",
+    "pndm": "PLMS",
+    "lms": "LMS",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "heun": "Heun",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "unipc": "UniPC",
+}
+
+
+def sampler_name(scheduler: str) -> str:
+    """The web UI's name for ``scheduler``; unknown names (e.g. ``"default"``) pass through."""
+    return A1111_SAMPLERS.get(scheduler, scheduler)
+
+
+def _quote(value: object) -> str:
+    text = str(value)
+    if "," not in text and ":" not in text and "\n" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _unquote(text: str) -> str:
+    return json.loads(text) if text.startswith('"') else text
+
+
+def format_infotext(settings: GenerationSettings, *, index: int = 0) -> str:
+    """The ``parameters`` text of image ``index`` of a request made with ``settings``."""
+    fields: dict[str, object] = {
+        "Steps": settings.num_inference_steps,
+        "Sampler": sampler_name(settings.scheduler),
+        "CFG scale": float(settings.guidance_scale),
+        "Seed": settings.seed,
+        "Size": f"{settings.width}x{settings.height}",
+        "Model": settings.model,
+    }
+    if settings.strength is not None:
+        fields["Denoising strength"] = float(settings.strength)
+    if settings.num_images_per_prompt > 1:
+        fields["Batch size"] = settings.num_images_per_prompt
+        fields["Batch pos"] = index
+    lines = [settings.prompt]
+    if settings.negative_prompt:
+        lines.append(f"Negative prompt: {settings.negative_prompt}")
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
+# "Key: value" pairs of the last line; a value is JSON-quoted or runs to the next comma.
+_FIELD = re.compile(r'\s*([\w \-/+]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """Split a ``parameters`` text into ``{"Prompt", "Negative prompt", key: value, ...}`` strings.
+
+    Reads what :func:`format_infotext` writes (and the web UI's simple cases);
+    values stay strings, as in the text.
+    """
+    *head, last = text.split("\n")
+    if not _FIELD.match(last) or "Steps:" not in last:  # no settings line: all prompt
+        head, last = [*head, last], ""
+    prompt_lines, negative_lines, into_negative = [], [], False
+    for line in head:
+        if line.startswith("Negative prompt:"):
+            into_negative = True
+            line = line.removeprefix("Negative prompt:").lstrip(" ")
+        (negative_lines if into_negative else prompt_lines).append(line)
+    out = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
+    for key, value in _FIELD.findall(last):
+        out[key.strip()] = _unquote(value.strip())
+    return out
+
+
+def output_paths(path: str | os.PathLike, count: int) -> list[Path]:
+    """``out.png`` for one image; ``out.png, out-1.png, out-2.png, ...`` for several."""
+    first = Path(path)
+    return [first] + [first.with_name(f"{first.stem}-{i}{first.suffix}") for i in range(1, count)]
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, infotext: str) -> Path:
+    """Write ``image`` as PNG with ``infotext`` in a ``parameters`` text chunk.
+
+    Pillow writes a ``tEXt`` chunk when the text is Latin-1 and an ``iTXt``
+    (UTF-8) chunk otherwise, as the web UI does; readers accept both.
+    """
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_KEY, infotext)
+    path = Path(path)
+    image.save(path, format="PNG", pnginfo=info)
+    return path
+
+
+def read_infotext(path: str | os.PathLike) -> str | None:
+    """The ``parameters`` text of a PNG, or None when it has none."""
+    with Image.open(path) as image:
+        image.load()
+        return getattr(image, "text", {}).get(PARAMETERS_KEY)

@@ -1,0 +1,88 @@
+"""What a call returns: the settings used, the result, and streamed progress events."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+__all__ = ["GenerationResult", "GenerationSettings", "ProgressEvent"]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """The settings a generation actually ran with: what was sent, and the server's defaults for the rest.
+
+    Names are the contract's (and diffusers') names. ``seed`` is the seed the
+    server reports; ``height``/``width`` are read from the returned images;
+    ``scheduler`` is the alias sent, or the model's default (``"default"``
+    when the model does not publish its name). ``model`` is the unary model
+    that makes these images from these settings (a streamed result names the
+    unary model too: both serve the same checkpoint). ``strength`` is only
+    set for img2img / inpainting.
+    """
+
+    prompt: str
+    negative_prompt: str
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    seed: int
+    scheduler: str
+    num_images_per_prompt: int
+    model: str
+    strength: float | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class GenerationResult:
+    """Images of one request, with the settings and the model (name, version) that made them."""
+
+    images: list[Image.Image]
+    nsfw_content_detected: list[bool]
+    seeds: list[int]
+    settings: GenerationSettings
+    model_name: str
+    model_version: str
+
+    def infotext(self, index: int = 0) -> str:
+        """Image ``index``'s settings as AUTOMATIC1111's ``parameters`` text."""
+        from ._infotext import format_infotext
+
+        return format_infotext(self.settings, index=index)
+
+    def save(self, path: str | os.PathLike) -> list[Path]:
+        """Write every image as PNG with its ``parameters`` text chunk; return the paths.
+
+        The first image goes to ``path``, the others to ``<stem>-1<suffix>``,
+        ``<stem>-2<suffix>``, ... beside it.
+        """
+        from ._infotext import output_paths, save_png
+
+        paths = output_paths(path, len(self.images))
+        for i, (image, target) in enumerate(zip(self.images, paths, strict=True)):
+            save_png(image, target, self.infotext(i))
+        return paths
+
+
+@dataclass(frozen=True, eq=False)
+class ProgressEvent:
+    """One streamed progress report: ``step`` of ``total_steps`` UNet evaluations done.
+
+    ``previews`` holds one small RGB image per requested image (latents
+    mapped to colour, at latent resolution) when the stream was opened with
+    ``preview=True``, else None.
+    """
+
+    step: int
+    total_steps: int
+    elapsed_s: float
+    previews: list[Image.Image] | None = None
+
+    @property
+    def fraction(self) -> float:
+        """Share of the denoising done, 0..1."""
+        return self.step / self.total_steps if self.total_steps else 0.0

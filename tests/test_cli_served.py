@@ -1,0 +1,179 @@
+"""``sd-triton`` and the examples of docs/client.md against a real tritonserver (tiny model)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from PIL import Image
+from sd_triton.client import cli, read_infotext
+
+pytestmark = pytest.mark.server
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "client.md"
+PROMPT = "a photo of a cat, sitting"
+ARGS = [
+    *("--negative", "blurry: bad"),
+    *("--steps", "3"),
+    *("--guidance", "6"),
+    *("--seed", "123"),
+    *("--scheduler", "euler_a"),
+    *("--size", "64x32"),
+    *("--num-images", "2"),
+]
+EXPECTED_TEXT = (
+    "a photo of a cat, sitting\n"
+    "Negative prompt: blurry: bad\n"
+    "Steps: 3, Sampler: Euler a, CFG scale: 6.0, Seed: 123, Size: 64x32, Model: stable_diffusion, "
+    "Batch size: 2, Batch pos: {pos}"
+)
+
+
+@pytest.fixture(scope="module")
+def reference(triton_url) -> np.ndarray:
+    """The raw contract call for PROMPT and ARGS: images [2, 32, 64, 3]."""
+    tensors = [
+        ("prompt", "BYTES", np.array([PROMPT.encode()], dtype=object)),
+        ("negative_prompt", "BYTES", np.array([b"blurry: bad"], dtype=object)),
+        ("num_inference_steps", "INT32", np.array([3], np.int32)),
+        ("guidance_scale", "FP32", np.array([6.0], np.float32)),
+        ("seed", "INT64", np.array([123], np.int64)),
+        ("scheduler", "BYTES", np.array([b"euler_a"], dtype=object)),
+        ("width", "INT32", np.array([64], np.int32)),
+        ("height", "INT32", np.array([32], np.int32)),
+        ("num_images_per_prompt", "INT32", np.array([2], np.int32)),
+    ]
+    inputs = []
+    for name, datatype, data in tensors:
+        inputs.append(grpcclient.InferInput(name, [1], datatype))
+        inputs[-1].set_data_from_numpy(data)
+    with grpcclient.InferenceServerClient(triton_url) as client:
+        return client.infer("stable_diffusion", inputs).as_numpy("images")
+
+
+def has_stream_model(triton_url) -> bool:
+    with grpcclient.InferenceServerClient(triton_url) as client:
+        return client.is_model_ready("stable_diffusion_stream")
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("progress", ["--no-progress", "--progress"])
+def test_generate_writes_the_contract_images_with_their_parameters(
+    triton_url, reference, tmp_path, capsys, progress
+):
+    if progress == "--progress" and not has_stream_model(triton_url):
+        pytest.skip("no stable_diffusion_stream model in the exported repository")
+    out = tmp_path / "out.png"
+    code = cli.main(["generate", PROMPT, "-o", str(out), *ARGS, "--url", triton_url, progress])
+    captured = capsys.readouterr()
+    assert code == cli.EXIT_OK, captured.err
+    paths = [out, tmp_path / "out-1.png"]
+    assert captured.out.splitlines() == [str(p) for p in paths]
+    assert sorted(tmp_path.iterdir()) == sorted(paths)
+    for pos, path in enumerate(paths):
+        assert np.array_equal(pixels(path), reference[pos])
+        assert read_infotext(path) == EXPECTED_TEXT.format(pos=pos)
+    if progress == "--progress":
+        assert re.search(r"\] 3/3 steps", captured.err)
+
+
+def test_a_bad_request_is_one_line_with_the_servers_message_and_exit_2(
+    triton_url, tmp_path, capsys
+):
+    out = tmp_path / "out.png"
+    argv = ["generate", PROMPT, "-o", str(out), "--steps", "0", "--url", triton_url]
+    assert cli.main([*argv, "--no-progress"]) == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert err == "sd-triton: error: num_inference_steps must be at least 1, got 0\n"
+    assert not out.exists()
+
+
+def test_a_timeout_exits_4(triton_url, tmp_path, capsys):
+    argv = ["generate", PROMPT, "-o", str(tmp_path / "o.png"), "--steps", "150"]
+    code = cli.main([*argv, "--timeout", "0.5", "--url", triton_url, "--no-progress"])
+    assert code == cli.EXIT_TIMEOUT
+    assert capsys.readouterr().err == "sd-triton: error: Deadline Exceeded\n"
+
+
+def test_health_and_models(triton_url, capsys):
+    assert cli.main(["health", "--url", triton_url]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert f"server {triton_url}: live, ready" in out
+    assert "model stable_diffusion: ready" in out
+    assert cli.main(["models", "--url", triton_url]) == cli.EXIT_OK
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert ["stable_diffusion", "1", "READY"] in rows
+    assert cli.main(["health", "--url", triton_url, "--model", "nope"]) == cli.EXIT_UNAVAILABLE
+
+
+# --------------------------------------------------------------------------- docs/client.md
+
+# The docs talk to localhost:8001 and show a size for SD 1.x; the tiny model is smaller.
+DOC_SUBSTITUTIONS = {"localhost:8001": None, "768x512": "64x32"}
+
+
+def doc_blocks(kind: str) -> list[str]:
+    return re.findall(rf"```{kind}\n(.*?)```", DOCS.read_text(), flags=re.S)
+
+
+def substitute(text: str, url: str) -> str:
+    for old, new in DOC_SUBSTITUTIONS.items():
+        text = text.replace(old, new or url)
+    return text
+
+
+@contextlib.contextmanager
+def working_directory(path: Path):
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def test_docs_python_examples_run(triton_url, tmp_path, capsys):
+    blocks = doc_blocks("python")
+    assert len(blocks) >= 5
+    namespace: dict = {}
+    with working_directory(tmp_path):
+        for block in blocks:
+            exec(compile(substitute(block, triton_url), str(DOCS), "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "cancelled\ncancelled too\n" in out
+    assert "num_inference_steps must be at least 1, got 0\ntoo slow\n" in out
+    assert read_infotext(tmp_path / "astronaut.png").startswith(
+        "a photo of an astronaut riding a horse\nNegative prompt: blurry\nSteps: 10, Sampler: Euler a"
+    )
+    assert (tmp_path / "lighthouse.png").exists()
+
+
+def test_docs_command_line_examples_run(triton_url, tmp_path, capsys):
+    commands = [
+        line.removeprefix("$ sd-triton ")
+        for block in doc_blocks("console")
+        for line in block.splitlines()
+        if line.startswith("$ sd-triton ")
+    ]
+    assert len(commands) >= 4
+    with working_directory(tmp_path):
+        for command in commands:
+            argv = shlex.split(substitute(command, triton_url))
+            if argv[0] in ("generate", "health", "models"):
+                argv += ["--url", triton_url]
+            assert cli.main(argv) == cli.EXIT_OK, (command, capsys.readouterr().err)
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "astronaut.png",
+        "lighthouse.png",
+        "lighthouse-1.png",
+    }

@@ -1,0 +1,480 @@
+"""The client's pure parts, no server: request building, result decoding, error mapping, PNG text.
+
+Responses are real tritonclient ``InferResult`` objects built from protobuf
+messages, so decoding is tested against the library's own parsing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from sd_triton.client import (
+    A1111_SAMPLERS,
+    AsyncClient,
+    CancelledError,
+    Client,
+    DeadlineExceededError,
+    GenerationRequest,
+    GenerationResult,
+    GenerationSettings,
+    InvalidRequestError,
+    ProgressEvent,
+    SDTritonError,
+    ServerError,
+    UnavailableError,
+    format_infotext,
+    parse_infotext,
+    read_infotext,
+    save_png,
+)
+from sd_triton.client._errors import translate
+from sd_triton.client._infotext import output_paths
+from sd_triton.client._request import StreamDecoder, decode_result, model_defaults
+from sd_triton.pipeline import spec as S
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+# --------------------------------------------------------------------------- helpers
+
+
+def infer_result(
+    outputs: dict[str, np.ndarray],
+    *,
+    model: str = "stable_diffusion",
+    version: str = "1",
+    final: bool | None = None,
+) -> grpcclient.InferResult:
+    """A tritonclient InferResult, as the server would send it."""
+    response = service_pb2.ModelInferResponse(model_name=model, model_version=version)
+    for name, array in outputs.items():
+        tensor = response.outputs.add(name=name, datatype=np_to_triton_dtype(array.dtype))
+        tensor.shape.extend(array.shape)
+        response.raw_output_contents.append(array.tobytes())
+    if final is not None:
+        response.parameters["triton_final_response"].bool_param = final
+    return grpcclient.InferResult(response)
+
+
+def images_response(n: int = 2, h: int = 16, w: int = 24, seed: int = 123, **kwargs):
+    images = np.random.default_rng(0).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    outputs = {
+        "images": images,
+        "nsfw_content_detected": np.arange(n) % 2 == 1,
+        "seeds": np.full(n, seed, np.int64),
+    }
+    return images, infer_result(outputs, **kwargs)
+
+
+def progress_response(step: int, total: int, preview: bool = False):
+    outputs = {
+        "step": np.array([step], np.int32),
+        "total_steps": np.array([total], np.int32),
+        "elapsed_s": np.array([0.5 * step], np.float32),
+    }
+    if preview:
+        outputs["preview_images"] = np.zeros((1, 2, 3, 3), np.uint8)
+    return infer_result(outputs, model="stable_diffusion_stream", final=False)
+
+
+class FakeRpcError(grpc.RpcError):
+    """What grpc.aio raises from a stream (tritonclient does not wrap it)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+def settings_for(**overrides) -> GenerationSettings:
+    values = dict(
+        prompt="a photo of a cat",
+        negative_prompt="",
+        num_inference_steps=20,
+        guidance_scale=7.5,
+        height=512,
+        width=768,
+        seed=123,
+        scheduler="euler_a",
+        num_images_per_prompt=1,
+        model="stable_diffusion",
+    )
+    return GenerationSettings(**(values | overrides))
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def sent(request: GenerationRequest, model: S.ModelSpec = S.STABLE_DIFFUSION) -> dict:
+    """name -> (datatype, shape, numpy value) of the tensors a request sends."""
+    out = {}
+    for infer_input in request.to_inputs(model):
+        tensor = infer_input._get_tensor()
+        out[tensor.name] = (tensor.datatype, list(tensor.shape), infer_input)
+    return out
+
+
+def test_only_given_options_are_sent():
+    assert list(sent(GenerationRequest(prompt="a cat"))) == ["prompt"]
+
+
+def test_every_option_is_sent_with_the_contracts_type_and_shape():
+    request = GenerationRequest(
+        prompt="a cat",
+        negative_prompt="a dog",
+        num_inference_steps=20,
+        guidance_scale=7,
+        height=512,
+        width=768,
+        seed=2**40,
+        scheduler="euler_a",
+        num_images_per_prompt=2,
+    )
+    tensors = sent(request)
+    assert set(tensors) == {t.name for t in S.STABLE_DIFFUSION.inputs} - {
+        "image",
+        "mask_image",
+        "strength",
+    }
+    for tensor in S.STABLE_DIFFUSION.inputs:
+        if tensor.name in tensors:
+            datatype, shape, _ = tensors[tensor.name]
+            expected = "BYTES" if tensor.dtype == "bytes" else tensor.triton_dtype[5:]
+            assert (datatype, shape) == (expected, [1]), tensor.name
+
+
+def test_image_inputs_leave_room_for_img2img_and_inpainting():
+    image = Image.new("RGB", (64, 32), (255, 0, 0))
+    mask = np.zeros((32, 64), np.uint8)
+    tensors = sent(GenerationRequest(prompt="x", image=image, mask_image=mask, strength=0.5))
+    assert tensors["image"][:2] == ("UINT8", [32, 64, 3])
+    assert tensors["mask_image"][:2] == ("UINT8", [32, 64])
+    assert tensors["strength"][:2] == ("FP32", [1])
+
+
+def test_preview_is_a_streaming_model_input_only():
+    request = GenerationRequest(prompt="x", preview=True)
+    assert sent(request, S.STABLE_DIFFUSION_STREAM)["preview"][:2] == ("BOOL", [1])
+    with pytest.raises(InvalidRequestError, match="stable_diffusion takes no input 'preview'"):
+        request.to_inputs(S.STABLE_DIFFUSION)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"prompt": b"bytes"}, "prompt must be a string"),
+        ({"num_inference_steps": 2.5}, "num_inference_steps must be an integer"),
+        ({"num_inference_steps": True}, "num_inference_steps must be an integer"),
+        ({"height": 2**31}, "height must fit in int32"),
+        ({"seed": 2**63}, "seed must fit in int64"),
+        ({"guidance_scale": "7"}, "guidance_scale must be a number"),
+        ({"image": np.zeros((4, 4, 3), np.float32)}, "image must be uint8"),
+        ({"mask_image": np.zeros((4, 4, 3), np.uint8)}, r"mask_image must have shape \[H, W\]"),
+    ],
+)
+def test_wrong_python_types_are_invalid_requests_before_sending(options, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        GenerationRequest(**({"prompt": "x"} | options)).to_inputs()
+
+
+def test_request_fields_are_the_contracts_inputs():
+    fields = set(inspect.signature(GenerationRequest).parameters)
+    assert fields == {t.name for t in S.STABLE_DIFFUSION_STREAM.inputs}
+
+
+@pytest.mark.parametrize("cls", [Client, AsyncClient])
+@pytest.mark.parametrize("method", ["generate", "submit", "stream"])
+def test_call_options_mirror_the_contract(cls, method):
+    params = inspect.signature(getattr(cls, method)).parameters
+    options = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    contract = {t.name for t in S.STABLE_DIFFUSION_STREAM.inputs}
+    assert options - {"timeout_s"} <= contract
+    assert contract - options - {"prompt"} <= {"image", "mask_image", "strength", "preview"}
+
+
+# --------------------------------------------------------------------------- results
+
+
+def test_decode_result_reports_images_flags_seeds_model_and_settings():
+    images, response = images_response(n=2, h=16, w=24, seed=99, version="3")
+    request = GenerationRequest(prompt="a cat", num_inference_steps=4, scheduler="ddim")
+    result = decode_result(response, request)
+    assert [np.asarray(im).tolist() for im in result.images] == images.tolist()
+    assert all(im.mode == "RGB" and im.size == (24, 16) for im in result.images)
+    assert result.nsfw_content_detected == [False, True]
+    assert result.seeds == [99, 99]
+    assert (result.model_name, result.model_version) == ("stable_diffusion", "3")
+    assert result.settings == settings_for(
+        prompt="a cat",
+        num_inference_steps=4,
+        height=16,
+        width=24,
+        seed=99,
+        scheduler="ddim",
+        num_images_per_prompt=2,
+    )
+
+
+def test_settings_fill_omitted_options_with_the_contracts_and_models_defaults():
+    _, response = images_response(n=1)
+    request = GenerationRequest(prompt="a cat")
+    settings = decode_result(response, request).settings
+    assert settings.num_inference_steps == S.STABLE_DIFFUSION.input("num_inference_steps").default
+    assert settings.guidance_scale == S.STABLE_DIFFUSION.input("guidance_scale").default
+    assert settings.negative_prompt == ""
+    assert settings.scheduler == "default"
+    published = model_defaults({"default_scheduler": "pndm", "max_steps": "150"})
+    assert decode_result(response, request, published).settings.scheduler == "pndm"
+
+
+def test_a_response_without_images_is_a_server_error():
+    with pytest.raises(ServerError, match="lacks images"):
+        decode_result(infer_result({"seeds": np.zeros(1, np.int64)}), GenerationRequest(prompt="x"))
+
+
+def test_stream_decoder_yields_progress_then_the_result():
+    decoder = StreamDecoder(GenerationRequest(prompt="x"), {}, model="stable_diffusion")
+    events = [decoder.feed(progress_response(i, 3, preview=True), None) for i in (1, 2, 3)]
+    assert [(e.step, e.total_steps, e.elapsed_s) for e in events] == [
+        (1, 3, 0.5),
+        (2, 3, 1.0),
+        (3, 3, 1.5),
+    ]
+    assert events[-1].fraction == 1.0 and events[0].previews[0].size == (3, 2)
+    _, final = images_response(model="stable_diffusion_stream", final=True)
+    result = decoder.feed(final, None)
+    assert isinstance(result, GenerationResult) and decoder.result is result
+    assert result.model_name == "stable_diffusion_stream"
+    assert result.settings.model == "stable_diffusion"  # the infotext names the unary model
+
+
+def test_stream_decoder_skips_an_empty_final_response_only_after_images():
+    decoder = StreamDecoder(GenerationRequest(prompt="x"), {}, model="m")
+    assert decoder.feed(infer_result({}, final=False), None) is None
+    with pytest.raises(ServerError, match="without sending images"):
+        decoder.feed(infer_result({}, final=True), None)
+
+
+def test_stream_errors_before_the_loop_are_invalid_requests_after_it_server_errors():
+    message = "num_inference_steps must be at least 1, got 0"
+    decoder = StreamDecoder(GenerationRequest(prompt="x"), {}, model="m")
+    with pytest.raises(InvalidRequestError) as info:
+        decoder.feed(None, InferenceServerException(message))
+    assert info.value.message == message and info.value.status is None
+    decoder.feed(progress_response(1, 3), None)
+    with pytest.raises(ServerError):
+        decoder.feed(None, InferenceServerException("unet: out of memory"))
+    fresh = StreamDecoder(GenerationRequest(prompt="x"), {}, model="m")
+    with pytest.raises(ServerError):
+        fresh.feed(None, InferenceServerException("internal error: RuntimeError: boom"))
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [
+        ("StatusCode.INVALID_ARGUMENT", InvalidRequestError),
+        ("StatusCode.UNAVAILABLE", UnavailableError),
+        ("StatusCode.NOT_FOUND", UnavailableError),
+        ("StatusCode.RESOURCE_EXHAUSTED", UnavailableError),
+        ("StatusCode.DEADLINE_EXCEEDED", DeadlineExceededError),
+        ("StatusCode.CANCELLED", CancelledError),
+        ("StatusCode.INTERNAL", ServerError),
+        ("StatusCode.UNIMPLEMENTED", ServerError),
+        ("StatusCode.UNKNOWN", ServerError),
+    ],
+)
+def test_statuses_map_to_the_exception_tree_with_the_message_intact(status, cls):
+    message = "height must be a positive multiple of 64 pixels, got 500: ünïcode\nsecond line"
+    error = translate(InferenceServerException(message, status=status, debug_details="x"))
+    assert type(error) is cls
+    assert isinstance(error, SDTritonError)
+    assert (error.message, str(error), error.status) == (message, message, status)
+
+
+def test_raw_grpc_errors_map_too():
+    error = translate(FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+    assert type(error) is DeadlineExceededError and error.status == "StatusCode.DEADLINE_EXCEEDED"
+
+
+def test_connection_errors_name_the_address():
+    exc = InferenceServerException("failed to connect", status="StatusCode.UNAVAILABLE")
+    assert str(translate(exc, context="host:1")) == "host:1: failed to connect"
+    exc = InferenceServerException("Request for unknown model: 'x'", status="StatusCode.NOT_FOUND")
+    assert str(translate(exc, context="host:1")) == "Request for unknown model: 'x'"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Request for unknown model: 'nope' is not found",
+        "Request for unknown model: 'sd' has no available versions",
+    ],
+)
+def test_tritons_own_unavailable_messages_are_recognised_without_status(message):
+    assert type(translate(InferenceServerException(message), in_band=InvalidRequestError)) is (
+        UnavailableError
+    )
+
+
+def test_error_classes_are_also_the_builtin_kinds():
+    assert issubclass(InvalidRequestError, ValueError)
+    assert issubclass(DeadlineExceededError, TimeoutError)
+    for cls in (
+        InvalidRequestError,
+        UnavailableError,
+        DeadlineExceededError,
+        CancelledError,
+        ServerError,
+    ):
+        assert issubclass(cls, SDTritonError)
+    with pytest.raises(TimeoutError):
+        raise DeadlineExceededError("Deadline Exceeded")
+
+
+# --------------------------------------------------------------------------- infotext and PNG
+
+
+def test_infotext_is_automatic1111s_format():
+    text = format_infotext(settings_for(negative_prompt="blurry"))
+    assert text == (
+        "a photo of a cat\n"
+        "Negative prompt: blurry\n"
+        "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 123, Size: 768x512, Model: stable_diffusion"
+    )
+
+
+def test_infotext_omits_an_empty_negative_prompt_and_quotes_like_the_web_ui():
+    text = format_infotext(settings_for(scheduler="dpmpp_2m_karras", model="sd: v1, tiny"))
+    assert text.splitlines() == [
+        "a photo of a cat",
+        'Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 123, Size: 768x512, Model: "sd: v1, tiny"',
+    ]
+
+
+def test_infotext_of_several_images_gives_batch_size_and_position():
+    text = format_infotext(settings_for(num_images_per_prompt=3, strength=0.75), index=2)
+    assert text.endswith("Denoising strength: 0.75, Batch size: 3, Batch pos: 2")
+
+
+def test_every_pipeline_scheduler_has_a_web_ui_sampler_name():
+    from sd_triton.pipeline.schedulers import SCHEDULERS
+
+    assert set(SCHEDULERS) <= set(A1111_SAMPLERS)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    prompt=st.text(min_size=1).filter(lambda s: s.strip() and "\r" not in s),
+    negative=st.text().filter(lambda s: "\r" not in s and "Negative prompt:" not in s),
+    seed=st.integers(0, 2**63 - 1),
+)
+def test_infotext_parses_back(prompt, negative, seed):
+    assume("Negative prompt:" not in prompt)  # ambiguous for every reader of this format
+    s = settings_for(prompt=prompt, negative_prompt=negative, seed=seed, model="m, n")
+    parsed = parse_infotext(format_infotext(s))
+    assert parsed["Prompt"] == prompt
+    assert parsed["Negative prompt"] == negative
+    assert parsed["Seed"] == str(seed)
+    assert parsed["Model"] == "m, n"
+    assert parsed["Sampler"] == "Euler a" and parsed["Size"] == "768x512"
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    chunks, pos = [], 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        assert zlib.crc32(kind + body) == int.from_bytes(
+            data[pos + 8 + length : pos + 12 + length], "big"
+        )
+        chunks.append((kind, body))
+        pos += 12 + length
+    return chunks
+
+
+def test_png_carries_the_settings_in_a_text_chunk(tmp_path):
+    text = format_infotext(settings_for(negative_prompt="blurry"))
+    image = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
+    path = save_png(image, tmp_path / "a.png", text)
+    assert read_infotext(path) == text
+    chunks = dict(_png_chunks(path.read_bytes()))
+    assert chunks[b"tEXt"] == b"parameters\x00" + text.encode("latin-1")
+    with Image.open(path) as reread:
+        assert np.array_equal(np.asarray(reread), np.asarray(image))
+
+
+def test_png_with_a_non_latin_prompt_uses_an_utf8_chunk(tmp_path):
+    text = format_infotext(settings_for(prompt="一只猫的照片"))
+    path = save_png(Image.new("RGB", (2, 2)), tmp_path / "a.png", text)
+    assert read_infotext(path) == text
+    assert b"iTXt" in dict(_png_chunks(path.read_bytes()))
+
+
+def test_result_save_writes_one_png_per_image(tmp_path):
+    _, response = images_response(n=3, seed=5)
+    result = decode_result(response, GenerationRequest(prompt="a cat", num_inference_steps=2))
+    paths = result.save(tmp_path / "out.png")
+    assert [p.name for p in paths] == ["out.png", "out-1.png", "out-2.png"]
+    for i, path in enumerate(paths):
+        assert read_infotext(path) == result.infotext(i)
+        assert parse_infotext(read_infotext(path))["Batch pos"] == str(i)
+    assert output_paths("x/y.png", 1) == [Path("x/y.png")]
+
+
+def test_progress_event_fraction():
+    assert ProgressEvent(step=5, total_steps=20, elapsed_s=1.0).fraction == 0.25
+    assert ProgressEvent(step=0, total_steps=0, elapsed_s=0.0).fraction == 0.0
+
+
+# --------------------------------------------------------------------------- installable without torch
+
+BLOCKER = textwrap.dedent(
+    """
+    import sys
+
+    class Block:
+        BLOCKED = ("torch", "diffusers", "transformers", "onnxruntime", "onnx", "scipy")
+
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in self.BLOCKED:
+                raise ImportError(f"blocked import of {name}")
+
+    sys.meta_path.insert(0, Block())
+    import sd_triton.client
+    import sd_triton.client.cli
+    from sd_triton.client import AsyncClient, Client
+
+    Client("127.0.0.1:1").close()
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in Block.BLOCKED)
+    assert not heavy, heavy
+    print("ok")
+    """
+)
+
+
+def test_client_imports_without_torch_or_diffusers():
+    env = dict(os.environ, PYTHONPATH="")
+    out = subprocess.run(
+        [sys.executable, "-c", BLOCKER], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -1,0 +1,401 @@
+"""The client library against a real tritonserver serving the tiny model (session fixtures in conftest).
+
+The reference for every comparison is a raw ``tritonclient.grpc`` call built
+by hand from the contract table, not by the library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from sd_triton.client import (
+    A1111_SAMPLERS,
+    AsyncClient,
+    CancelledError,
+    Client,
+    DeadlineExceededError,
+    GenerationResult,
+    InvalidRequestError,
+    ProgressEvent,
+    UnavailableError,
+    parse_infotext,
+    read_infotext,
+)
+
+pytestmark = pytest.mark.server
+
+PROMPT = "a photo of a cat"
+# Few steps, two images, every option sent: the tiny model runs it in a few seconds.
+REQUEST = dict(
+    negative_prompt="blurry",
+    num_inference_steps=3,
+    guidance_scale=6.0,
+    seed=123,
+    scheduler="euler_a",
+    num_images_per_prompt=2,
+)
+LONG = 150  # the exported model's max_steps: a request that runs long enough to cancel
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def raw_inputs(prompt: str, **options) -> list[grpcclient.InferInput]:
+    """The contract's tensors, by hand."""
+    types = {
+        "negative_prompt": ("BYTES", object),
+        "scheduler": ("BYTES", object),
+        "num_inference_steps": ("INT32", np.int32),
+        "num_images_per_prompt": ("INT32", np.int32),
+        "height": ("INT32", np.int32),
+        "width": ("INT32", np.int32),
+        "guidance_scale": ("FP32", np.float32),
+        "seed": ("INT64", np.int64),
+    }
+    inputs = []
+    for name, value in {"prompt": prompt, **options}.items():
+        datatype, dtype = types.get(name, ("BYTES", object))
+        data = np.array([value.encode() if dtype is object else value], dtype=dtype)
+        infer_input = grpcclient.InferInput(name, [1], datatype)
+        infer_input.set_data_from_numpy(data)
+        inputs.append(infer_input)
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def reference(grpc_client_module):
+    """The raw contract call's outputs for PROMPT and REQUEST."""
+    result = grpc_client_module.infer("stable_diffusion", raw_inputs(PROMPT, **REQUEST))
+    return {name: result.as_numpy(name) for name in ("images", "nsfw_content_detected", "seeds")}
+
+
+@pytest.fixture(scope="module")
+def grpc_client_module(triton_url):
+    with grpcclient.InferenceServerClient(triton_url) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(triton_url):
+    with Client(triton_url, timeout_s=300) as c:
+        c.wait_until_ready(timeout_s=60)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def streaming(client):
+    """Skip while the exported repository has no streaming model."""
+    if not client.health().models[client.stream_model]:
+        pytest.skip(f"the exported repository has no {client.stream_model} model (export/)")
+
+
+@pytest.fixture
+def unused_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def assert_matches(result: GenerationResult, reference: dict) -> None:
+    assert np.array_equal(np.stack([np.asarray(im) for im in result.images]), reference["images"])
+    assert result.nsfw_content_detected == reference["nsfw_content_detected"].tolist()
+    assert result.seeds == reference["seeds"].tolist()
+
+
+def unet_requests(grpc_client) -> int:
+    """Requests the UNet has executed so far: one per denoising step of any request."""
+    stats = grpc_client.get_inference_statistics("unet").model_stats
+    return sum(m.inference_stats.success.count + m.inference_stats.fail.count for m in stats)
+
+
+def settled_unet_requests(grpc_client, quiet_s: float = 1.5, limit_s: float = 60.0) -> int:
+    """The UNet request count once it has stopped moving for ``quiet_s``."""
+    deadline = time.monotonic() + limit_s
+    last, since = unet_requests(grpc_client), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = unet_requests(grpc_client)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return now
+    raise AssertionError("the server's UNet never went quiet: a cancelled loop kept running")
+
+
+def wait_for_unet_requests(grpc_client, count: int, limit_s: float = 120.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while unet_requests(grpc_client) < count:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.05)
+
+
+SHM = "/dev/shm/triton_python_backend_shm_region_*"
+
+
+def shm_regions(pid: int) -> tuple[set[str], set[str]]:
+    """(regions held open by process ``pid``, regions no process holds)."""
+    held_by_all, held_by_pid = set(), set()
+    for fd_dir in glob.glob("/proc/[0-9]*/fd"):
+        try:
+            links = {os.readlink(os.path.join(fd_dir, fd)) for fd in os.listdir(fd_dir)}
+        except OSError:
+            continue
+        held_by_all |= links
+        if fd_dir == f"/proc/{pid}/fd":
+            held_by_pid = links
+    regions = set(glob.glob(SHM))
+    return regions & held_by_pid, regions - held_by_all
+
+
+@pytest.fixture
+def no_shm_left_behind(triton_server):
+    """The server holds the same /dev/shm regions after the test, and no new orphan appears."""
+    held, orphans = shm_regions(triton_server.pid)
+    assert held, "the server holds no Python-backend shared memory region?"
+    yield
+    held_after, orphans_after = shm_regions(triton_server.pid)
+    assert held_after == held
+    assert orphans_after <= orphans
+
+
+# --------------------------------------------------------------------------- results
+
+
+def test_generate_equals_the_raw_contract_call(client, reference):
+    result = client.generate(PROMPT, **REQUEST)
+    assert_matches(result, reference)
+    assert (result.model_name, result.model_version) == ("stable_diffusion", "1")
+    s = result.settings
+    assert (s.prompt, s.negative_prompt, s.num_inference_steps, s.guidance_scale) == (
+        PROMPT,
+        "blurry",
+        3,
+        6.0,
+    )
+    assert (s.seed, s.scheduler, s.num_images_per_prompt) == (123, "euler_a", 2)
+    assert (s.height, s.width) == reference["images"].shape[1:3]
+
+
+def test_async_client_equals_the_sync_client(triton_url, reference):
+    async def run():
+        async with AsyncClient(triton_url, timeout_s=300) as client:
+            await client.wait_until_ready(timeout_s=60)
+            return await client.generate(PROMPT, **REQUEST)
+
+    assert_matches(asyncio.run(run()), reference)
+
+
+def test_settings_report_the_servers_defaults_and_reproduce_the_images(client, grpc_client_module):
+    first = client.generate(PROMPT, num_inference_steps=2)
+    s = first.settings
+    assert s.seed == first.seeds[0]
+    assert (s.height, s.width) == first.images[0].size[::-1]
+    assert (s.guidance_scale, s.negative_prompt, s.num_images_per_prompt) == (7.5, "", 1)
+    parameters = grpc_client_module.get_model_config("stable_diffusion").config.parameters
+    published = (
+        parameters["default_scheduler"].string_value if "default_scheduler" in parameters else ""
+    )
+    assert s.scheduler == (published or "default")
+    again = client.generate(
+        s.prompt,
+        negative_prompt=s.negative_prompt,
+        num_inference_steps=s.num_inference_steps,
+        guidance_scale=s.guidance_scale,
+        height=s.height,
+        width=s.width,
+        seed=s.seed,
+        num_images_per_prompt=s.num_images_per_prompt,
+    )
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(first.images[0]))
+
+
+def test_png_parameters_round_trip_and_reproduce_the_image(client, reference, tmp_path):
+    result = client.generate(PROMPT, **REQUEST)
+    paths = result.save(tmp_path / "cat.png")
+    assert [p.name for p in paths] == ["cat.png", "cat-1.png"]
+    fields = parse_infotext(read_infotext(paths[1]))
+    width, height = (int(v) for v in fields["Size"].split("x"))
+    sampler = {v: k for k, v in A1111_SAMPLERS.items()}[fields["Sampler"]]
+    again = client.generate(
+        fields["Prompt"],
+        negative_prompt=fields["Negative prompt"],
+        num_inference_steps=int(fields["Steps"]),
+        guidance_scale=float(fields["CFG scale"]),
+        seed=int(fields["Seed"]),
+        scheduler=sampler,
+        height=height,
+        width=width,
+        num_images_per_prompt=int(fields["Batch size"]),
+    )
+    assert_matches(again, reference)
+    assert fields["Model"] == "stable_diffusion" and fields["Batch pos"] == "1"
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_stream_yields_progress_in_order_then_the_unary_images(client, streaming, reference):
+    events = list(client.stream(PROMPT, **REQUEST))
+    *progress, result = events
+    assert all(isinstance(e, ProgressEvent) for e in progress)
+    total = progress[0].total_steps
+    assert [e.step for e in progress] == list(range(1, total + 1))
+    assert {e.total_steps for e in progress} == {total} and total >= REQUEST["num_inference_steps"]
+    assert all(a.elapsed_s <= b.elapsed_s for a, b in zip(progress, progress[1:], strict=False))
+    assert all(e.previews is None for e in progress)
+    assert isinstance(result, GenerationResult)
+    assert_matches(result, reference)
+    assert result.model_name == "stable_diffusion_stream"
+    assert result.settings.model == "stable_diffusion"
+
+
+def test_async_stream_with_previews_equals_the_unary_images(triton_url, streaming, reference):
+    async def run():
+        async with AsyncClient(triton_url, timeout_s=300) as client:
+            return [e async for e in client.stream(PROMPT, preview=True, **REQUEST)]
+
+    *progress, result = asyncio.run(run())
+    assert progress and all(len(e.previews) == REQUEST["num_images_per_prompt"] for e in progress)
+    assert all(p.mode == "RGB" for p in progress[0].previews)
+    assert_matches(result, reference)
+
+
+# --------------------------------------------------------------------------- cancellation
+
+
+def test_cancelling_a_stream_stops_the_servers_loop(
+    client, streaming, grpc_client_module, no_shm_left_behind
+):
+    before = settled_unet_requests(grpc_client_module)
+    seen = []
+    stream = client.stream(PROMPT, num_inference_steps=LONG, seed=1)
+    with pytest.raises(CancelledError):
+        for event in stream:
+            seen.append(event)
+            if len(seen) == 2:
+                stream.cancel()
+    assert [e.step for e in seen] == [1, 2]
+    ran = settled_unet_requests(grpc_client_module) - before
+    assert 2 <= ran <= 10, f"the server ran {ran} of {LONG} steps after the cancel"
+    assert client.generate(PROMPT, num_inference_steps=2, seed=1).images
+
+
+def test_cancelling_an_async_call_stops_the_server(
+    triton_url, client, grpc_client_module, no_shm_left_behind
+):
+    before = settled_unet_requests(grpc_client_module)
+
+    async def run():
+        async with AsyncClient(triton_url) as aclient:
+            pending = aclient.submit(PROMPT, num_inference_steps=LONG, seed=1)
+            while unet_requests(grpc_client_module) < before + 2:
+                await asyncio.sleep(0.05)
+            pending.cancel()
+            with pytest.raises(CancelledError):
+                await pending
+
+    asyncio.run(run())
+    ran = settled_unet_requests(grpc_client_module) - before
+    assert 2 <= ran <= 10, f"the server ran {ran} of {LONG} steps after the cancel"
+    assert client.generate(PROMPT, num_inference_steps=2, seed=1).images
+
+
+def test_cancelling_a_submitted_call_stops_the_server(
+    client, grpc_client_module, no_shm_left_behind
+):
+    before = settled_unet_requests(grpc_client_module)
+    pending = client.submit(PROMPT, num_inference_steps=LONG, seed=1)
+    wait_for_unet_requests(grpc_client_module, before + 2)
+    pending.cancel()
+    with pytest.raises(CancelledError, match="cancelled by the caller"):
+        pending.result()
+    ran = settled_unet_requests(grpc_client_module) - before
+    assert 2 <= ran <= 10, f"the server ran {ran} of {LONG} steps after the cancel"
+    assert client.generate(PROMPT, num_inference_steps=2, seed=1).images
+
+
+def test_a_timeout_is_deadline_exceeded_and_stops_the_server(client, grpc_client_module):
+    before = settled_unet_requests(grpc_client_module)
+    with pytest.raises(DeadlineExceededError) as info:
+        client.generate(PROMPT, num_inference_steps=LONG, timeout_s=1.0)
+    assert isinstance(info.value, TimeoutError)
+    ran = settled_unet_requests(grpc_client_module) - before
+    assert ran < LONG // 2, f"the server ran {ran} of {LONG} steps after the deadline"
+    assert client.generate(PROMPT, num_inference_steps=2, seed=1).images
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"num_inference_steps": 0}, "num_inference_steps must be at least 1, got 0"),
+        ({"scheduler": "nope"}, "unknown scheduler 'nope'; known schedulers: default, ddim"),
+    ],
+)
+@pytest.mark.parametrize("how", ["generate", "async", "stream", "async stream"])
+def test_bad_input_is_an_invalid_request_with_the_servers_message(
+    client, triton_url, how, options, message
+):
+    if "stream" in how and not client.health().models[client.stream_model]:
+        pytest.skip("no streaming model")
+
+    async def run_async():
+        async with AsyncClient(triton_url) as aclient:
+            if how == "async":
+                return await aclient.generate(PROMPT, **options)
+            return [e async for e in aclient.stream(PROMPT, **options)]
+
+    with pytest.raises(InvalidRequestError) as info:
+        if how == "generate":
+            client.generate(PROMPT, **options)
+        elif how == "stream":
+            list(client.stream(PROMPT, **options))
+        else:
+            asyncio.run(run_async())
+    assert str(info.value).startswith(message)
+
+
+def test_no_server_is_unavailable(unused_url):
+    with Client(unused_url) as down:
+        assert not down.is_ready()
+        t0 = time.monotonic()
+        with pytest.raises(UnavailableError, match="not ready after 0.5 s"):
+            down.wait_until_ready(timeout_s=0.5)
+        assert time.monotonic() - t0 < 10
+        with pytest.raises(UnavailableError, match=unused_url):
+            down.generate(PROMPT)
+        with pytest.raises(UnavailableError):
+            list(down.stream(PROMPT))
+
+    async def run():
+        async with AsyncClient(unused_url) as adown:
+            with pytest.raises(UnavailableError):
+                await adown.generate(PROMPT)
+            with pytest.raises(UnavailableError):
+                [e async for e in adown.stream(PROMPT)]
+
+    asyncio.run(run())
+
+
+def test_an_unknown_model_is_unavailable(triton_url):
+    with (
+        Client(triton_url, model="no_such_model") as c,
+        pytest.raises(UnavailableError, match="unknown model"),
+    ):
+        c.generate(PROMPT)
+
+
+def test_health_and_models(client):
+    health = client.health()
+    assert health.live and health.ready and health.models["stable_diffusion"]
+    states = {m.name: m.state for m in client.list_models()}
+    assert states["stable_diffusion"] == "READY" and states["unet"] == "READY"
