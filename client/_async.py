@@ -16,8 +16,9 @@ from typing import Any
 
 import grpc
 import tritonclient.grpc.aio as aioclient
-from sd_triton.pipeline import spec as S
 from tritonclient.utils import InferenceServerException
+
+from sd_triton.pipeline import spec as S
 
 from ._errors import CancelledError, SDTritonError, ServerError, UnavailableError, translate
 from ._request import GenerationRequest, StreamDecoder, decode_result, model_defaults

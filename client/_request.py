@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 from PIL import Image
+
 from sd_triton.pipeline import spec as S
 
 from ._errors import InvalidRequestError, ServerError, translate

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import tritonclient.grpc as grpcclient
-from sd_triton.pipeline import spec as S
 from tritonclient.utils import InferenceServerException
+
+from sd_triton.pipeline import spec as S
 
 from ._errors import CancelledError, SDTritonError, UnavailableError, translate
 from ._request import GenerationRequest, StreamDecoder, decode_result, model_defaults

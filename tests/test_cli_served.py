@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
+
 from sd_triton.client import cli, read_infotext
 
 pytestmark = pytest.mark.server

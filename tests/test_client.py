@@ -21,6 +21,9 @@ import tritonclient.grpc as grpcclient
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
 from sd_triton.client import (
     A1111_SAMPLERS,
     AsyncClient,
@@ -44,8 +47,6 @@ from sd_triton.client._errors import translate
 from sd_triton.client._infotext import output_paths
 from sd_triton.client._request import StreamDecoder, decode_result, model_defaults
 from sd_triton.pipeline import spec as S
-from tritonclient.grpc import service_pb2
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 # --------------------------------------------------------------------------- helpers
 

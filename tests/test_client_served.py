@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+
 from sd_triton.client import (
     A1111_SAMPLERS,
     AsyncClient,

@@ -46,6 +46,9 @@ class TensorSpec:
     # ``dims: [1]`` and seen by the model as ``[B]``.
     reshape: tuple[int, ...] | None = None
     description: str = ""
+    # What an optional input means when it is absent (None: no fixed value,
+    # e.g. a size that depends on the model, or a random seed).
+    default: object = None
 
     @property
     def batched(self) -> bool:
@@ -95,7 +98,9 @@ UNET = ModelSpec(
         TensorSpec("encoder_hidden_states", "float32", (BATCH, "sequence", "text_width")),
     ),
     outputs=(
-        TensorSpec("out_sample", "float32", (BATCH, "latent_channels", "latent_height", "latent_width")),
+        TensorSpec(
+            "out_sample", "float32", (BATCH, "latent_channels", "latent_height", "latent_width")
+        ),
     ),
     description="Denoising UNet; timestep is per sample so requests at different steps batch together.",
 )
@@ -107,14 +112,22 @@ VAE_ENCODER = ModelSpec(
         # Mean and log-variance of the latent distribution, concatenated on
         # channels (2 * latent_channels): the pipeline samples from it with
         # the request's generator, exactly as diffusers does.
-        TensorSpec("latent_parameters", "float32", (BATCH, "latent_parameters", "latent_height", "latent_width")),
+        TensorSpec(
+            "latent_parameters",
+            "float32",
+            (BATCH, "latent_parameters", "latent_height", "latent_width"),
+        ),
     ),
     description="VAE encoder: image in [-1, 1] -> latent distribution parameters.",
 )
 
 VAE_DECODER = ModelSpec(
     name="vae_decoder",
-    inputs=(TensorSpec("latent_sample", "float32", (BATCH, "latent_channels", "latent_height", "latent_width")),),
+    inputs=(
+        TensorSpec(
+            "latent_sample", "float32", (BATCH, "latent_channels", "latent_height", "latent_width")
+        ),
+    ),
     outputs=(TensorSpec("sample", "float32", (BATCH, 3, "height", "width")),),
     description="VAE decoder: unscaled latents -> image in [-1, 1].",
 )
@@ -137,27 +150,97 @@ COMPONENTS: dict[str, ModelSpec] = {
 }
 
 # The public model. One request = one prompt; no Triton batch dimension
-# (max_batch_size 0), so dims are the full shapes a client sends.
+# (max_batch_size 0), so dims are the full shapes a client sends. Defaults
+# follow diffusers' StableDiffusionPipeline.__call__.
 STABLE_DIFFUSION = ModelSpec(
     name="stable_diffusion",
     inputs=(
         TensorSpec("prompt", "bytes", (1,), description="UTF-8 text prompt"),
-        TensorSpec("negative_prompt", "bytes", (1,), optional=True),
-        TensorSpec("height", "int32", (1,), optional=True),
-        TensorSpec("width", "int32", (1,), optional=True),
-        TensorSpec("num_inference_steps", "int32", (1,), optional=True),
-        TensorSpec("guidance_scale", "float32", (1,), optional=True),
-        TensorSpec("seed", "int64", (1,), optional=True),
-        TensorSpec("scheduler", "bytes", (1,), optional=True),
-        TensorSpec("num_images_per_prompt", "int32", (1,), optional=True),
+        TensorSpec("negative_prompt", "bytes", (1,), optional=True, default=""),
+        TensorSpec(
+            "height",
+            "int32",
+            (1,),
+            optional=True,
+            description="pixels; default: the model's native size",
+        ),
+        TensorSpec(
+            "width",
+            "int32",
+            (1,),
+            optional=True,
+            description="pixels; default: the model's native size",
+        ),
+        TensorSpec("num_inference_steps", "int32", (1,), optional=True, default=50),
+        TensorSpec(
+            "guidance_scale",
+            "float32",
+            (1,),
+            optional=True,
+            default=7.5,
+            description="<= 1 turns classifier-free guidance off",
+        ),
+        TensorSpec(
+            "seed", "int64", (1,), optional=True, description="default: random, reported in seeds"
+        ),
+        TensorSpec(
+            "scheduler",
+            "bytes",
+            (1,),
+            optional=True,
+            description="ddim, pndm, lms, euler, euler_a, heun, dpmpp_2m, dpmpp_2m_karras, unipc; "
+            "default: the model's own scheduler config",
+        ),
+        TensorSpec("num_images_per_prompt", "int32", (1,), optional=True, default=1),
         TensorSpec("image", "uint8", ("height", "width", 3), optional=True),
         TensorSpec("mask_image", "uint8", ("height", "width"), optional=True),
-        TensorSpec("strength", "float32", (1,), optional=True),
+        TensorSpec("strength", "float32", (1,), optional=True, default=0.8),
     ),
     outputs=(
         TensorSpec("images", "uint8", ("num_images", "height", "width", 3)),
         TensorSpec("nsfw_content_detected", "bool", ("num_images",)),
-        TensorSpec("seeds", "int64", ("num_images",)),
+        TensorSpec(
+            "seeds",
+            "int64",
+            ("num_images",),
+            description="the request's seed for every image: one generator seeded with it "
+            "draws the latents of all images at once, as diffusers does",
+        ),
     ),
     description="Text-to-image, img2img and inpainting with Stable Diffusion.",
 )
+
+# The same pipeline as a decoupled (streaming) model: one progress response
+# per denoising step (step, total_steps, elapsed_s, and preview_images when
+# asked for), then the images response, which carries the FINAL flag. Served by the
+# same model.py with ``model_transaction_policy { decoupled: true }``.
+STABLE_DIFFUSION_STREAM = ModelSpec(
+    name="stable_diffusion_stream",
+    inputs=STABLE_DIFFUSION.inputs
+    + (
+        TensorSpec(
+            "preview",
+            "bool",
+            (1,),
+            optional=True,
+            default=False,
+            description="add a small RGB preview of the latents to every progress response",
+        ),
+    ),
+    outputs=STABLE_DIFFUSION.outputs
+    + (
+        TensorSpec("step", "int32", (1,), description="denoising steps done, 1..total_steps"),
+        TensorSpec("total_steps", "int32", (1,), description="UNet evaluations of the whole run"),
+        TensorSpec("elapsed_s", "float32", (1,), description="seconds since the request started"),
+        TensorSpec(
+            "preview_images",
+            "uint8",
+            ("num_images", "latent_height", "latent_width", 3),
+            description="latents mapped to RGB at latent resolution (progress responses only)",
+        ),
+    ),
+    description="stable_diffusion, decoupled: progress per step, then the images.",
+    extra={"decoupled": True},
+)
+
+PIPELINES: dict[str, ModelSpec] = {m.name: m for m in (STABLE_DIFFUSION, STABLE_DIFFUSION_STREAM)}
