@@ -1,0 +1,162 @@
+"""Reading a diffusers-format Stable Diffusion folder, with clear errors.
+
+:func:`inspect_checkpoint` checks the folder's layout without loading
+weights (cheap: run before anything is written); :func:`load_modules` loads
+the torch modules. Problems raise :class:`ExportError` with one sentence that
+names the folder or the component at fault.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Checkpoint", "ExportError", "inspect_checkpoint", "load_modules"]
+
+MODEL_INDEX = "model_index.json"
+
+# Folder -> the config file that must be in it.
+CONFIG_FILES = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": None,  # checked by _check_tokenizer
+    "scheduler": "scheduler_config.json",
+    "safety_checker": "config.json",
+    "feature_extractor": "preprocessor_config.json",
+}
+REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SAFETY = ("safety_checker", "feature_extractor")
+
+
+class ExportError(Exception):
+    """An input or output problem the user can fix; its message is one sentence."""
+
+
+@dataclass
+class Checkpoint:
+    """A checked SD folder: its path, pipeline class and component configs."""
+
+    path: Path
+    pipeline_class: str
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tokenizer_files: list[Path] = field(default_factory=list)
+
+    @property
+    def has_safety_checker(self) -> bool:
+        return "safety_checker" in self.configs
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{what}: cannot read {path}: {e}") from None
+
+
+def _check_tokenizer(folder: Path) -> list[Path]:
+    """The tokenizer files to ship: vocab.json + merges.txt, or tokenizer.json."""
+    has_bpe = (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    has_json = (folder / "tokenizer.json").is_file()
+    if not (has_bpe or has_json):
+        raise ExportError(
+            f"missing component 'tokenizer': {folder} has neither vocab.json + merges.txt "
+            "nor tokenizer.json"
+        )
+    names = ["vocab.json", "merges.txt", "tokenizer.json"]
+    names += ["tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
+    return [folder / n for n in names if (folder / n).is_file()]
+
+
+def inspect_checkpoint(src: str | Path, *, safety_checker: bool = True) -> Checkpoint:
+    """Check that ``src`` is a diffusers SD folder with every component; read its configs."""
+    src = Path(src)
+    if not src.is_dir():
+        raise ExportError(f"{src} is not a folder")
+    index_path = src / MODEL_INDEX
+    if not index_path.is_file():
+        raise ExportError(
+            f"{src} is not a Stable Diffusion checkpoint in diffusers format (no {MODEL_INDEX})"
+        )
+    index = _read_json(index_path, "model_index.json")
+    pipeline_class = str(index.get("_class_name", ""))
+    if not pipeline_class.startswith("StableDiffusion") or any(
+        tag in pipeline_class for tag in ("XL", "StableDiffusion3", "Upscale", "Depth")
+    ):
+        raise ExportError(
+            f"{src} holds a {pipeline_class or 'unknown'} pipeline, not Stable Diffusion 1.x/2.x"
+        )
+    wanted = REQUIRED + (SAFETY if safety_checker else ())
+    ckpt = Checkpoint(path=src, pipeline_class=pipeline_class)
+    for name in wanted:
+        entry = index.get(name)
+        folder = src / name
+        if not entry or entry[0] is None or not folder.is_dir():
+            hint = " (export with --no-safety-checker to leave it out)" if name in SAFETY else ""
+            raise ExportError(f"missing component '{name}' in {src}{hint}")
+        config_file = CONFIG_FILES[name]
+        if config_file is None:
+            ckpt.tokenizer_files = _check_tokenizer(folder)
+            tok_config = folder / "tokenizer_config.json"
+            ckpt.configs[name] = _read_json(tok_config, name) if tok_config.is_file() else {}
+            continue
+        if not (folder / config_file).is_file():
+            raise ExportError(f"missing component '{name}': {folder / config_file} not found")
+        ckpt.configs[name] = _read_json(folder / config_file, name)
+    return ckpt
+
+
+def _quiet_loading() -> None:
+    """No progress bars while loading: the exporter logs one line per component."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def load_modules(ckpt: Checkpoint) -> dict[str, Any]:
+    """Load the torch modules (float32, eval mode) and complete ``ckpt.configs`` from them."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    _quiet_loading()
+    # low_cpu_mem_usage=False: the default wants `accelerate` and warns without it.
+    loaders: dict[str, Any] = {
+        "unet": partial(UNet2DConditionModel.from_pretrained, low_cpu_mem_usage=False),
+        "vae": partial(AutoencoderKL.from_pretrained, low_cpu_mem_usage=False),
+        "text_encoder": CLIPTextModel.from_pretrained,
+    }
+    if ckpt.has_safety_checker:
+        from diffusers.pipelines.stable_diffusion.safety_checker import (
+            StableDiffusionSafetyChecker,
+        )
+
+        loaders["safety_checker"] = StableDiffusionSafetyChecker.from_pretrained
+    modules = {}
+    for name, load in loaders.items():
+        try:
+            modules[name] = load(ckpt.path / name).float().eval()
+        except Exception as e:  # diffusers/transformers raise many kinds
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"component '{name}' in {ckpt.path} cannot be loaded: {first}") from e
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(ckpt.path / "tokenizer")
+    except Exception as e:
+        raise ExportError(f"component 'tokenizer' in {ckpt.path} cannot be loaded: {e}") from e
+
+    # Configs as the loaded modules see them (defaults filled in).
+    ckpt.configs["unet"] = dict(modules["unet"].config)
+    ckpt.configs["vae"] = dict(modules["vae"].config)
+    ckpt.configs["text_encoder"] = modules["text_encoder"].config.to_dict()
+    if ckpt.has_safety_checker:
+        ckpt.configs["safety_checker"] = modules["safety_checker"].config.to_dict()
+    max_len = tokenizer.model_max_length
+    positions = ckpt.configs["text_encoder"]["max_position_embeddings"]
+    if not isinstance(max_len, int) or max_len > positions:
+        max_len = positions  # no model_max_length in tokenizer_config.json
+    ckpt.configs["tokenizer"] = {**ckpt.configs["tokenizer"], "model_max_length": max_len}
+    return modules

@@ -1,0 +1,117 @@
+"""``sd-triton-export``: a diffusers Stable Diffusion folder -> a Triton model repository.
+
+Exit codes: 0 done; 2 a problem with the input or output folder (one line on
+stderr, no traceback) or with the arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .checkpoint import ExportError
+from .repository import HOSTS, export_repository
+
+PROG = "sd-triton-export"
+
+
+def _parameter(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Export a diffusers-format Stable Diffusion folder to a Triton model repository.",
+    )
+    p.add_argument("src", type=Path, help="diffusers folder (with model_index.json)")
+    p.add_argument("out", type=Path, help="model repository folder to write")
+    p.add_argument(
+        "--host",
+        choices=HOSTS,
+        default="python",
+        help="python: a Python-backend model runs each ONNX file with onnxruntime (any Triton, "
+        "also the pip-installed one; default); onnxruntime: Triton's onnxruntime backend "
+        "(NVIDIA's container)",
+    )
+    p.add_argument("--fp16", action="store_true", help="float16 weights (timestep stays fp32)")
+    p.add_argument(
+        "--fp16-vae-decoder",
+        action="store_true",
+        help="with --fp16, make the VAE decoder float16 too (SD 1.x's overflows)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing repository")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument(
+        "--dynamo", action="store_true", help="use torch.onnx's dynamo exporter (opset >= 18)"
+    )
+    p.add_argument("--unet-max-batch-size", type=int, default=16, metavar="N")
+    p.add_argument(
+        "--max-batch-size", type=int, default=8, metavar="N", help="other components' (default 8)"
+    )
+    p.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=2000,
+        metavar="US",
+        help="UNet dynamic batching delay (default 2000)",
+    )
+    p.add_argument("--preferred-batch-size", type=int, action="append", default=[], metavar="N")
+    p.add_argument("--intra-op-threads", type=int, default=None, metavar="N")
+    p.add_argument(
+        "--no-safety-checker", action="store_true", help="export without the safety checker"
+    )
+    p.add_argument("--pipeline-instances", type=int, default=4, metavar="N")
+    p.add_argument(
+        "--parameter",
+        type=_parameter,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="stable_diffusion config parameter (e.g. max_steps=100); repeatable",
+    )
+    p.add_argument("--name", help="checkpoint name recorded as 'source' (default: SRC's path)")
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # Our progress lines only; libraries' INFO chatter stays off.
+    logging.getLogger("sd_triton").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    if args.dynamo and args.opset < 18:
+        args.opset = 18
+    try:
+        export_repository(
+            args.src,
+            args.out,
+            host=args.host,
+            fp16=args.fp16,
+            fp16_vae_decoder=args.fp16_vae_decoder,
+            overwrite=args.overwrite,
+            opset=args.opset,
+            dynamo=args.dynamo,
+            unet_max_batch_size=args.unet_max_batch_size,
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_us=args.max_queue_delay_us,
+            preferred_batch_sizes=tuple(args.preferred_batch_size),
+            intra_op_threads=args.intra_op_threads,
+            safety_checker=not args.no_safety_checker,
+            pipeline_instances=args.pipeline_instances,
+            pipeline_parameters=dict(args.parameter),
+            name=args.name,
+        )
+    except ExportError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The exporter: ONNX components equal their diffusers modules, configs agree with ONNX.
+
+Uses the session's tiny checkpoint and its exported repository (conftest).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from sd_triton.export import components as C
+from sd_triton.export import triton_config as T
+from sd_triton.export.checkpoint import inspect_checkpoint, load_modules
+from sd_triton.export.repository import PIPELINE_MODELS, pipeline_constants
+from sd_triton.pipeline import spec as S
+
+TOL = 1e-4  # max abs error relative to the reference's max abs value
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint):
+    ckpt = inspect_checkpoint(tiny_checkpoint)
+    modules = load_modules(ckpt)
+    return ckpt, modules
+
+
+@pytest.fixture(scope="module")
+def sizes(checkpoint):
+    ckpt, _ = checkpoint
+    return C.fixed_sizes(ckpt.configs)
+
+
+@pytest.fixture(scope="module")
+def sessions(tiny_repository):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return {
+        name: ort.InferenceSession(str(tiny_repository / name / "1" / "model.onnx"), options)
+        for name in C.COMPONENTS
+    }
+
+
+# diffusers' own call for each component, the reference the ONNX must match.
+def _reference(name, modules, inputs):
+    with torch.no_grad():
+        if name == "text_encoder":
+            ids = inputs["input_ids"].long()
+            return [modules["text_encoder"](ids).last_hidden_state]
+        if name == "unet":
+            unet = modules["unet"]
+            return [
+                unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]).sample
+            ]
+        if name == "vae_encoder":
+            return [modules["vae"].encode(inputs["sample"]).latent_dist.parameters]
+        if name == "vae_decoder":
+            return [modules["vae"].decode(inputs["latent_sample"]).sample]
+        if name == "safety_checker":
+            images = inputs["images"].clone()
+            out, flags = modules["safety_checker"](clip_input=inputs["clip_input"], images=images)
+            return [out, torch.tensor(flags)]
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", list(C.COMPONENTS))
+@pytest.mark.parametrize(
+    "batch,latent_hw", [(1, (8, 8)), (3, (6, 10))], ids=["b1-square", "b3-nonsquare"]
+)
+def test_component_matches_diffusers(name, batch, latent_hw, checkpoint, sizes, sessions):
+    ckpt, modules = checkpoint
+    factor = pipeline_constants(ckpt.configs)["vae_scale_factor"]
+    lh, lw = latent_hw
+    dyn = {S.BATCH: batch, "latent_height": lh, "latent_width": lw}
+    dyn.update(height=lh * factor, width=lw * factor)
+    inputs = C.sample_inputs(C.COMPONENTS[name], {**sizes, **dyn}, seed=batch * 100 + lh)
+    got = sessions[name].run(None, {k: v.numpy() for k, v in inputs.items()})
+    want = _reference(name, modules, inputs)
+    spec = C.COMPONENTS[name].spec
+    for t, g, w in zip(spec.outputs, got, want, strict=True):
+        w = w.numpy()
+        assert g.shape == w.shape, t.name
+        assert g.dtype == np.dtype(t.dtype), t.name
+        if g.dtype == np.bool_:
+            np.testing.assert_array_equal(g, w, err_msg=t.name)
+        else:
+            err = np.abs(g - w).max() / max(np.abs(w).max(), 1e-6)
+            assert err < TOL, f"{name}.{t.name}: relative error {err:.2e}"
+
+
+def test_unet_timestep_is_per_sample(sessions, sizes):
+    """Different timesteps in one batch give each sample its own result."""
+    comp = C.COMPONENTS["unet"]
+    dyn = {S.BATCH: 2, "latent_height": 8, "latent_width": 8}
+    inputs = {k: v.numpy() for k, v in C.sample_inputs(comp, {**sizes, **dyn}).items()}
+    inputs["sample"][1] = inputs["sample"][0]
+    inputs["encoder_hidden_states"][1] = inputs["encoder_hidden_states"][0]
+    inputs["timestep"] = np.array([10.0, 10.0], np.float32)
+    same = sessions["unet"].run(None, inputs)[0]
+    inputs["timestep"] = np.array([10.0, 900.5], np.float32)
+    diff = sessions["unet"].run(None, inputs)[0]
+    np.testing.assert_allclose(same[0], same[1], atol=1e-6)
+    np.testing.assert_allclose(diff[0], same[0], atol=1e-6)
+    assert np.abs(diff[1] - same[1]).max() > 1e-4
+
+
+# ------------------------------------------------------------------ configs
+
+_ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "TYPE_FP32",
+    onnx.TensorProto.FLOAT16: "TYPE_FP16",
+    onnx.TensorProto.INT32: "TYPE_INT32",
+    onnx.TensorProto.INT64: "TYPE_INT64",
+    onnx.TensorProto.BOOL: "TYPE_BOOL",
+}
+
+
+def _onnx_io(path):
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+            out.append((v.name, _ONNX_DTYPES[t.elem_type], dims))
+        return out
+
+    return describe(graph.input), describe(graph.output)
+
+
+def assert_config_matches_onnx(config, onnx_path):
+    """Names (in order), dtypes, ranks, batch dim and fixed dims of config vs ONNX."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    inputs, outputs = _onnx_io(onnx_path)
+    for entries, io in ((config.input, inputs), (config.output, outputs)):
+        assert [e.name for e in entries] == [name for name, _, _ in io]
+        for e, (name, dtype, dims) in zip(entries, io, strict=True):
+            assert pb.DataType.Name(e.data_type) == dtype, name
+            shape = list(e.reshape.shape) if e.HasField("reshape") else list(e.dims)
+            assert len(dims) == len(shape) + 1, f"{name}: rank"
+            assert isinstance(dims[0], str), f"{name}: batch dim must be dynamic in ONNX"
+            for c, o in zip(shape, dims[1:], strict=True):
+                assert (c == -1) == isinstance(o, str), f"{name}: {shape} vs {dims}"
+                assert c == -1 or c == o, f"{name}: {shape} vs {dims}"
+
+
+@pytest.mark.parametrize("name", list(C.COMPONENTS))
+def test_component_config_agrees_with_onnx(name, tiny_repository):
+    config = T.read_config(tiny_repository / name)
+    assert config.name == name
+    assert config.backend == "python"
+    assert config.max_batch_size > 0
+    assert (tiny_repository / name / "1" / "model.py").is_file()
+    assert_config_matches_onnx(config, tiny_repository / name / "1" / "model.onnx")
+
+
+def test_unet_config_batches_dynamically(tiny_repository):
+    config = T.read_config(tiny_repository / "unet")
+    assert config.max_batch_size == 16
+    assert config.HasField("dynamic_batching")
+    assert 0 < config.dynamic_batching.max_queue_delay_microseconds <= 10_000
+    timestep = next(i for i in config.input if i.name == "timestep")
+    assert list(timestep.dims) == [1]
+    assert timestep.HasField("reshape") and list(timestep.reshape.shape) == []
+    assert timestep.data_type == T.pb.TYPE_FP32
+    for other in ("text_encoder", "vae_decoder", "safety_checker"):
+        assert not T.read_config(tiny_repository / other).HasField("dynamic_batching")
+
+
+def test_config_round_trips(tiny_repository, tmp_path):
+    config = T.read_config(tiny_repository / "unet")
+    T.write_config(config, tmp_path)
+    assert T.read_config(tmp_path) == config
+
+
+@pytest.mark.parametrize("model", list(PIPELINE_MODELS))
+def test_pipeline_model(model, tiny_repository):
+    config = T.read_config(tiny_repository / model)
+    spec = PIPELINE_MODELS[model]
+    assert config.name == model
+    assert config.backend == "python" and config.max_batch_size == 0
+    assert config.model_transaction_policy.decoupled == bool(spec.extra.get("decoupled"))
+    assert [i.name for i in config.input] == [t.name for t in spec.inputs]
+    assert [o.name for o in config.output] == [t.name for t in spec.outputs]
+    for entry, t in zip(config.input, spec.inputs, strict=True):
+        assert entry.optional == t.optional, t.name
+        assert list(entry.dims) == list(t.triton_dims), t.name
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["max_steps"] == "150" and params["max_images"] == "8"
+    assert int(params["max_pixels"]) == 4 * 64 * 64
+    version = tiny_repository / model / "1"
+    assert (version / "sd_pipeline" / "spec.py").is_file()
+    assert (version / "assets" / "pipeline.json").is_file()
+    assert not list(version.rglob("__pycache__"))
+
+
+def test_pipeline_json(tiny_repository, tiny_checkpoint):
+    assets = tiny_repository / "stable_diffusion" / "1" / "assets"
+    constants = json.loads((assets / "pipeline.json").read_text())
+    assert constants["latent_channels"] == 4
+    assert constants["unet_in_channels"] == 4
+    assert constants["vae_scaling_factor"] == pytest.approx(0.18215)
+    assert constants["vae_scale_factor"] == 2
+    assert constants["native_height"] == constants["native_width"] == 64
+    assert constants["size_step"] == 4
+    assert constants["text_width"] == 32
+    assert constants["tokenizer_max_length"] == 77
+    assert constants["unet_max_batch_size"] == 16
+    assert constants["dtype"] == "float32"
+    assert constants["source"] == str(tiny_checkpoint.resolve())
+    assert constants["tensor_dtypes"]["unet"]["timestep"] == "float32"
+
+
+def test_assets_load(tiny_repository):
+    from diffusers import DDIMScheduler, PNDMScheduler
+    from transformers import CLIPImageProcessor, CLIPTokenizer
+
+    assets = tiny_repository / "stable_diffusion" / "1" / "assets"
+    tokenizer = CLIPTokenizer.from_pretrained(assets / "tokenizer")
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    config = PNDMScheduler.load_config(assets / "scheduler")
+    assert config["steps_offset"] == 1 and config["skip_prk_steps"] is True
+    # clip_sample: false survives for the schedulers that read it (DDIM).
+    assert DDIMScheduler.from_config(config).config.clip_sample is False
+    processor = CLIPImageProcessor.from_pretrained(assets / "feature_extractor")
+    assert processor.crop_size["height"] == 224
+
+
+def test_files_readable_by_everyone(tiny_repository):
+    for path in tiny_repository.rglob("*"):
+        assert path.stat().st_mode & 0o004, path

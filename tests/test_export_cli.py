@@ -1,0 +1,223 @@
+"""The exporter's command line and options: clear errors, fp16, the onnxruntime host."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from sd_triton.export import ExportError, export_repository
+from sd_triton.export import components as C
+from sd_triton.export import triton_config as T
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "sd_triton.export.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def assert_clean_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("sd-triton-export: error: ")
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture
+def configs_only(tiny_checkpoint, tmp_path):
+    """A copy of the tiny checkpoint's layout and configs, without weights."""
+    dest = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, dest, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    return dest
+
+
+def test_not_a_checkpoint(tmp_path):
+    assert_clean_error(run_cli(tmp_path, tmp_path / "out"), "not a Stable Diffusion checkpoint")
+    assert not (tmp_path / "out").exists()
+
+
+def test_source_missing(tmp_path):
+    assert_clean_error(run_cli(tmp_path / "nope", tmp_path / "out"), "is not a folder")
+
+
+@pytest.mark.parametrize("component", ["unet", "tokenizer", "safety_checker"])
+def test_missing_component(configs_only, tmp_path, component):
+    shutil.rmtree(configs_only / component)
+    proc = run_cli(configs_only, tmp_path / "out")
+    assert_clean_error(proc, f"missing component '{component}'")
+    if component == "safety_checker":
+        assert "--no-safety-checker" in proc.stderr
+
+
+def test_tokenizer_without_vocabulary(configs_only, tmp_path):
+    for name in ("vocab.json", "merges.txt"):
+        (configs_only / "tokenizer" / name).unlink()
+    assert_clean_error(run_cli(configs_only, tmp_path / "out"), "'tokenizer'", "tokenizer.json")
+
+
+def test_not_stable_diffusion(configs_only, tmp_path):
+    index = json.loads((configs_only / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLPipeline"
+    (configs_only / "model_index.json").write_text(json.dumps(index))
+    assert_clean_error(run_cli(configs_only, tmp_path / "out"), "StableDiffusionXLPipeline")
+
+
+def test_existing_repository_needs_overwrite(tiny_checkpoint, tiny_repository):
+    before = (tiny_repository / "unet" / "config.pbtxt").stat().st_mtime_ns
+    proc = run_cli(tiny_checkpoint, tiny_repository)
+    assert_clean_error(proc, "already holds a model repository", "--overwrite")
+    assert (tiny_repository / "unet" / "config.pbtxt").stat().st_mtime_ns == before
+
+
+def test_unloadable_weights_name_the_component(configs_only, tmp_path):
+    with pytest.raises(ExportError, match="component '.*' .* cannot be loaded"):
+        export_repository(configs_only, tmp_path / "out")
+
+
+def test_bad_argument_values(tiny_checkpoint, tmp_path):
+    proc = run_cli(tiny_checkpoint, tmp_path / "out", "--unet-max-batch-size", "0")
+    assert_clean_error(proc, "unet_max_batch_size")
+    assert run_cli(tiny_checkpoint, tmp_path / "out", "--host", "tensorrt").returncode == 2
+
+
+# ------------------------------------------------- fp16 + onnxruntime host
+
+
+@pytest.fixture(scope="module")
+def fp16_repository(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp16") / "repo"
+    export_repository(
+        tiny_checkpoint,
+        out,
+        host="onnxruntime",
+        fp16=True,
+        unet_max_batch_size=4,
+        preferred_batch_sizes=(2, 4),
+        pipeline_parameters={"max_steps": 60, "scheduler_default": "euler"},
+        name="tiny-sd1",
+    )
+    return out
+
+
+def _initializer_types(path):
+    model = onnx.load(str(path))
+    return {onnx.TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer}
+
+
+def test_fp16_weights(fp16_repository):
+    for name in ("text_encoder", "unet", "vae_encoder"):
+        assert _initializer_types(fp16_repository / name / "1" / "model.onnx") == {"FLOAT16"}
+    # The SD 1.x VAE decoder overflows in fp16: kept in fp32.
+    assert _initializer_types(fp16_repository / "vae_decoder" / "1" / "model.onnx") == {"FLOAT"}
+
+
+def test_fp16_configs_and_dtypes(fp16_repository):
+    from test_export import assert_config_matches_onnx
+
+    pb = T.pb
+    for name in C.COMPONENTS:
+        config = T.read_config(fp16_repository / name)
+        assert config.backend == "onnxruntime"
+        assert not (fp16_repository / name / "1" / "model.py").exists()
+        assert_config_matches_onnx(config, fp16_repository / name / "1" / "model.onnx")
+    unet = T.read_config(fp16_repository / "unet")
+    types = {i.name: i.data_type for i in unet.input}
+    assert types == {
+        "sample": pb.TYPE_FP16,
+        "timestep": pb.TYPE_FP32,
+        "encoder_hidden_states": pb.TYPE_FP16,
+    }
+    assert unet.max_batch_size == 4
+    assert list(unet.dynamic_batching.preferred_batch_size) == [2, 4]
+    decoder = T.read_config(fp16_repository / "vae_decoder")
+    assert decoder.input[0].data_type == pb.TYPE_FP32
+
+    constants = json.loads(
+        (fp16_repository / "stable_diffusion" / "1" / "assets" / "pipeline.json").read_text()
+    )
+    assert constants["dtype"] == "float16"
+    assert constants["source"] == "tiny-sd1"
+    assert constants["component_dtypes"]["vae_decoder"] == "float32"
+    assert constants["tensor_dtypes"]["unet"]["timestep"] == "float32"
+    assert constants["tensor_dtypes"]["safety_checker"]["clip_input"] == "float16"
+    params = T.read_config(fp16_repository / "stable_diffusion").parameters
+    assert params["max_steps"].string_value == "60"
+    assert params["scheduler_default"].string_value == "euler"
+    assert params["max_images"].string_value == "8"
+
+
+def test_fp16_unet_runs_close_to_fp32(fp16_repository, tiny_repository):
+    comp = C.COMPONENTS["unet"]
+    sizes = {"B": 2, "latent_height": 8, "latent_width": 8, "in_channels": 4}
+    sizes.update(sequence=77, text_width=32)
+    feeds32 = {k: v.numpy() for k, v in C.sample_inputs(comp, sizes).items()}
+    feeds16 = {k: v.astype(np.float16) if k != "timestep" else v for k, v in feeds32.items()}
+    ref = ort.InferenceSession(str(tiny_repository / "unet" / "1" / "model.onnx"))
+    half = ort.InferenceSession(str(fp16_repository / "unet" / "1" / "model.onnx"))
+    want = ref.run(None, feeds32)[0]
+    got = half.run(None, feeds16)[0]
+    assert got.dtype == np.float16
+    assert np.abs(got.astype(np.float32) - want).max() / np.abs(want).max() < 2e-2
+
+
+def test_overwrite_replaces(tiny_checkpoint, fp16_repository):
+    from sd_triton.export.cli import main
+
+    # In-process (the subprocess path is covered above): saves importing torch again.
+    args = [tiny_checkpoint, fp16_repository, "--overwrite", "--no-safety-checker", "-q"]
+    assert main([str(a) for a in args]) == 0
+    assert not (fp16_repository / "safety_checker").exists()
+    assert T.read_config(fp16_repository / "unet").backend == "python"
+    constants = json.loads(
+        (fp16_repository / "stable_diffusion" / "1" / "assets" / "pipeline.json").read_text()
+    )
+    assert constants["safety_checker"] is False and constants["dtype"] == "float32"
+
+
+def test_failed_export_leaves_output_untouched(tiny_checkpoint, tmp_path, monkeypatch):
+    from sd_triton.export import repository
+
+    out = tmp_path / "out"
+    out.mkdir()
+    write_component = repository._write_component
+
+    def fail_at_unet(name, *args, **kwargs):
+        if name == "unet":  # after the text encoder was staged
+            raise RuntimeError("disk full")
+        return write_component(name, *args, **kwargs)
+
+    monkeypatch.setattr(repository, "_write_component", fail_at_unet)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_repository(tiny_checkpoint, out, safety_checker=False)
+    assert list(out.iterdir()) == []  # no staging folder, no half-written model
+
+
+def test_tokenizer_json_only_is_accepted(configs_only, tmp_path):
+    from transformers import CLIPTokenizer
+
+    from sd_triton.export.checkpoint import inspect_checkpoint
+    from sd_triton.export.repository import _write_assets
+
+    folder = configs_only / "tokenizer"
+    CLIPTokenizer.from_pretrained(folder).save_pretrained(tmp_path / "saved")
+    shutil.rmtree(folder)
+    shutil.copytree(tmp_path / "saved", folder)
+    assert not (folder / "vocab.json").exists() and (folder / "tokenizer.json").exists()
+    ckpt = inspect_checkpoint(configs_only)
+    assert [f.name for f in ckpt.tokenizer_files][0] == "tokenizer.json"
+    _write_assets(ckpt, tmp_path / "assets", {})
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "assets" / "tokenizer")
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
