@@ -1,0 +1,224 @@
+"""The five component models behind one small interface, and two in-process hosts for it.
+
+The loop (:mod:`.loop`) only sees :class:`Components`: torch tensors in,
+torch tensors out, float32 at the interface (an adapter casts to and from an
+fp16 export's dtypes). Three implementations:
+
+- :class:`OnnxComponents`: onnxruntime sessions over an exported repository's
+  ``model.onnx`` files (tests, the in-process baseline);
+- :class:`DiffusersComponents`: the diffusers / transformers modules of a
+  ``StableDiffusionPipeline`` (reference runs, no export needed);
+- ``TritonComponents`` (:mod:`.triton_components`): BLS calls to the
+  component models of the same Triton server.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from . import spec as S
+from .errors import ComponentError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Components", "DiffusersComponents", "OnnxComponents"]
+
+
+@runtime_checkable
+class Components(Protocol):
+    """What the loop needs from the models (shapes as in :mod:`.spec`)."""
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[B, L]`` -> ``last_hidden_state`` ``[B, L, text_width]``."""
+        ...
+
+    def unet(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        """Latents ``[B, C, h, w]``, float32 timestep per sample ``[B]``, text -> predicted noise."""
+        ...
+
+    def vae_encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Image ``[B, 3, H, W]`` in [-1, 1] -> latent distribution parameters ``[B, 2C, h, w]``."""
+        ...
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents ``[B, C, h, w]`` -> image ``[B, 3, H, W]`` in about [-1, 1]."""
+        ...
+
+    def safety_check(
+        self, clip_input: torch.Tensor, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP pixels ``[B, 3, S, S]``, images ``[B, H, W, 3]`` in [0, 1] -> (images with
+        flagged ones black, bool flags ``[B]``)."""
+        ...
+
+
+# ---------------------------------------------------------------------------
+# onnxruntime
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(bool)": np.bool_,
+}
+
+
+def _to_torch(array: np.ndarray) -> torch.Tensor:
+    import torch
+
+    array = np.asarray(array)
+    if array.dtype == np.float16:
+        array = array.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+class OnnxComponents:
+    """Components as onnxruntime sessions over ``<repository>/<model>/1/model.onnx``.
+
+    Sessions open on first use (a text-to-image run never opens the VAE
+    encoder). Input dtypes are read from each ONNX file, so an fp16 export
+    works unchanged. ``onnxruntime`` sessions are safe to run from several
+    threads.
+    """
+
+    def __init__(
+        self,
+        repository: str | Path,
+        *,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        intra_op_num_threads: int = 0,
+        version: str = "1",
+    ) -> None:
+        self.repository = Path(repository)
+        self.providers = list(providers)
+        self.intra_op_num_threads = intra_op_num_threads
+        self.version = version
+        self._sessions: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def _session(self, model: S.ModelSpec):
+        with self._lock:
+            if model.name not in self._sessions:
+                import onnxruntime as ort
+
+                path = self.repository / model.name / self.version / "model.onnx"
+                if not path.is_file():
+                    raise ComponentError(model.name, f"no ONNX file at {path}")
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = self.intra_op_num_threads
+                self._sessions[model.name] = ort.InferenceSession(
+                    str(path), options, providers=self.providers
+                )
+            return self._sessions[model.name]
+
+    def _run(self, model: S.ModelSpec, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        session = self._session(model)
+        types = {i.name: _ORT_TYPES[i.type] for i in session.get_inputs()}
+        feeds = {
+            t.name: x.detach().cpu().numpy().astype(types[t.name], copy=False)
+            for t, x in zip(model.inputs, tensors, strict=True)
+        }
+        try:
+            outputs = session.run([t.name for t in model.outputs], feeds)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ComponentError(model.name, str(e)) from e
+        return [_to_torch(o) for o in outputs]
+
+    def encode_text(self, input_ids):
+        return self._run(S.TEXT_ENCODER, input_ids)[0]
+
+    def unet(self, sample, timestep, encoder_hidden_states):
+        return self._run(S.UNET, sample, timestep, encoder_hidden_states)[0]
+
+    def vae_encode(self, image):
+        return self._run(S.VAE_ENCODER, image)[0]
+
+    def vae_decode(self, latents):
+        return self._run(S.VAE_DECODER, latents)[0]
+
+    def safety_check(self, clip_input, images):
+        out_images, flags = self._run(S.SAFETY_CHECKER, clip_input, images)
+        return out_images, flags
+
+
+# ---------------------------------------------------------------------------
+# diffusers modules
+
+
+class DiffusersComponents:
+    """Components as the torch modules of a diffusers ``StableDiffusionPipeline``."""
+
+    def __init__(self, *, text_encoder, unet, vae, safety_checker=None) -> None:
+        self.modules = {
+            "text_encoder": text_encoder,
+            "unet": unet,
+            "vae": vae,
+            "safety_checker": safety_checker,
+        }
+
+    @classmethod
+    def from_pipeline(cls, pipe) -> DiffusersComponents:
+        return cls(
+            text_encoder=pipe.text_encoder,
+            unet=pipe.unet,
+            vae=pipe.vae,
+            safety_checker=pipe.safety_checker,
+        )
+
+    def _dtype(self, name: str):
+        return next(self.modules[name].parameters()).dtype
+
+    def encode_text(self, input_ids):
+        import torch
+
+        with torch.no_grad():
+            out = self.modules["text_encoder"](input_ids.to(torch.int64))[0]
+        return out.float()
+
+    def unet(self, sample, timestep, encoder_hidden_states):
+        import torch
+
+        dtype = self._dtype("unet")
+        with torch.no_grad():
+            out = self.modules["unet"](
+                sample.to(dtype),
+                timestep,
+                encoder_hidden_states=encoder_hidden_states.to(dtype),
+                return_dict=False,
+            )[0]
+        return out.float()
+
+    def vae_encode(self, image):
+        import torch
+
+        vae = self.modules["vae"]
+        with torch.no_grad():
+            return vae.encode(image.to(self._dtype("vae"))).latent_dist.parameters.float()
+
+    def vae_decode(self, latents):
+        import torch
+
+        vae = self.modules["vae"]
+        with torch.no_grad():
+            return vae.decode(latents.to(self._dtype("vae")), return_dict=False)[0].float()
+
+    def safety_check(self, clip_input, images):
+        import torch
+
+        checker = self.modules["safety_checker"]
+        if checker is None:
+            raise ComponentError("safety_checker", "this pipeline has no safety checker")
+        with torch.no_grad():
+            out, flags = checker(
+                clip_input=clip_input.to(self._dtype("safety_checker")), images=images.clone()
+            )
+        return out, torch.tensor(flags, dtype=torch.bool)

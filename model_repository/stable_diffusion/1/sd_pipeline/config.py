@@ -1,0 +1,175 @@
+"""What the pipeline knows about its model: constants, limits and assets.
+
+Nothing here is a literal about Stable Diffusion: every constant is read from
+the exported ``assets/`` folder (``pipeline.json``, the tokenizer, the
+scheduler config, the safety checker's preprocessor config) and every request
+limit from the Triton model config's ``parameters``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from . import spec as S
+
+__all__ = ["Assets", "Limits", "PipelineConfig"]
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The model constants of ``assets/pipeline.json`` (written by the exporter)."""
+
+    latent_channels: int
+    unet_in_channels: int
+    vae_scaling_factor: float
+    vae_scale_factor: int  # pixels per latent pixel
+    native_height: int
+    native_width: int
+    size_step: int  # height and width must be multiples of this
+    text_width: int
+    tokenizer_max_length: int
+    unet_max_batch_size: int
+    vae_shift_factor: float | None = None
+    dtype: str = "float32"
+    safety_checker: bool = True
+    # Per-component, per-tensor numpy dtype names of the export (fp16 exports
+    # keep some tensors float32); tensors not listed follow spec.py.
+    tensor_dtypes: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # Optional [latent_channels][3] matrix for cheap latent -> RGB previews.
+    latent_rgb_factors: tuple[tuple[float, ...], ...] | None = None
+    source: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PipelineConfig:
+        """Build from ``pipeline.json``'s content; unknown keys are ignored, missing ones named."""
+        known = {f.name: f for f in fields(cls)}
+        required = [
+            f.name for f in known.values() if f.default is MISSING and f.default_factory is MISSING
+        ]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ValueError(f"pipeline.json lacks {', '.join(missing)}")
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("latent_rgb_factors") is not None:
+            values["latent_rgb_factors"] = tuple(tuple(row) for row in values["latent_rgb_factors"])
+        config = cls(**values)
+        config._check()
+        return config
+
+    @classmethod
+    def load(cls, path: str | Path) -> PipelineConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def _check(self) -> None:
+        for name in ("vae_scale_factor", "size_step", "native_height", "native_width"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"pipeline.json: {name} must be positive")
+        if self.size_step % self.vae_scale_factor:
+            raise ValueError("pipeline.json: size_step must be a multiple of vae_scale_factor")
+        if self.unet_max_batch_size < 1:
+            raise ValueError("pipeline.json: unet_max_batch_size must be at least 1")
+
+    def tensor_dtype(self, model: S.ModelSpec, tensor: str) -> str:
+        """Numpy dtype name of ``model``'s tensor in this export."""
+        exported = self.tensor_dtypes.get(model.name, {})
+        if tensor in exported:
+            return exported[tensor]
+        for t in model.inputs + model.outputs:
+            if t.name == tensor:
+                return t.dtype
+        raise KeyError(f"{model.name} has no tensor {tensor!r}")
+
+
+def _positive_int(parameters: Mapping[str, Any], name: str, default: int) -> int:
+    raw = parameters.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"model parameter {name} must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"model parameter {name} must be at least 1, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits, from the Triton model config's ``parameters``.
+
+    ``max_steps``: scheduler steps (num_inference_steps); ``max_pixels``:
+    height * width; ``max_images``: num_images_per_prompt.
+    """
+
+    max_steps: int = 150
+    max_pixels: int = 1024 * 1024
+    max_images: int = 8
+
+    # max_pixels defaults to this many times the model's native area.
+    NATIVE_AREA_FACTOR = 4
+
+    @classmethod
+    def from_parameters(cls, parameters: Mapping[str, Any], config: PipelineConfig) -> Limits:
+        """``parameters``: name -> string value (Triton's ``string_value``s, flattened)."""
+        native_area = config.native_height * config.native_width
+        return cls(
+            max_steps=_positive_int(parameters, "max_steps", cls.max_steps),
+            max_pixels=_positive_int(
+                parameters, "max_pixels", cls.NATIVE_AREA_FACTOR * native_area
+            ),
+            max_images=_positive_int(parameters, "max_images", cls.max_images),
+        )
+
+
+class Assets:
+    """Everything the loop reads besides the components: config, tokenizer, schedulers, CLIP preprocessing.
+
+    Loaded once per model instance from the exported ``assets/`` folder and
+    shared by all requests (read-only, except the tokenizer, which is
+    guarded: a fast tokenizer is not safe to call from two threads at once).
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        tokenizer: Any,
+        scheduler_config: Mapping[str, Any],
+        feature_extractor: Any | None,
+    ) -> None:
+        if config.safety_checker and feature_extractor is None:
+            raise ValueError("the model has a safety checker but no feature_extractor config")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        self.feature_extractor = feature_extractor
+        self._tokenizer_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Assets:
+        """Load ``folder`` (``<repo>/stable_diffusion/1/assets``) as the exporter wrote it."""
+        from transformers import CLIPImageProcessor, CLIPTokenizer
+
+        folder = Path(folder)
+        config = PipelineConfig.load(folder / "pipeline.json")
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        feature_extractor = None
+        if (folder / "feature_extractor" / "preprocessor_config.json").is_file():
+            feature_extractor = CLIPImageProcessor.from_pretrained(folder / "feature_extractor")
+        return cls(config, tokenizer, scheduler_config, feature_extractor)
+
+    def tokenize(self, texts: list[str]):
+        """Token ids ``[len(texts), tokenizer_max_length]`` (int64), padded and truncated as diffusers does."""
+        with self._tokenizer_lock:
+            return self.tokenizer(
+                texts,
+                padding="max_length",
+                max_length=self.config.tokenizer_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids

@@ -1,0 +1,264 @@
+"""The sampler loop, written once for every host.
+
+:func:`generate` follows diffusers' ``StableDiffusionPipeline.__call__`` (and,
+with an ``image``, ``StableDiffusionImg2ImgPipeline.__call__``) step for step,
+so that the same weights, seed and settings give the same image (to within
+one uint8 level: the components may run in onnxruntime or batched with
+other requests' UNet calls):
+
+1. make this request's scheduler and seeded CPU generator
+2. encode the prompt and the negative prompt
+3. set the timesteps (img2img: the last ``strength`` of them)
+4. draw the initial latents (img2img: encode the image, noise it)
+5. denoise, with classifier-free guidance
+6. decode the latents
+7. run the safety checker, black out flagged images
+8. convert to uint8
+
+The components are anything that implements
+:class:`~.components.Components`: BLS calls inside Triton, onnxruntime
+sessions or diffusers modules in-process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .components import Components
+from .config import Assets, PipelineConfig
+from .errors import Cancelled, InvalidRequest
+from .request import GenerationRequest, validate
+from .schedulers import make_scheduler, step_kwargs
+
+__all__ = ["GenerationResult", "StepCallback", "generate"]
+
+# callback(step_index, total_steps, latents): called after each denoising
+# step; step_index counts from 0, total_steps is the number of UNet
+# evaluations (len(scheduler.timesteps)), latents are the scheduler's.
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What one request returns (diffusers' ``StableDiffusionPipelineOutput``, as numpy).
+
+    ``images``: uint8 ``[N, H, W, 3]``; ``nsfw_content_detected``: bool ``[N]``
+    (flagged images are black); ``seeds``: int64 ``[N]``, the request's seed
+    for every image (one generator draws all N images' latents at once).
+    """
+
+    images: np.ndarray
+    nsfw_content_detected: np.ndarray
+    seeds: np.ndarray
+
+
+def generate(
+    request: GenerationRequest,
+    components: Components,
+    assets: Assets,
+    *,
+    callback: StepCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> GenerationResult:
+    """Run ``request`` to images. Raises ``InvalidRequest``, ``Cancelled`` or ``ComponentError``.
+
+    ``should_stop`` is polled before every UNet step and before decoding;
+    when it returns true the run ends with :class:`~.errors.Cancelled`.
+    """
+    config = assets.config
+    validate(request, config)
+    stop = should_stop or (lambda: False)
+    # 1. per-request state: a fresh scheduler and the seeded generator
+    scheduler = make_scheduler(request.scheduler, assets.scheduler_config)
+    generator = torch.Generator(device="cpu").manual_seed(request.seed)
+    # 2. text embeddings ([negative; positive] with guidance)
+    embeddings = encode_prompt(request, components, assets)
+    # 3. timesteps
+    timesteps = set_timesteps(scheduler, request)
+    # 4. initial latents
+    latents = prepare_latents(request, components, config, scheduler, generator, timesteps)
+    # 5. denoising loop
+    extra = step_kwargs(scheduler, generator)
+    for i, t in enumerate(timesteps):
+        if stop():
+            raise Cancelled(f"cancelled at step {i} of {len(timesteps)}")
+        latents = denoise_step(
+            request, components, config, scheduler, latents, t, embeddings, extra
+        )
+        if callback is not None:
+            callback(i, len(timesteps), latents)
+    if stop():
+        raise Cancelled("cancelled before decoding")
+    # 6. decode
+    decoded = decode_latents(latents, components, config)
+    # 7.-8. safety checker, uint8
+    images, flags = run_safety_checker(decoded, components, assets)
+    seeds = np.full(len(images), request.seed, dtype=np.int64)
+    return GenerationResult(images=images, nsfw_content_detected=flags, seeds=seeds)
+
+
+def encode_prompt(
+    request: GenerationRequest, components: Components, assets: Assets
+) -> torch.Tensor:
+    """Text embeddings for every UNet sample: ``[2N, L, D]`` ([negative; positive]) or ``[N, L, D]``.
+
+    diffusers tokenizes both texts to the tokenizer's max length, encodes
+    them, repeats each ``num_images_per_prompt`` times and concatenates the
+    negative embeddings first. Both texts go through the text encoder in one
+    call.
+    """
+    n = request.num_images_per_prompt
+    if request.do_classifier_free_guidance:
+        ids = assets.tokenize([request.negative_prompt, request.prompt])
+    else:
+        ids = assets.tokenize([request.prompt])
+    hidden = components.encode_text(ids.to(torch.int32))
+    # [negative, positive] -> [negative x N, positive x N]
+    return hidden.repeat_interleave(n, dim=0)
+
+
+def set_timesteps(scheduler, request: GenerationRequest) -> torch.Tensor:
+    """The timesteps to run: all of them, or for img2img the last ``strength`` of them.
+
+    img2img follows diffusers' ``get_timesteps``: skip the first
+    ``steps - int(steps * strength)`` steps (times the scheduler's order) and
+    tell the scheduler where it starts.
+    """
+    steps = request.num_inference_steps
+    try:
+        scheduler.set_timesteps(steps, device="cpu")
+    except ValueError as e:
+        raise InvalidRequest(f"num_inference_steps {steps}: {e}") from None
+    if request.image is None:
+        return scheduler.timesteps
+    init_timestep = min(int(steps * request.img2img_strength), steps)
+    t_start = max(steps - init_timestep, 0) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(t_start)
+    return scheduler.timesteps[t_start:]
+
+
+def prepare_latents(
+    request: GenerationRequest,
+    components: Components,
+    config: PipelineConfig,
+    scheduler,
+    generator: torch.Generator,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """Initial latents for all N images from ``generator``, as diffusers' ``prepare_latents``.
+
+    Text-to-image: one draw of noise ``[N, latent_channels, H / f, W / f]``
+    scaled by the scheduler's ``init_noise_sigma``. img2img: the image's
+    latents (sampled once, repeated N times), noised to the first timestep
+    with one draw of noise for all N.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    n = request.num_images_per_prompt
+    f = config.vae_scale_factor
+    shape = (n, config.latent_channels, request.height // f, request.width // f)
+    cpu = torch.device("cpu")
+    if request.image is None:
+        noise = randn_tensor(shape, generator=generator, device=cpu, dtype=torch.float32)
+        return noise * scheduler.init_noise_sigma
+    init_latents = encode_image(request.image, components, config, generator).repeat(n, 1, 1, 1)
+    noise = randn_tensor(shape, generator=generator, device=cpu, dtype=torch.float32)
+    return scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(n))
+
+
+def encode_image(
+    image: np.ndarray, components: Components, config: PipelineConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` -> scaled latents ``[1, C, h, w]``, sampled from the VAE's distribution.
+
+    As diffusers: pixels / 255 * 2 - 1, encode, sample with the request's
+    generator, multiply by the VAE's scaling factor.
+    """
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    pixels = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    parameters = components.vae_encode(2.0 * pixels - 1.0)
+    latents = DiagonalGaussianDistribution(parameters).sample(generator)
+    if config.vae_shift_factor is not None:
+        latents = latents - config.vae_shift_factor
+    return config.vae_scaling_factor * latents
+
+
+def predict_noise(
+    components: Components,
+    config: PipelineConfig,
+    sample: torch.Tensor,
+    t: torch.Tensor,
+    embeddings: torch.Tensor,
+) -> torch.Tensor:
+    """The UNet on ``sample``, in chunks of at most ``unet_max_batch_size``; timestep per sample."""
+    timestep = torch.full((sample.shape[0],), float(t), dtype=torch.float32)
+    size = config.unet_max_batch_size
+    chunks = [
+        components.unet(sample[i : i + size], timestep[i : i + size], embeddings[i : i + size])
+        for i in range(0, sample.shape[0], size)
+    ]
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
+def denoise_step(
+    request: GenerationRequest,
+    components: Components,
+    config: PipelineConfig,
+    scheduler,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    embeddings: torch.Tensor,
+    extra: dict,
+) -> torch.Tensor:
+    """One step: duplicate for guidance, scale, UNet, combine, ``scheduler.step``."""
+    guided = request.do_classifier_free_guidance
+    model_input = torch.cat([latents] * 2) if guided else latents
+    model_input = scheduler.scale_model_input(model_input, t)
+    noise_pred = predict_noise(components, config, model_input, t, embeddings)
+    if guided:
+        noise_uncond, noise_text = noise_pred.chunk(2)
+        noise_pred = noise_uncond + request.guidance_scale * (noise_text - noise_uncond)
+    return scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+
+
+def decode_latents(
+    latents: torch.Tensor, components: Components, config: PipelineConfig
+) -> torch.Tensor:
+    """Latents -> images ``[N, 3, H, W]`` in about [-1, 1] (unscaled with the VAE's factors)."""
+    latents = latents / config.vae_scaling_factor
+    if config.vae_shift_factor is not None:
+        latents = latents + config.vae_shift_factor
+    return components.vae_decode(latents)
+
+
+def run_safety_checker(
+    decoded: torch.Tensor, components: Components, assets: Assets
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images ``[N, H, W, 3]`` and NSFW flags ``[N]``; flagged images are black.
+
+    As diffusers: denormalize to [0, 1], round to uint8 for the CLIP
+    preprocessor (diffusers feeds it PIL images made the same way), run the
+    checker, and return black where it flagged.
+    """
+    images = (decoded * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
+    pixels = to_uint8(images.numpy())
+    flags = np.zeros(len(pixels), dtype=bool)
+    if not assets.config.safety_checker:
+        return pixels, flags
+    clip_input = assets.feature_extractor(
+        list(pixels), return_tensors="pt", input_data_format="channels_last"
+    ).pixel_values
+    checked, flagged = components.safety_check(clip_input, images)
+    flags = np.asarray(flagged, dtype=bool).reshape(-1)
+    return to_uint8(np.asarray(checked, dtype=np.float32)), flags
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[0, 1] floats -> uint8, rounding as diffusers' ``numpy_to_pil``."""
+    return (images * 255).round().astype(np.uint8)

@@ -1,0 +1,405 @@
+"""The Triton glue (model.py + TritonComponents) in-process, over a small fake of triton_python_backend_utils.
+
+The fake answers BLS calls by running the exported ONNX files, so these
+tests cover what the real server tests cover (parsing, error codes,
+responses, the streaming protocol, DLPack conversions, the timestep's
+config reshape) in a few seconds; tests/test_served_pipeline.py runs the
+same model.py in a real tritonserver.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import threading
+import types
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import json_format
+
+from sd_triton.pipeline import OnnxComponents
+from sd_triton.pipeline import spec as S
+
+# ---------------------------------------------------------------------------
+# A fake triton_python_backend_utils
+
+
+class TritonError:
+    (
+        UNKNOWN,
+        INTERNAL,
+        NOT_FOUND,
+        INVALID_ARG,
+        UNAVAILABLE,
+        UNSUPPORTED,
+        ALREADY_EXISTS,
+        CANCELLED,
+    ) = range(8)
+
+    def __init__(self, message: str, code: int = 1):
+        self._message, self._code = message, code
+
+    def message(self) -> str:
+        return self._message
+
+    def code(self) -> int:
+        return self._code
+
+
+class Tensor:
+    def __init__(self, name: str, array: np.ndarray):
+        self._name, self._array = name, np.asarray(array)
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+    def to_dlpack(self):
+        return torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(self._array)))
+
+    @staticmethod
+    def from_dlpack(name: str, capsule) -> Tensor:
+        return Tensor(name, torch.utils.dlpack.from_dlpack(capsule).numpy().copy())
+
+
+class InferenceResponse:
+    def __init__(self, output_tensors=(), error: TritonError | None = None):
+        self.output_tensors, self._error = list(output_tensors or ()), error
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> TritonError | None:
+        return self._error
+
+    def output(self, name: str) -> np.ndarray | None:
+        return next((t.as_numpy() for t in self.output_tensors if t.name() == name), None)
+
+
+class Sender:
+    def __init__(self):
+        self.sent: list[tuple[InferenceResponse | None, int]] = []
+        self.done = threading.Event()
+        self.cancelled = False
+
+    def send(self, response=None, flags: int = 0):
+        self.sent.append((response, flags))
+        if flags & 1:
+            self.done.set()
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
+
+
+class ComponentServer:
+    """Answers BLS calls with onnxruntime, as the component models would (config reshape applied)."""
+
+    def __init__(self, repository):
+        self.onnx = OnnxComponents(repository)
+        self.calls: list[tuple[str, dict[str, tuple]]] = []
+
+    def infer(self, model_name, inputs, requested_output_names):
+        spec = S.COMPONENTS[model_name]
+        arrays = {t.name(): t.as_numpy() for t in inputs}
+        self.calls.append((model_name, {k: (a.shape, a.dtype) for k, a in arrays.items()}))
+        for t in spec.inputs:
+            declared = (len(arrays[t.name]),) + t.triton_dims
+            shape = arrays[t.name].shape
+            if len(shape) != len(declared) or any(
+                d not in (-1, n) for d, n in zip(declared, shape, strict=False)
+            ):
+                err = f"unexpected shape for input '{t.name}': {arrays[t.name].shape}, expected {declared}"
+                return InferenceResponse(error=TritonError(err))
+            if t.reshape is not None:
+                arrays[t.name] = arrays[t.name].reshape(len(arrays[t.name]), *t.reshape)
+        session = self.onnx._session(spec)
+        outs = session.run(requested_output_names, {k: a for k, a in arrays.items()})
+        return InferenceResponse(
+            [Tensor(n, o) for n, o in zip(requested_output_names, outs, strict=True)]
+        )
+
+
+def make_fake_pb_utils(server: ComponentServer) -> types.ModuleType:
+    pb = types.ModuleType("triton_python_backend_utils")
+    pb.TritonError, pb.Tensor, pb.InferenceResponse = TritonError, Tensor, InferenceResponse
+    pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+    pb.Logger = types.SimpleNamespace(log_error=lambda msg: None, log_info=lambda msg: None)
+
+    class InferenceRequest:
+        def __init__(self, model_name=None, inputs=(), requested_output_names=(), **kwargs):
+            self.model_name, self.inputs_ = model_name, list(inputs)
+            self.requested_output_names = list(requested_output_names)
+            self.sender = Sender()
+            self.cancelled = False
+
+        def exec(self):
+            return server.infer(self.model_name, self.inputs_, self.requested_output_names)
+
+        def inputs(self):
+            return self.inputs_
+
+        def is_cancelled(self):
+            return self.cancelled
+
+        def get_response_sender(self):
+            return self.sender
+
+    pb.InferenceRequest = InferenceRequest
+    pb.get_input_tensor_by_name = lambda r, name: next(
+        (t for t in r.inputs() if t.name() == name), None
+    )
+    pb.get_output_tensor_by_name = lambda r, name: next(
+        (t for t in r.output_tensors if t.name() == name), None
+    )
+    pb.using_decoupled_model_transaction_policy = lambda config: bool(
+        config.get("model_transaction_policy", {}).get("decoupled", False)
+    )
+    return pb
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def server(tiny_repository):
+    return ComponentServer(tiny_repository)
+
+
+@pytest.fixture(scope="module")
+def pb(server):
+    fake = make_fake_pb_utils(server)
+    saved = sys.modules.get("triton_python_backend_utils")
+    sys.modules["triton_python_backend_utils"] = fake
+    yield fake
+    if saved is None:
+        sys.modules.pop("triton_python_backend_utils", None)
+    else:
+        sys.modules["triton_python_backend_utils"] = saved
+
+
+@pytest.fixture(scope="module")
+def model_module(pb, tiny_repository):
+    """The exported repository's model.py, imported as Triton would (its folder on sys.path)."""
+    version_dir = tiny_repository / "stable_diffusion" / "1"
+    sys.path.insert(0, str(version_dir))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "sd_model_under_test", version_dir / "model.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(version_dir))
+
+
+def model_config(tiny_repository, *, decoupled: bool) -> dict:
+    """The exported config.pbtxt as Triton hands it to initialize() (JSON)."""
+    from sd_triton.export import triton_config as T
+
+    config = T.read_config(tiny_repository / "stable_diffusion")
+    if decoupled:
+        stream = T.pipeline_config(S.STABLE_DIFFUSION_STREAM)
+        del config.input[:]
+        del config.output[:]
+        config.input.extend(stream.input)
+        config.output.extend(stream.output)
+        config.name = S.STABLE_DIFFUSION_STREAM.name
+        config.model_transaction_policy.decoupled = True
+    return json_format.MessageToDict(config, preserving_proto_field_name=True)
+
+
+def load(model_module, tiny_repository, *, decoupled=False, parameters=None):
+    config = model_config(tiny_repository, decoupled=decoupled)
+    for key, value in (parameters or {}).items():
+        config.setdefault("parameters", {})[key] = {"string_value": str(value)}
+    model = model_module.TritonPythonModel()
+    model.initialize({"model_config": json.dumps(config)})
+    return model
+
+
+def request(pb, **inputs):
+    tensors = []
+    for name, value in inputs.items():
+        if isinstance(value, str):
+            value = np.array([value.encode()], dtype=object)
+        tensors.append(pb.Tensor(name, value))
+    return pb.InferenceRequest(inputs=tensors)
+
+
+GOOD = {
+    "prompt": "a red bicycle",
+    "height": np.array([32], np.int32),
+    "width": np.array([24], np.int32),
+    "num_inference_steps": np.array([2], np.int32),
+    "seed": np.array([42], np.int64),
+    "num_images_per_prompt": np.array([2], np.int32),
+}
+
+
+# ---------------------------------------------------------------------------
+# Tests
+
+
+def test_one_response_per_request_with_errors_kept_apart(pb, model_module, tiny_repository, server):
+    model = load(model_module, tiny_repository)
+    bad = request(pb, **{**GOOD, "num_inference_steps": np.array([0], np.int32)})
+    responses = model.execute([request(pb, **GOOD), bad, request(pb, **{**GOOD, "prompt": ""})])
+    assert len(responses) == 3
+    ok, steps, empty = responses
+    assert not ok.has_error(), ok.error().message()
+    assert ok.output("images").shape == (2, 32, 24, 3) and ok.output("images").dtype == np.uint8
+    assert ok.output("nsfw_content_detected").dtype == np.bool_
+    np.testing.assert_array_equal(ok.output("seeds"), [42, 42])
+    assert steps.error().code() == TritonError.INVALID_ARG
+    assert "num_inference_steps must be at least 1" in steps.error().message()
+    assert (
+        empty.error().code() == TritonError.INVALID_ARG
+        and "prompt is empty" in empty.error().message()
+    )
+
+
+def test_bls_calls_follow_the_component_configs(pb, model_module, tiny_repository, server):
+    model = load(model_module, tiny_repository)
+    server.calls.clear()
+    (response,) = model.execute([request(pb, **GOOD)])
+    assert not response.has_error()
+    names = [name for name, _ in server.calls]
+    assert names == [
+        "text_encoder",
+        "unet",
+        "unet",
+        "unet",
+        "vae_decoder",
+        "safety_checker",
+    ]  # PNDM: 2 steps -> 3 UNet calls
+    unet = dict(server.calls[1][1])
+    assert unet["timestep"] == ((4, 1), np.float32)  # per sample, declared dims [1]
+    assert unet["sample"][0] == (4, 4, 16, 12)
+    assert dict(server.calls[0][1])["input_ids"][1] == np.int32
+
+
+def test_result_matches_the_in_process_loop(pb, model_module, tiny_repository):
+    from sd_triton.pipeline import Assets, generate, make_request
+
+    model = load(model_module, tiny_repository)
+    (response,) = model.execute([request(pb, **GOOD, scheduler="euler_a")])
+    assets = Assets.load(tiny_repository / "stable_diffusion" / "1" / "assets")
+    req = make_request(
+        assets.config,
+        "a red bicycle",
+        height=32,
+        width=24,
+        num_inference_steps=2,
+        seed=42,
+        num_images_per_prompt=2,
+        scheduler="euler_a",
+    )
+    expected = generate(req, OnnxComponents(tiny_repository), assets)
+    np.testing.assert_array_equal(response.output("images"), expected.images)
+
+
+def test_component_error_is_internal_and_names_the_component(
+    pb, model_module, tiny_repository, server
+):
+    model = load(model_module, tiny_repository)
+    original = server.infer
+
+    def failing(model_name, *args):
+        if model_name == "unet":
+            return InferenceResponse(error=TritonError("out of memory"))
+        return original(model_name, *args)
+
+    server.infer = failing
+    try:
+        (response,) = model.execute([request(pb, **GOOD)])
+    finally:
+        server.infer = original
+    assert response.error().code() == TritonError.INTERNAL
+    assert "unet: out of memory" in response.error().message()
+
+
+def test_cancelled_request_gets_cancelled(pb, model_module, tiny_repository):
+    model = load(model_module, tiny_repository)
+    r = request(pb, **GOOD)
+    r.cancelled = True
+    (response,) = model.execute([r])
+    assert response.error().code() == TritonError.CANCELLED
+
+
+def test_limits_come_from_config_parameters(pb, model_module, tiny_repository):
+    model = load(model_module, tiny_repository, parameters={"max_steps": 3, "max_images": 2})
+    too_many = request(pb, **{**GOOD, "num_inference_steps": np.array([4], np.int32)})
+    (response,) = model.execute([too_many])
+    assert "over this model's limit of 3" in response.error().message()
+
+
+def test_default_scheduler_parameter(pb, model_module, tiny_repository):
+    from sd_triton.pipeline import Assets, generate, make_request
+
+    model = load(model_module, tiny_repository, parameters={"default_scheduler": "euler_a"})
+    (response,) = model.execute([request(pb, **GOOD)])
+    assets = Assets.load(tiny_repository / "stable_diffusion" / "1" / "assets")
+    req = make_request(
+        assets.config,
+        "a red bicycle",
+        height=32,
+        width=24,
+        num_inference_steps=2,
+        seed=42,
+        num_images_per_prompt=2,
+        scheduler="euler_a",
+    )
+    expected = generate(req, OnnxComponents(tiny_repository), assets)
+    np.testing.assert_array_equal(response.output("images"), expected.images)
+    with pytest.raises(ValueError, match="unknown scheduler 'nope'"):
+        load(model_module, tiny_repository, parameters={"default_scheduler": "nope"})
+
+
+def test_config_that_does_not_match_the_contract_fails_at_load(model_module, tiny_repository):
+    config = model_config(tiny_repository, decoupled=False)
+    config["input"] = [t for t in config["input"] if t["name"] != "seed"]
+    model = model_module.TritonPythonModel()
+    with pytest.raises(ValueError, match="input seed is missing"):
+        model.initialize({"model_config": json.dumps(config)})
+
+
+def test_stream_sends_progress_then_images_with_the_final_flag(pb, model_module, tiny_repository):
+    model = load(model_module, tiny_repository, decoupled=True)
+    good = request(pb, **GOOD, preview=np.array([True]))
+    bad = request(pb, **{**GOOD, "scheduler": "nope"})
+    assert model.execute([good, bad]) is None
+    assert good.sender.done.wait(60) and bad.sender.done.wait(5)
+    model.finalize()
+
+    ((error, flags),) = bad.sender.sent
+    assert flags == 1 and error.error().code() == TritonError.INVALID_ARG
+    assert "unknown scheduler 'nope'" in error.error().message()
+
+    *progress, (final, flags) = good.sender.sent
+    assert flags == 1 and not final.has_error()
+    assert [int(p.output("step")[0]) for p, _ in progress] == [1, 2, 3]
+    assert {int(p.output("total_steps")[0]) for p, _ in progress} == {3}
+    assert all(f == 0 for _, f in progress)
+    assert progress[0][0].output("preview_images").shape == (2, 16, 12, 3)
+    assert final.output("images").shape == (2, 32, 24, 3)
+    assert final.output("elapsed_s")[0] >= progress[-1][0].output("elapsed_s")[0] > 0
+
+
+def test_stream_cancellation_ends_with_a_cancelled_final_response(
+    pb, model_module, tiny_repository
+):
+    model = load(model_module, tiny_repository, decoupled=True)
+    r = request(pb, **{**GOOD, "num_inference_steps": np.array([20], np.int32)})
+    r.sender.cancelled = True
+    model.execute([r])
+    assert r.sender.done.wait(60)
+    model.finalize()
+    response, flags = r.sender.sent[-1]
+    assert flags == 1 and response.error().code() == TritonError.CANCELLED
