@@ -179,6 +179,15 @@ def test_config_round_trips(tiny_repository, tmp_path):
     assert T.read_config(tmp_path) == config
 
 
+def test_export_copies_no_bytecode(tiny_checkpoint, tmp_path):
+    # Checked on a fresh export: the session repository has been served, and
+    # the server's own imports write __pycache__ there.
+    from sd_triton.export import export_repository
+
+    export_repository(tiny_checkpoint, tmp_path / "repo", host="python")
+    assert not list((tmp_path / "repo").rglob("__pycache__"))
+
+
 @pytest.mark.parametrize("model", list(PIPELINE_MODELS))
 def test_pipeline_model(model, tiny_repository):
     config = T.read_config(tiny_repository / model)
@@ -197,7 +206,6 @@ def test_pipeline_model(model, tiny_repository):
     version = tiny_repository / model / "1"
     assert (version / "sd_pipeline" / "spec.py").is_file()
     assert (version / "assets" / "pipeline.json").is_file()
-    assert not list(version.rglob("__pycache__"))
 
 
 def test_pipeline_json(tiny_repository, tiny_checkpoint):
