@@ -197,6 +197,7 @@ class TritonServer:
             stderr=subprocess.STDOUT,
             env=server_env(),
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         if wait:
             try:
@@ -227,7 +228,9 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self._proc is None or self._proc.poll() is not None:
                 code = None if self._proc is None else self._proc.returncode
-                raise ServerError(f"tritonserver exited (code {code}) before it was ready:\n{self.log_tail()}")
+                raise ServerError(
+                    f"tritonserver exited (code {code}) before it was ready:\n{self.log_tail()}"
+                )
             if self.is_ready():
                 log.info("tritonserver ready: grpc %s, http %s", self.grpc_url, self.http_url)
                 return
@@ -272,6 +275,19 @@ class TritonServer:
         self.stop()
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Ask Linux to SIGTERM the server when the process that started it dies.
+
+    A test run killed midway, or a demo interrupted hard, must not leave a
+    tritonserver (and its backend processes) running in the background.
+    """
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _remove_orphan_shm() -> None:
     """Remove Python-backend shared-memory regions no live process holds open."""
     held = set()
@@ -294,11 +310,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("repository", help="model repository (output of sd-triton-export)")
     parser.add_argument("--http-port", type=int, default=int(os.environ.get("HTTP_PORT", 8000)))
     parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", 8001)))
-    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("METRICS_PORT", 8002)))
+    parser.add_argument(
+        "--metrics-port", type=int, default=int(os.environ.get("METRICS_PORT", 8002))
+    )
     parser.add_argument("--model-control", choices=("none", "poll", "explicit"), default="none")
-    parser.add_argument("--load-model", action="append", default=[], help="with --model-control explicit")
+    parser.add_argument(
+        "--load-model", action="append", default=[], help="with --model-control explicit"
+    )
     parser.add_argument("--log-verbose", type=int, default=0)
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for readiness"
+    )
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 import signal
 import subprocess
 import sys
@@ -68,7 +69,9 @@ def _shm_held_by(pid: int) -> set[str]:
     for p in _process_tree(pid):
         try:
             with open(f"/proc/{p}/maps") as f:
-                held |= {line.split()[-1] for line in f if "triton_python_backend_shm_region" in line}
+                held |= {
+                    line.split()[-1] for line in f if "triton_python_backend_shm_region" in line
+                }
         except OSError:
             pass
     return held
@@ -96,7 +99,12 @@ def test_start_infer_stop_leaves_nothing_behind(echo_repo):
 
 
 def test_model_that_fails_to_load_reports_the_log(tmp_path):
-    _write_model(tmp_path, "broken", ECHO_CONFIG.replace('"echo"', '"broken"'), "raise ImportError('no such thing')\n")
+    _write_model(
+        tmp_path,
+        "broken",
+        ECHO_CONFIG.replace('"echo"', '"broken"'),
+        "raise ImportError('no such thing')\n",
+    )
     server = TritonServer(tmp_path)
     with pytest.raises(ServerError, match="broken"):
         server.start(timeout_s=60)
@@ -144,3 +152,25 @@ def test_cli_serves_in_foreground_and_stops_on_sigterm(echo_repo):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_server_does_not_outlive_the_process_that_started_it(echo_repo, tmp_path):
+    script = tmp_path / "start.py"
+    script.write_text(
+        "import os, sys\n"
+        "from sd_triton.server import TritonServer\n"
+        f"s = TritonServer({str(echo_repo)!r}).start(timeout_s=120)\n"
+        "print(s.pid, flush=True)\n"
+        "os._exit(0)  # no clean-up: as if killed\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    pid = int(out.stdout.split()[-1])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("tritonserver kept running after its parent died")
