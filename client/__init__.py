@@ -11,6 +11,11 @@
         for event in client.stream("a photo of a dog", seed=1):
             print(event)                    # ProgressEvent(step=1, total_steps=50, ...) ..., GenerationResult
 
+``Client(url, retries=3)`` retries a unary call that failed with
+UnavailableError (server busy, restarting, model not loaded) with
+exponential backoff and jitter; nothing else is retried (see
+docs/reliability.md).
+
 Options are keyword-only and named as in the server contract (and diffusers);
 an omitted option is not sent and the server applies its default. The result
 reports the settings actually used. Only numpy, Pillow and tritonclient are
@@ -28,6 +33,7 @@ Exceptions (every error is one of these; the server's message is kept intact)::
 """
 
 from ._async import AsyncClient, AsyncGenerationStream, AsyncPendingGeneration
+from ._edit import outpaint_canvas
 from ._errors import (
     CancelledError,
     DeadlineExceededError,
@@ -69,6 +75,7 @@ __all__ = [
     "ServerError",
     "UnavailableError",
     "format_infotext",
+    "outpaint_canvas",
     "parse_infotext",
     "read_infotext",
     "sampler_name",

@@ -22,7 +22,7 @@ from sd_triton.pipeline import spec as S
 
 from ._errors import CancelledError, SDTritonError, ServerError, UnavailableError, translate
 from ._request import GenerationRequest, StreamDecoder, decode_result, model_defaults
-from ._sync import DEFAULT_URL, Health, ModelStatus, default_stream_model
+from ._sync import DEFAULT_URL, Health, ModelStatus, backoff_delay, default_stream_model
 from ._types import GenerationResult, ProgressEvent
 
 __all__ = ["AsyncClient", "AsyncGenerationStream", "AsyncPendingGeneration"]
@@ -45,11 +45,20 @@ class AsyncClient:
         model: str = S.STABLE_DIFFUSION.name,
         stream_model: str | None = None,
         timeout_s: float | None = None,
+        retries: int = 0,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 10.0,
     ) -> None:
+        if retries < 0 or backoff_s < 0 or max_backoff_s < 0:
+            raise ValueError("retries, backoff_s and max_backoff_s must be >= 0")
         self.url = url
         self.model = model
         self.stream_model = stream_model or default_stream_model(model)
         self.timeout_s = timeout_s
+        # As Client: retry generate/run after UnavailableError only, with jittered backoff.
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
         self._client = aioclient.InferenceServerClient(url)
         self._defaults: dict[str, dict[str, Any]] = {}
 
@@ -164,9 +173,16 @@ class AsyncClient:
         """Send a prepared :class:`GenerationRequest` to the unary model."""
         inputs = request.to_inputs(S.STABLE_DIFFUSION)
         defaults = await self._model_defaults(self.model, request)
-        result = await self._call(
-            self._client.infer, self.model, inputs, client_timeout=self._timeout(timeout_s)
-        )
+        for attempt in range(self.retries + 1):
+            try:
+                result = await self._call(
+                    self._client.infer, self.model, inputs, client_timeout=self._timeout(timeout_s)
+                )
+                break
+            except UnavailableError:
+                if attempt >= self.retries:
+                    raise
+                await asyncio.sleep(backoff_delay(attempt, self.backoff_s, self.max_backoff_s))
         return decode_result(result, request, defaults)
 
     def submit(

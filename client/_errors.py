@@ -75,7 +75,12 @@ _UNAVAILABLE_MESSAGES = (
     "is not ready",
     "has no available versions",
     "Exceeds maximum queue size",
+    "Request timeout expired",
+    "server busy:",
+    "is unavailable:",
 )
+# Triton's own words for a full queue (queue policy max_queue_size), said plainly.
+_QUEUE_FULL = "Exceeds maximum queue size"
 # Failures inside the model, as the pipeline's glue (model.py: "internal error: ...")
 # and the Python backend (an uncaught exception) word them.
 _SERVER_MESSAGES = ("internal error:", "Failed to process the request(s)")
@@ -120,6 +125,8 @@ def translate(
         cls = in_band
     if not message:
         message = status or type(exc).__name__
+    if _QUEUE_FULL in message:
+        message = f"server busy: the model's request queue is full ({message}); retry later"
     if context and cls is UnavailableError and status == "StatusCode.UNAVAILABLE":
         message = f"{context}: {message}"
     return cls(message, status=status)

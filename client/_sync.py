@@ -5,17 +5,21 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import queue
+import random
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import tritonclient.grpc as grpcclient
+from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from sd_triton.pipeline import spec as S
 
+from ._edit import img2img_request, inpaint_request, outpaint_request
 from ._errors import CancelledError, SDTritonError, UnavailableError, translate
 from ._request import GenerationRequest, StreamDecoder, decode_result, model_defaults
 from ._types import GenerationResult, ProgressEvent
@@ -44,6 +48,12 @@ class Health:
     models: dict[str, bool]
 
 
+def backoff_delay(attempt: int, backoff_s: float, max_backoff_s: float) -> float:
+    """Exponential backoff from ``backoff_s``, capped at ``max_backoff_s``, times a random 50-100 %."""
+    ceiling = min(max_backoff_s, backoff_s * 2**attempt)
+    return ceiling * random.uniform(0.5, 1.0)
+
+
 def default_stream_model(model: str) -> str:
     return S.STABLE_DIFFUSION_STREAM.name if model == S.STABLE_DIFFUSION.name else f"{model}_stream"
 
@@ -55,6 +65,15 @@ class Client:
     limit); each call can set its own. ``stream_model`` is the decoupled
     variant used by :meth:`stream` (default ``<model>_stream``). Thread-safe,
     except :meth:`close`.
+
+    ``retries``: how many times :meth:`generate` / :meth:`run` send a request
+    again after an :class:`UnavailableError` (server down or restarting,
+    model not loaded, queue full, queue timeout); never after any other
+    error, which would fail the same way again. Waits between attempts grow
+    exponentially from ``backoff_s`` up to ``max_backoff_s``, each with full
+    jitter (a random share of 50-100 %) so that refused clients do not come
+    back in step. Default 0: fail at once. Streams and :meth:`submit` are not
+    retried (a stream may already have delivered events).
     """
 
     def __init__(
@@ -64,11 +83,19 @@ class Client:
         model: str = S.STABLE_DIFFUSION.name,
         stream_model: str | None = None,
         timeout_s: float | None = None,
+        retries: int = 0,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 10.0,
     ) -> None:
+        if retries < 0 or backoff_s < 0 or max_backoff_s < 0:
+            raise ValueError("retries, backoff_s and max_backoff_s must be >= 0")
         self.url = url
         self.model = model
         self.stream_model = stream_model or default_stream_model(model)
         self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
         self._client = grpcclient.InferenceServerClient(url)
         self._defaults: dict[str, dict[str, Any]] = {}
 
@@ -186,10 +213,21 @@ class Client:
         """Send a prepared :class:`GenerationRequest` to the unary model."""
         inputs = request.to_inputs(S.STABLE_DIFFUSION)
         defaults = self._model_defaults(self.model, request)
-        result = self._call(
-            self._client.infer, self.model, inputs, client_timeout=self._timeout(timeout_s)
-        )
+        for attempt in range(self.retries + 1):
+            try:
+                result = self._call(
+                    self._client.infer, self.model, inputs, client_timeout=self._timeout(timeout_s)
+                )
+                break
+            except UnavailableError:
+                if attempt >= self.retries:
+                    raise
+                time.sleep(self.backoff_delay(attempt))
         return decode_result(result, request, defaults)
+
+    def backoff_delay(self, attempt: int) -> float:
+        """Seconds to wait before retry ``attempt + 1``: exponential, capped, jittered."""
+        return backoff_delay(attempt, self.backoff_s, self.max_backoff_s)
 
     def submit(
         self,
@@ -251,6 +289,69 @@ class Client:
             preview=preview or None,
         )
         return GenerationStream(self, request, self._timeout(timeout_s))
+
+    # ---------------------------------------------- img2img, inpainting, outpainting
+
+    def img2img(
+        self,
+        prompt: str,
+        image: Image.Image | np.ndarray,
+        *,
+        strength: float | None = None,
+        timeout_s: float | None = None,
+        **options: Any,
+    ) -> GenerationResult:
+        """Generate from ``image`` (RGB), keeping its size; ``strength`` in (0, 1], default 0.8.
+
+        ``options`` are :meth:`generate`'s (``negative_prompt``, ``seed``, ...).
+        """
+        request = img2img_request(prompt, image, strength=strength, **options)
+        return self.run(request, timeout_s=timeout_s)
+
+    def inpaint(
+        self,
+        prompt: str,
+        image: Image.Image | np.ndarray,
+        mask_image: Image.Image | np.ndarray,
+        *,
+        strength: float | None = None,
+        timeout_s: float | None = None,
+        **options: Any,
+    ) -> GenerationResult:
+        """Repaint ``image`` where ``mask_image`` (same size, grey levels) is white (>= 128).
+
+        ``strength`` in (0, 1], default 1.0 (diffusers' inpainting default).
+        """
+        request = inpaint_request(prompt, image, mask_image, strength=strength, **options)
+        return self.run(request, timeout_s=timeout_s)
+
+    def outpaint(
+        self,
+        prompt: str,
+        image: Image.Image | np.ndarray,
+        *,
+        left: int = 0,
+        right: int = 0,
+        top: int = 0,
+        bottom: int = 0,
+        overlap: int = 0,
+        strength: float | None = None,
+        timeout_s: float | None = None,
+        **options: Any,
+    ) -> GenerationResult:
+        """Extend ``image`` by the margins (pixels) and paint them in (see ``outpaint_canvas``)."""
+        request = outpaint_request(
+            prompt,
+            image,
+            left=left,
+            right=right,
+            top=top,
+            bottom=bottom,
+            overlap=overlap,
+            strength=strength,
+            **options,
+        )
+        return self.run(request, timeout_s=timeout_s)
 
 
 class PendingGeneration:

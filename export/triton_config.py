@@ -25,9 +25,12 @@ from sd_triton.pipeline import spec as S
 from .components import DYNAMIC_DIMS
 
 __all__ = [
+    "add_tensorrt",
     "component_config",
     "pipeline_config",
     "read_config",
+    "set_instance_group",
+    "set_version_policy",
     "tensor_entry_dims",
     "write_config",
 ]
@@ -111,20 +114,66 @@ def pipeline_config(
     *,
     parameters: Mapping[str, object] | None = None,
     instance_count: int = 1,
+    max_queue_size: int = 0,
+    queue_timeout_s: float = 0,
 ) -> pb.ModelConfig:
     """Config of a public pipeline model (Python backend, no batch dim).
 
     A spec with ``extra["decoupled"]`` (the streaming twin) gets a decoupled
-    transaction policy.
+    transaction policy. The unary model gets a bounded queue when
+    ``max_queue_size`` > 0: Triton's dynamic batcher (it forms no batches at
+    ``max_batch_size`` 0, measured on 2.51) with a queue policy that refuses
+    a request beyond ``max_queue_size`` waiting at once (UNAVAILABLE,
+    "Exceeds maximum queue size") and one still waiting after
+    ``queue_timeout_s`` (UNAVAILABLE, "Request timeout expired"; a client's
+    per-request ``timeout`` may lower it). The decoupled model holds its
+    requests on its own threads, so it enforces the same parameters itself.
     """
     config = pb.ModelConfig(name=model.name, backend="python", max_batch_size=0)
     if model.extra.get("decoupled"):
         config.model_transaction_policy.decoupled = True
+    elif max_queue_size > 0 or queue_timeout_s > 0:
+        policy = config.dynamic_batching.default_queue_policy
+        policy.max_queue_size = max(0, max_queue_size)
+        policy.default_timeout_microseconds = round(max(0.0, queue_timeout_s) * 1e6)
+        policy.allow_timeout_override = True
+        policy.timeout_action = pb.ModelQueuePolicy.REJECT
     _add_tensors(config.input, model.inputs, {}, {}, batched=False)
     _add_tensors(config.output, model.outputs, {}, {}, batched=False)
     config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=instance_count)
     _set_parameters(config, parameters or {})
     return config
+
+
+def set_instance_group(config: pb.ModelConfig, *, gpu: bool | None, count: int) -> None:
+    """One instance group of ``count`` instances: ``KIND_GPU`` (per GPU), ``KIND_CPU``,
+    or, with ``gpu=None``, ``KIND_AUTO`` (GPU where the server has one)."""
+    if count < 1:
+        raise ValueError(f"{config.name}: instance count must be >= 1, got {count}")
+    kinds = {True: "KIND_GPU", False: "KIND_CPU", None: "KIND_AUTO"}
+    del config.instance_group[:]
+    config.instance_group.add(kind=pb.ModelInstanceGroup.Kind.Value(kinds[gpu]), count=count)
+
+
+def set_version_policy(config: pb.ModelConfig, latest: int) -> None:
+    """Serve the ``latest`` highest-numbered versions on disk (``version_policy { latest }``)."""
+    if latest < 1:
+        raise ValueError(f"{config.name}: latest versions must be >= 1, got {latest}")
+    config.version_policy.latest.num_versions = latest
+
+
+def add_tensorrt(config: pb.ModelConfig, parameters: Mapping[str, object]) -> None:
+    """Run the model with onnxruntime's TensorRT execution provider on GPU instances.
+
+    ``parameters`` are the onnxruntime backend's TensorRT keys (``precision_mode``,
+    ``trt_engine_cache_path``, ``trt_profile_min_shapes``, ...); operators
+    TensorRT cannot run fall back to the CUDA execution provider.
+    """
+    accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
+    accelerator = accelerators.add(name="tensorrt")
+    for key, value in parameters.items():
+        if value is not None:
+            accelerator.parameters[key] = str(value)
 
 
 def write_config(config: pb.ModelConfig, folder: str | Path) -> Path:

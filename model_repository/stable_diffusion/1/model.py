@@ -17,18 +17,28 @@ errors into responses. One file serves two configs:
   step and then the images with the FINAL flag. One instance runs up to
   ``max_concurrency`` requests at once (config parameter, default 8).
 
-Config parameters (string values, all optional): ``max_steps``,
-``max_pixels``, ``max_images`` (request limits), ``default_scheduler`` (an
-alias for requests that name none; default: the model's own scheduler
-config), ``max_concurrency`` (streaming model only).
+Config parameters (string values, all optional; the exporter writes them,
+defaults in ``export/repository.py``, documented in docs/reliability.md):
+``max_steps``, ``max_pixels``, ``max_images``, ``max_prompt_bytes``,
+``max_work`` (request limits), ``default_scheduler`` (an alias for requests
+that name none; default: the model's own scheduler config),
+``max_concurrency``, ``max_queue_size``, ``queue_timeout_s`` (streaming
+model: its own admission control; the unary model's queue is Triton's
+``dynamic_batching { default_queue_policy }``, written by the exporter).
+``device`` (``auto``, ``cuda``, ``cpu``): where the pipeline's tensors may
+live (see ``sd_pipeline/triton_components.py``).
 
 Errors are per request: bad input -> INVALID_ARG with the validation
-message, cancellation -> CANCELLED, anything else -> INTERNAL (logged).
+message, cancellation -> CANCELLED, overload, a queue timeout or a component
+model that is not loaded -> UNAVAILABLE, anything else -> INTERNAL (logged).
+Every request ends with one JSON audit line in the server log and in the
+``sd_*`` metrics (see ``sd_pipeline/telemetry.py``).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -38,12 +48,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from sd_pipeline import spec as S
 from sd_pipeline.config import Assets, Limits
-from sd_pipeline.errors import Cancelled, InvalidRequest
+from sd_pipeline.errors import Cancelled, ComponentError, InvalidRequest
 from sd_pipeline.loop import GenerationResult, generate
 from sd_pipeline.preview import latents_to_preview
 from sd_pipeline.request import GenerationRequest, parse_request
 from sd_pipeline.schedulers import check_name
-from sd_pipeline.triton_components import TritonComponents
+from sd_pipeline.telemetry import Metrics, Unavailable, component_unavailable, log_line, record
+from sd_pipeline.triton_components import TritonComponents, pipeline_device
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MAX_CONCURRENCY = 8
@@ -90,6 +101,13 @@ def error_for(exc: BaseException):
         return pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)
     if isinstance(exc, Cancelled):
         return pb_utils.TritonError(str(exc), pb_utils.TritonError.CANCELLED)
+    if isinstance(exc, Unavailable):
+        return pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)
+    if isinstance(exc, ComponentError) and component_unavailable(exc):
+        return pb_utils.TritonError(
+            f"component model {exc.component} is unavailable: {exc}",
+            pb_utils.TritonError.UNAVAILABLE,
+        )
     pb_utils.Logger.log_error(f"stable_diffusion: {''.join(traceback.format_exception(exc))}")
     return pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}")
 
@@ -106,11 +124,27 @@ class TritonPythonModel:
         # The alias for requests that name no scheduler (None: the model's own config).
         self.default_scheduler = parameters.get("default_scheduler", "").strip() or None
         check_name(self.default_scheduler)
-        self.components = TritonComponents(self.assets.config)
+        # CUDA when this instance is on a GPU and the stub's torch sees it (config
+        # parameter ``device``: auto, cuda or cpu); BLS calls keep CUDA tensors on it.
+        device = pipeline_device(
+            args.get("model_instance_kind", "CPU"),
+            int(args.get("model_instance_device_id") or 0),
+            parameters.get("device", "").strip() or "auto",
+        )
+        self.components = TritonComponents(self.assets.config, device=device)
+        self.model_name = args.get("model_name", model_config.get("name", ""))
+        self.model_version = str(args.get("model_version", ""))
+        self.metrics = Metrics(pb_utils, self.model_name, self.model_version)
         self.pool = None
         if self.decoupled:
             workers = int(parameters.get("max_concurrency") or DEFAULT_MAX_CONCURRENCY)
             self.pool = ThreadPoolExecutor(workers, thread_name_prefix="sd-stream")
+            # Admission: at most `workers` running plus `max_queue_size` waiting (0: unbounded).
+            self.max_queued = int(parameters.get("max_queue_size") or 0)
+            self.capacity = workers + self.max_queued if self.max_queued > 0 else None
+            self.queue_timeout_s = float(parameters.get("queue_timeout_s") or 0)
+            self.in_flight = 0
+            self.lock = threading.Lock()
 
     def execute(self, requests: list) -> list | None:
         if self.decoupled:
@@ -124,12 +158,15 @@ class TritonPythonModel:
             self.pool.shutdown(wait=True)
 
     # ------------------------------------------------------------------ helpers
-    def _parse(self, request) -> GenerationRequest:
+    def _inputs(self, request) -> dict:
         inputs = {}
         for t in self.spec.inputs:
             tensor = pb_utils.get_input_tensor_by_name(request, t.name)
             if tensor is not None:
                 inputs[t.name] = tensor.as_numpy()
+        return inputs
+
+    def _parse(self, inputs: dict) -> GenerationRequest:
         return parse_request(
             inputs,
             self.assets.config,
@@ -138,28 +175,88 @@ class TritonPythonModel:
             default_scheduler=self.default_scheduler,
         )
 
-    def _respond(self, request):
+    def _audit(self, request_id, inputs, parsed, start, error, result=None) -> None:
+        """One JSON line in the server log and the sd_* metrics, for every request.
+
+        Never fails the request it records: a problem here is logged and dropped.
+        """
         try:
-            parsed = self._parse(request)
+            self._record(request_id, inputs, parsed, start, error, result)
+        except Exception as e:  # noqa: BLE001
+            pb_utils.Logger.log_error(f"{self.model_name}: audit record failed: {e!r}")
+
+    def _record(self, request_id, inputs, parsed, start, error, result) -> None:
+        duration = time.perf_counter() - start
+        entry = record(
+            request_id=request_id,
+            model=self.model_name,
+            version=self.model_version,
+            inputs=inputs,
+            parsed=parsed,
+            duration_s=duration,
+            error=error,
+            nsfw=None if result is None else result.nsfw_content_detected,
+        )
+        pb_utils.Logger.log_info(log_line(entry))
+        images = 0 if result is None else len(result.images)
+        self.metrics.observe(entry["outcome"], duration, images)
+
+    def _respond(self, request):
+        start = time.perf_counter()
+        inputs, parsed, result, error = {}, None, None, None
+        try:
+            inputs = self._inputs(request)
+            parsed = self._parse(inputs)
             result = generate(
                 parsed, self.components, self.assets, should_stop=request.is_cancelled
             )
+            response = pb_utils.InferenceResponse(output_tensors=result_tensors(result))
         except Exception as e:
-            return pb_utils.InferenceResponse(error=error_for(e))
-        return pb_utils.InferenceResponse(output_tensors=result_tensors(result))
+            error = e
+            response = pb_utils.InferenceResponse(error=error_for(e))
+        self._audit(_request_id(request), inputs, parsed, start, error, result)
+        return response
+
+    def _admit(self) -> None:
+        """Count one more request in; refuse it when running + waiting is at capacity."""
+        with self.lock:
+            if self.capacity is not None and self.in_flight >= self.capacity:
+                queued = self.in_flight - (self.capacity - self.max_queued)
+                raise Unavailable(
+                    f"server busy: {queued} requests queued (max_queue_size {self.max_queued}) "
+                    f"for {self.model_name}; retry later"
+                )
+            self.in_flight += 1
+
+    def _release(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
 
     def _start_stream(self, request) -> None:
         # Inputs are read (and copied) here: Triton frees them when execute returns.
+        start = time.perf_counter()
         sender = request.get_response_sender()
+        request_id = _request_id(request)
+        inputs, parsed = {}, None
         try:
-            parsed = self._parse(request)
+            inputs = self._inputs(request)
+            parsed = self._parse(inputs)
+            self._admit()
         except Exception as e:
             final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
             sender.send(pb_utils.InferenceResponse(error=error_for(e)), flags=final)
+            self._audit(request_id, inputs, parsed, start, e)
             return
-        self.pool.submit(self._stream, parsed, sender, time.perf_counter())
+        audit = (request_id, {k: inputs[k] for k in ("prompt", "negative_prompt") if k in inputs})
+        self.pool.submit(self._stream, parsed, sender, start, audit)
 
-    def _stream(self, parsed: GenerationRequest, sender, start: float) -> None:
+    def _stream(self, parsed: GenerationRequest, sender, start: float, audit=("", {})) -> None:
+        try:
+            self._stream_one(parsed, sender, start, audit)
+        finally:
+            self._release()
+
+    def _stream_one(self, parsed: GenerationRequest, sender, start: float, audit) -> None:
         def elapsed():
             return pb_utils.Tensor("elapsed_s", np.array([time.perf_counter() - start], np.float32))
 
@@ -174,7 +271,16 @@ class TritonPythonModel:
                 tensors.append(pb_utils.Tensor("preview_images", preview))
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
 
+        result, error = None, None
         try:
+            waited = time.perf_counter() - start
+            if self.queue_timeout_s and waited > self.queue_timeout_s:
+                raise Unavailable(
+                    f"request timeout expired: waited {waited:.1f} s in the queue "
+                    f"(queue_timeout_s {self.queue_timeout_s:g})"
+                )
+            if sender.is_cancelled():
+                raise Cancelled("cancelled while queued")
             result = generate(
                 parsed,
                 self.components,
@@ -186,5 +292,13 @@ class TritonPythonModel:
                 output_tensors=[*result_tensors(result), elapsed()]
             )
         except Exception as e:
+            error = e
             response = pb_utils.InferenceResponse(error=error_for(e))
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        request_id, inputs = audit
+        self._audit(request_id, inputs, parsed, start, error, result)
+
+
+def _request_id(request) -> str:
+    get = getattr(request, "request_id", None)
+    return get() if callable(get) else ""

@@ -43,6 +43,11 @@ class PipelineConfig:
     # Optional [latent_channels][3] matrix for cheap latent -> RGB previews.
     latent_rgb_factors: tuple[tuple[float, ...], ...] | None = None
     source: str = ""
+    # The component models the pipeline calls: their names (the exporter's
+    # --model-prefix) and the version of each exported with this pipeline.
+    # Absent: the plain names, whatever version the server serves.
+    component_models: Mapping[str, str] = field(default_factory=dict)
+    component_versions: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PipelineConfig:
@@ -73,6 +78,12 @@ class PipelineConfig:
             raise ValueError("pipeline.json: size_step must be a multiple of vae_scale_factor")
         if self.unet_max_batch_size < 1:
             raise ValueError("pipeline.json: unet_max_batch_size must be at least 1")
+        # A 4-channel UNet, or an inpainting UNet: latents + mask + masked image latents.
+        if self.unet_in_channels not in (self.latent_channels, 2 * self.latent_channels + 1):
+            raise ValueError(
+                f"pipeline.json: unet_in_channels {self.unet_in_channels} is neither "
+                f"latent_channels ({self.latent_channels}) nor 2 x latent_channels + 1 (inpainting)"
+            )
 
     def tensor_dtype(self, model: S.ModelSpec, tensor: str) -> str:
         """Numpy dtype name of ``model``'s tensor in this export."""
@@ -103,15 +114,26 @@ class Limits:
     """Per-request limits, from the Triton model config's ``parameters``.
 
     ``max_steps``: scheduler steps (num_inference_steps); ``max_pixels``:
-    height * width; ``max_images``: num_images_per_prompt.
+    height * width; ``max_images``: num_images_per_prompt;
+    ``max_prompt_bytes``: UTF-8 bytes of prompt and of negative_prompt,
+    checked before anything is decoded or tokenized (longer prompts are
+    truncated to the tokenizer's 77 tokens anyway: this only stops a
+    megabyte of text from costing CPU); ``max_work``: the work budget,
+    height * width * num_images_per_prompt * num_inference_steps
+    ("pixel-steps"), so that the single limits cannot be maxed out together.
     """
 
     max_steps: int = 150
     max_pixels: int = 1024 * 1024
     max_images: int = 8
+    max_prompt_bytes: int = 16 * 1024
+    max_work: int = 400 * 512 * 512
 
     # max_pixels defaults to this many times the model's native area.
     NATIVE_AREA_FACTOR = 4
+    # max_work defaults to this many times the model's native area: 100 steps
+    # of 4 native-size images, or of one image at max_pixels.
+    NATIVE_WORK_FACTOR = 400
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, Any], config: PipelineConfig) -> Limits:
@@ -123,6 +145,8 @@ class Limits:
                 parameters, "max_pixels", cls.NATIVE_AREA_FACTOR * native_area
             ),
             max_images=_positive_int(parameters, "max_images", cls.max_images),
+            max_prompt_bytes=_positive_int(parameters, "max_prompt_bytes", cls.max_prompt_bytes),
+            max_work=_positive_int(parameters, "max_work", cls.NATIVE_WORK_FACTOR * native_area),
         )
 
 

@@ -7,10 +7,13 @@ rejects some bad inputs (wrong dtype or a fixed dim of the wrong size, for
 declared inputs); the checks are repeated because the in-process path has
 no Triton in front of it.
 
-img2img: with an ``image`` the request's size is the image's, and
+img2img: with an ``image`` the request's size is the image's (a size that
+is not a multiple of the model's size step is refused, never resized), and
 ``strength`` (default 0.8) picks how much of the schedule runs, as in
-``StableDiffusionImg2ImgPipeline``. Inpainting (``mask_image``) is refused
-for now.
+``StableDiffusionImg2ImgPipeline``. Inpainting: ``image`` plus a
+``mask_image`` of the same size (255 = repaint), ``strength`` default 1.0,
+as in ``StableDiffusionInpaintPipeline``. A model with a 9-channel
+(inpainting) UNet only inpaints.
 
 Seeds: a request has one seed (random when absent). As in diffusers, one
 CPU ``torch.Generator`` seeded with it draws the initial latents of all
@@ -38,6 +41,8 @@ from .schedulers import check_name
 __all__ = ["GenerationRequest", "make_request", "parse_request", "random_seed", "validate"]
 
 _DEFAULTS = {t.name: t.default for t in S.STABLE_DIFFUSION_STREAM.inputs}
+# diffusers' StableDiffusionInpaintPipeline defaults to strength 1 (img2img: 0.8).
+INPAINT_DEFAULT_STRENGTH = 1.0
 _INT64 = np.iinfo(np.int64)
 
 
@@ -68,8 +73,10 @@ class GenerationRequest:
 
     @property
     def img2img_strength(self) -> float:
-        """``strength``, or the contract's default when absent."""
-        return _DEFAULTS["strength"] if self.strength is None else self.strength
+        """``strength``, or when absent the default: 1.0 to inpaint, else the contract's (0.8)."""
+        if self.strength is not None:
+            return self.strength
+        return INPAINT_DEFAULT_STRENGTH if self.mask_image is not None else _DEFAULTS["strength"]
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -126,6 +133,8 @@ def _check_tensor(tensor: S.TensorSpec, array: np.ndarray) -> None:
     )
     if fits:
         return
+    if len(shape) == len(tensor.dims) and 0 in shape and tensor.dims != (1,):
+        raise InvalidRequest(f"input {tensor.name} is empty (shape {list(shape)})")
     if tensor.name == "prompt" and array.size > 1:
         raise InvalidRequest(
             f"prompt must hold exactly one string, got shape {list(shape)}: one request is one "
@@ -177,6 +186,9 @@ def parse_request(
         )
     for name, array in inputs.items():
         _check_tensor(declared[name], np.asarray(array))
+    for name in ("prompt", "negative_prompt"):
+        if name in inputs:
+            _check_text_size(name, np.asarray(inputs[name]), limits)
     if "prompt" not in inputs:
         raise InvalidRequest("prompt is required: one UTF-8 string, BYTES with shape [1]")
     values = {name: _value(declared[name], np.asarray(a)) for name, a in inputs.items()}
@@ -200,11 +212,38 @@ def parse_request(
 # Validation
 
 
-def _check_prompt(request: GenerationRequest) -> None:
+def _too_long(name: str, size: int, limits: Limits) -> InvalidRequest:
+    return InvalidRequest(
+        f"{name} is {size} bytes, over this model's limit of {limits.max_prompt_bytes} bytes "
+        f"(the text encoder reads at most the first 77 tokens anyway)"
+    )
+
+
+def _check_text_size(name: str, array: np.ndarray, limits: Limits | None) -> None:
+    """Refuse an oversized text before it is decoded or tokenized."""
+    if limits is None or array.size == 0:
+        return
+    raw = array.reshape(-1)[0]
+    if isinstance(raw, str):
+        size = len(raw.encode("utf-8", "replace"))
+    elif isinstance(raw, bytes | bytearray):
+        size = len(raw)
+    else:
+        return  # not text: _text reports it
+    if size > limits.max_prompt_bytes:
+        raise _too_long(name, size, limits)
+
+
+def _check_prompt(request: GenerationRequest, limits: Limits | None) -> None:
     if not isinstance(request.prompt, str) or not request.prompt.strip():
         raise InvalidRequest("prompt is empty: send a non-empty UTF-8 string")
     if not isinstance(request.negative_prompt, str):
         raise InvalidRequest("negative_prompt must be a string")
+    if limits is not None:
+        for name in ("prompt", "negative_prompt"):
+            size = len(getattr(request, name).encode("utf-8", "replace"))
+            if size > limits.max_prompt_bytes:
+                raise _too_long(name, size, limits)
 
 
 def _check_steps_and_guidance(request: GenerationRequest, limits: Limits | None) -> None:
@@ -227,8 +266,10 @@ def _check_size(request: GenerationRequest, config: PipelineConfig, limits: Limi
     for name in ("height", "width"):
         value = getattr(request, name)
         if value < step or value % step:
+            whose = "the image's " if request.image is not None else ""
             raise InvalidRequest(
-                f"{name} must be a positive multiple of {step} pixels for this model, got {value}"
+                f"{whose}{name} must be a positive multiple of {step} pixels for this model, "
+                f"got {value}" + (": crop or resize the image" if whose else "")
             )
     pixels = request.height * request.width
     if limits is not None and pixels > limits.max_pixels:
@@ -250,15 +291,30 @@ def _check_images(request: GenerationRequest, limits: Limits | None) -> None:
         raise InvalidRequest(f"seed must fit in int64, got {request.seed}")
 
 
-def _check_init_image(request: GenerationRequest, config: PipelineConfig) -> None:
-    """img2img: an RGB uint8 image of the request's size, a strength that leaves steps to run."""
-    if request.mask_image is not None:
-        if request.image is None:
-            raise InvalidRequest("mask_image was sent without an image: inpainting needs both")
-        raise InvalidRequest("mask_image (inpainting) is not supported yet by this model")
-    if config.unet_in_channels != config.latent_channels:
+def _check_work(request: GenerationRequest, limits: Limits | None) -> None:
+    """The work budget: pixels x images x steps, so the single limits cannot all be maxed at once."""
+    if limits is None:
+        return
+    work = request.height * request.width * request.num_images_per_prompt
+    work *= request.num_inference_steps
+    if work > limits.max_work:
         raise InvalidRequest(
-            "this model's UNet is an inpainting UNet, and inpainting is not supported yet"
+            f"height x width x num_images_per_prompt x num_inference_steps = {request.height} x "
+            f"{request.width} x {request.num_images_per_prompt} x {request.num_inference_steps} = "
+            f"{work} is over this model's work budget of {limits.max_work}: "
+            "ask for fewer images, fewer steps or a smaller size"
+        )
+
+
+def _check_init_image(request: GenerationRequest, config: PipelineConfig) -> None:
+    """img2img / inpainting: an RGB uint8 image of the request's size, a mask of the same
+    size, a strength that leaves steps to run."""
+    if request.mask_image is not None and request.image is None:
+        raise InvalidRequest("mask_image was sent without an image: inpainting needs both")
+    if config.unet_in_channels != config.latent_channels and request.mask_image is None:
+        raise InvalidRequest(
+            f"this model's UNet is an inpainting UNet ({config.unet_in_channels} input channels): "
+            "send an image and a mask_image"
         )
     if request.image is None:
         if request.strength is not None:
@@ -274,6 +330,18 @@ def _check_init_image(request: GenerationRequest, config: PipelineConfig) -> Non
             f"image is {image.shape[0]} x {image.shape[1]} pixels but height x width is "
             f"{request.height} x {request.width}: leave height and width out with an image"
         )
+    mask = request.mask_image
+    if mask is not None:
+        if mask.dtype != np.uint8 or mask.ndim != 2:
+            raise InvalidRequest(
+                f"mask_image must be uint8 [height, width] (255 = repaint), got {mask.dtype} "
+                f"{list(mask.shape)}"
+            )
+        if mask.shape != image.shape[:2]:
+            raise InvalidRequest(
+                f"mask_image is {mask.shape[0]} x {mask.shape[1]} pixels but the image is "
+                f"{image.shape[0]} x {image.shape[1]}: they must be the same size"
+            )
     strength = request.img2img_strength
     if not math.isfinite(strength) or not 0 < strength <= 1:
         raise InvalidRequest(f"strength must be in (0, 1], got {strength}")
@@ -288,9 +356,10 @@ def validate(
     request: GenerationRequest, config: PipelineConfig, limits: Limits | None = None
 ) -> None:
     """Raise :class:`InvalidRequest` unless ``request`` can run on this model (within ``limits``)."""
-    _check_prompt(request)
+    _check_prompt(request, limits)
     _check_steps_and_guidance(request, limits)
     _check_size(request, config, limits)
     _check_images(request, limits)
+    _check_work(request, limits)
     check_name(request.scheduler)
     _check_init_image(request, config)
