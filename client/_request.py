@@ -35,6 +35,8 @@ __all__ = [
 # is the pipeline's name for the model's own scheduler config.
 DEFAULTS: dict[str, Any] = {t.name: t.default for t in S.STABLE_DIFFUSION.inputs}
 DEFAULT_SCHEDULER = "default"
+# The server's strength when an inpainting request sends none (diffusers' default).
+INPAINT_DEFAULT_STRENGTH = 1.0
 # Model config parameter that may name the model's own scheduler (an alias).
 SCHEDULER_PARAMETER = "default_scheduler"
 
@@ -165,7 +167,9 @@ def _settings(
     scheduler = request.scheduler or defaults.get("scheduler") or DEFAULT_SCHEDULER
     strength = None
     if request.image is not None:
-        strength = float(value("strength"))
+        # The server's default is diffusers': 1.0 to inpaint, 0.8 for img2img.
+        inpaint = request.mask_image is not None and request.strength is None
+        strength = INPAINT_DEFAULT_STRENGTH if inpaint else float(value("strength"))
     return GenerationSettings(
         prompt=request.prompt,
         negative_prompt=value("negative_prompt"),

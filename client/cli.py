@@ -3,6 +3,9 @@
 ::
 
     sd-triton generate "a photo of a cat" -o cat.png --steps 20 --seed 123 --size 512x768
+    sd-triton img2img "a watercolor" --image in.png --strength 0.6 -o out.png
+    sd-triton inpaint "a red armchair" --image in.png --mask mask.png -o out.png
+    sd-triton outpaint "a beach" --image in.png --left 64 --right 64 -o wide.png
     sd-triton health
     sd-triton models
 
@@ -19,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from ._edit import img2img_request, inpaint_request, outpaint_request
 from ._errors import (
     CancelledError,
     DeadlineExceededError,
@@ -27,7 +31,7 @@ from ._errors import (
     UnavailableError,
 )
 from ._infotext import output_paths
-from ._sync import DEFAULT_URL, Client
+from ._sync import DEFAULT_URL, Client, PendingGeneration
 from ._types import GenerationResult, ProgressEvent
 
 __all__ = ["EXIT_CODES", "main"]
@@ -87,13 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Stable Diffusion on a Triton server.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gen = sub.add_parser(
-        "generate",
-        parents=[common],
-        help="generate images for a prompt",
-        description="Generate images; each PNG carries its settings as AUTOMATIC1111 'parameters' text. "
-        "Omitted options take the server's defaults.",
-    )
+    options = argparse.ArgumentParser(add_help=False)
+    gen = options
     gen.add_argument("prompt")
     gen.add_argument(
         "-o",
@@ -107,8 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", dest="guidance_scale", type=float, help="guidance scale (CFG)")
     gen.add_argument("--seed", type=int, help="seed (default: random; written into the PNG)")
     gen.add_argument("--scheduler", help="ddim, pndm, lms, euler, euler_a, heun, dpmpp_2m, ...")
-    gen.add_argument("--size", type=_size, metavar="WxH", help="image size, e.g. 512x768")
     gen.add_argument("--num-images", dest="num_images_per_prompt", type=int, help="images to make")
+
+    gen = sub.add_parser(
+        "generate",
+        parents=[common, options],
+        help="generate images for a prompt",
+        description="Generate images; each PNG carries its settings as AUTOMATIC1111 'parameters' text. "
+        "Omitted options take the server's defaults.",
+    )
+    gen.add_argument("--size", type=_size, metavar="WxH", help="image size, e.g. 512x768")
     gen.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -119,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream-model", help="streaming model for --progress (default: MODEL_stream)"
     )
     gen.set_defaults(func=cmd_generate)
+    _add_edit_commands(sub, [common, options])
 
     health = sub.add_parser(
         "health", parents=[common], help="is the server up and the model ready? (exit 0 if so)"
@@ -128,6 +136,46 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", parents=[common], help="list the server's models")
     models.set_defaults(func=cmd_models)
     return parser
+
+
+def _add_edit_commands(sub, parents: list[argparse.ArgumentParser]) -> None:
+    """img2img, inpaint, outpaint: generate's options plus --image (and --mask, margins)."""
+    size_note = (
+        "The output has the image's size (a multiple of the model's size step, 64 px for SD 1.x)."
+    )
+    edit = argparse.ArgumentParser(add_help=False)
+    edit.add_argument(
+        "--image", type=Path, required=True, help="source image (any format Pillow reads)"
+    )
+    edit.add_argument("--strength", type=float, help="in (0, 1]: how much of the schedule runs")
+    img2img = sub.add_parser(
+        "img2img",
+        parents=[*parents, edit],
+        help="generate from an image",
+        description=f"Generate from --image (default strength 0.8). {size_note}",
+    )
+    img2img.set_defaults(func=cmd_edit)
+    inpaint = sub.add_parser(
+        "inpaint",
+        parents=[*parents, edit],
+        help="repaint the masked part of an image",
+        description=f"Repaint --image where --mask is white (default strength 1.0). {size_note}",
+    )
+    inpaint.add_argument("--mask", type=Path, required=True, help="mask image: white = repaint")
+    inpaint.set_defaults(func=cmd_edit)
+    outpaint = sub.add_parser(
+        "outpaint",
+        parents=[*parents, edit],
+        help="extend an image by margins and paint them",
+        description="Extend --image by the margins (pixels; edge colours fill them) and inpaint "
+        "them. The canvas must be a multiple of the model's size step.",
+    )
+    for side in ("left", "right", "top", "bottom"):
+        outpaint.add_argument(f"--{side}", type=int, default=0, metavar="PX", help=f"{side} margin")
+    outpaint.add_argument(
+        "--overlap", type=int, default=0, metavar="PX", help="also repaint this far into the image"
+    )
+    outpaint.set_defaults(func=cmd_edit)
 
 
 class ProgressBar:
@@ -178,19 +226,18 @@ def _generate_unary(client: Client, options: dict, timeout: float | None) -> Gen
         raise
 
 
+_OPTIONS = (
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+    "scheduler",
+    "num_images_per_prompt",
+)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    options = {
-        name: getattr(args, name)
-        for name in (
-            "prompt",
-            "negative_prompt",
-            "num_inference_steps",
-            "guidance_scale",
-            "seed",
-            "scheduler",
-            "num_images_per_prompt",
-        )
-    }
+    options = {name: getattr(args, name) for name in ("prompt", *_OPTIONS)}
     if args.size:
         options["width"], options["height"] = args.size
     progress = sys.stderr.isatty() if args.progress is None else args.progress
@@ -203,8 +250,44 @@ def cmd_generate(args: argparse.Namespace) -> int:
             progress = False
         run = _generate_with_progress if progress else _generate_unary
         result = run(client, options, args.timeout)
-    paths = result.save(args.output)
-    assert paths == output_paths(args.output, len(result.images))
+    return _save(result, args.output)
+
+
+def _open_image(path: Path, mode: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (OSError, UnidentifiedImageError) as e:
+        raise InvalidRequestError(f"cannot read image {path}: {e}") from None
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """img2img, inpaint and outpaint: one unary request (Ctrl-C cancels it on the server)."""
+    options = {name: getattr(args, name) for name in _OPTIONS}
+    options["strength"] = args.strength
+    image = _open_image(args.image, "RGB")
+    if args.command == "img2img":
+        request = img2img_request(args.prompt, image, **options)
+    elif args.command == "inpaint":
+        request = inpaint_request(args.prompt, image, _open_image(args.mask, "L"), **options)
+    else:
+        margins = {k: getattr(args, k) for k in ("left", "right", "top", "bottom", "overlap")}
+        request = outpaint_request(args.prompt, image, **margins, **options)
+    with Client(args.url, model=args.model) as client:
+        pending = PendingGeneration(client, request, args.timeout)
+        try:
+            result = pending.result()
+        except KeyboardInterrupt:
+            pending.cancel()
+            raise
+    return _save(result, args.output)
+
+
+def _save(result: GenerationResult, output: Path) -> int:
+    paths = result.save(output)
+    assert paths == output_paths(output, len(result.images))
     for path, flagged in zip(paths, result.nsfw_content_detected, strict=True):
         print(path)
         if flagged:

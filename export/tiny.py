@@ -20,9 +20,13 @@ threshold at the median of its cosine scores over images decoded from random
 latents; every other concept (and special-care concept) has a threshold above
 any cosine (2.0), so it never fires.
 
+:func:`inpainting` turns either into an SD inpainting architecture (UNet
+``in_channels=9``: latents, mask, masked image latents), saved as a
+``StableDiffusionInpaintPipeline``; every other weight is the same.
+
 Command line::
 
-    python -m sd_triton.export.tiny OUT_DIR [--full-size] [--seed N]
+    python -m sd_triton.export.tiny OUT_DIR [--full-size] [--inpainting] [--seed N]
 """
 
 from __future__ import annotations
@@ -35,7 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SD15", "TINY", "Architecture", "build_pipeline", "save_pipeline", "main"]
+__all__ = [
+    "SD15",
+    "TINY",
+    "Architecture",
+    "build_pipeline",
+    "inpainting",
+    "main",
+    "save_pipeline",
+]
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +216,16 @@ SD15 = Architecture(
 ARCHITECTURES = {a.name: a for a in (TINY, SD15)}
 
 
+def inpainting(arch: Architecture) -> Architecture:
+    """``arch`` with an inpainting UNet: latents + mask + masked image latents in (2 x 4 + 1)."""
+    from dataclasses import replace
+
+    channels = 2 * arch.vae["latent_channels"] + 1
+    return replace(
+        arch, name=f"{arch.name}-inpainting", unet={**arch.unet, "in_channels": channels}
+    )
+
+
 def _seeded(seed: int):
     import torch
 
@@ -291,12 +313,17 @@ def calibrate_safety_checker(checker, vae, feature_extractor, arch: Architecture
 
 
 def build_pipeline(arch: Architecture = TINY, seed: int = 0):
-    """Build an SD 1.x ``StableDiffusionPipeline`` with random weights from ``arch``."""
+    """Build an SD 1.x ``StableDiffusionPipeline`` with random weights from ``arch``.
+
+    An inpainting UNet (more input than latent channels) makes it a
+    ``StableDiffusionInpaintPipeline``.
+    """
     import tempfile
 
     from diffusers import (
         AutoencoderKL,
         PNDMScheduler,
+        StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
@@ -315,7 +342,9 @@ def build_pipeline(arch: Architecture = TINY, seed: int = 0):
     calibrate_safety_checker(checker, vae, feature_extractor, arch, seed + 4)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(tmp))
-    return StableDiffusionPipeline(
+    inpaint = arch.unet["in_channels"] != arch.vae["latent_channels"]
+    cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
+    return cls(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -356,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="SD 1.5's full architecture (UNet 860M parameters) instead of the tiny one",
     )
+    parser.add_argument(
+        "--inpainting",
+        action="store_true",
+        help="an inpainting UNet (9 input channels), as SD inpainting checkpoints",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -365,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
     arch = SD15 if args.full_size else TINY
+    if args.inpainting:
+        arch = inpainting(arch)
     start = time.perf_counter()
     pipe = build_pipeline(arch, seed=args.seed)
     save_pipeline(pipe, args.out_dir)

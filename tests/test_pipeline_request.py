@@ -144,8 +144,9 @@ def test_deployment_default_scheduler_applies_when_none_is_named():
         ({"mask_image": np.zeros((8, 8), np.uint8)}, "mask_image was sent without an image"),
         (
             {"mask_image": np.zeros((8, 8), np.uint8), "image": IMAGE},
-            "inpainting) is not supported yet",
+            "mask_image is 8 x 8 pixels but the image is 8 x 12: they must be the same size",
         ),
+        ({"image": np.zeros((0, 12, 3), np.uint8)}, "input image is empty (shape [0, 12, 3])"),
         ({"image": np.zeros((8, 8), np.uint8)}, "image must have shape ['height', 'width', 3]"),
         ({"image": np.zeros((8, 8, 4), np.uint8)}, "image must have shape ['height', 'width', 3]"),
         ({"image": np.zeros((8, 8, 3), np.float32)}, "input image must be UINT8, got float32"),

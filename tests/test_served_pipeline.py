@@ -206,8 +206,8 @@ BAD_INPUTS = [
     ({"height": np.array([32, 32], np.int32)}, "height"),
     ({"mask_image": np.zeros((32, 32), np.uint8)}, "mask_image was sent without an image"),
     (
-        {"mask_image": np.zeros((32, 32), np.uint8), "image": IMAGE},
-        "inpainting) is not supported yet",
+        {"mask_image": np.zeros((16, 32), np.uint8), "image": IMAGE},
+        "mask_image is 16 x 32 pixels but the image is 32 x 32",
     ),
     ({"image": np.zeros((32, 32, 4), np.uint8)}, "image"),
     ({"image": np.zeros((16, 16, 3), np.uint8)}, "leave height and width out with an image"),

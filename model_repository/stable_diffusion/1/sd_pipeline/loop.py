@@ -1,16 +1,21 @@
 """The sampler loop, written once for every host.
 
-:func:`generate` follows diffusers' ``StableDiffusionPipeline.__call__`` (and,
-with an ``image``, ``StableDiffusionImg2ImgPipeline.__call__``) step for step,
-so that the same weights, seed and settings give the same image (to within
-one uint8 level: the components may run in onnxruntime or batched with
-other requests' UNet calls):
+:func:`generate` follows diffusers' ``StableDiffusionPipeline.__call__`` (with
+an ``image``, ``StableDiffusionImg2ImgPipeline.__call__``; with a
+``mask_image`` too, ``StableDiffusionInpaintPipeline.__call__``) step for
+step, so that the same weights, seed and settings give the same image (to
+within one uint8 level: the components may run in onnxruntime or batched
+with other requests' UNet calls):
 
 1. make this request's scheduler and seeded CPU generator
 2. encode the prompt and the negative prompt
-3. set the timesteps (img2img: the last ``strength`` of them)
-4. draw the initial latents (img2img: encode the image, noise it)
-5. denoise, with classifier-free guidance
+3. set the timesteps (img2img, inpainting: the last ``strength`` of them)
+4. draw the initial latents (img2img: encode the image, noise it;
+   inpainting: also the mask at latent size and the masked image's latents)
+5. denoise, with classifier-free guidance (inpainting: a 9-channel UNet
+   also sees the mask and the masked image's latents; with a 4-channel
+   UNet the unmasked region is put back, noised to the next timestep,
+   after every step)
 6. decode the latents
 7. run the safety checker, black out flagged images
 8. convert to uint8
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +40,7 @@ from .errors import Cancelled, InvalidRequest
 from .request import GenerationRequest, validate
 from .schedulers import make_scheduler, step_kwargs
 
-__all__ = ["GenerationResult", "StepCallback", "generate"]
+__all__ = ["GenerationResult", "Inpainting", "StepCallback", "generate"]
 
 # callback(step_index, total_steps, latents): called after each denoising
 # step; step_index counts from 0, total_steps is the number of UNet
@@ -79,16 +85,25 @@ def generate(
     embeddings = encode_prompt(request, components, assets)
     # 3. timesteps
     timesteps = set_timesteps(scheduler, request)
-    # 4. initial latents
-    latents = prepare_latents(request, components, config, scheduler, generator, timesteps)
+    # 4. initial latents (and, for inpainting, the mask and the image's latents)
+    if request.mask_image is None:
+        latents = prepare_latents(request, components, config, scheduler, generator, timesteps)
+        inpainting = None
+    else:
+        latents, inpainting = prepare_inpainting(
+            request, components, config, scheduler, generator, timesteps
+        )
     # 5. denoising loop
     extra = step_kwargs(scheduler, generator)
     for i, t in enumerate(timesteps):
         if stop():
             raise Cancelled(f"cancelled at step {i} of {len(timesteps)}")
         latents = denoise_step(
-            request, components, config, scheduler, latents, t, embeddings, extra
+            request, components, config, scheduler, latents, t, embeddings, extra, inpainting
         )
+        if inpainting is not None and inpainting.image_latents is not None:
+            next_t = timesteps[i + 1 : i + 2] if i + 1 < len(timesteps) else None
+            latents = inpainting.keep_unmasked(scheduler, latents, next_t)
         if callback is not None:
             callback(i, len(timesteps), latents)
     if stop():
@@ -171,18 +186,118 @@ def prepare_latents(
     return scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(n))
 
 
+class Inpainting(NamedTuple):
+    """What inpainting adds to the loop, for all N images.
+
+    ``mask``: ``[N, 1, h, w]``, 1 = repaint, at latent size. A 9-channel
+    UNet gets ``masked_image_latents`` ``[N, C, h, w]`` (the image with the
+    masked region grey, encoded) beside the latents; with a 4-channel UNet
+    ``image_latents`` and ``noise`` restore the unmasked region after every
+    step (:meth:`keep_unmasked`). The other pair is None.
+    """
+
+    mask: torch.Tensor
+    masked_image_latents: torch.Tensor | None
+    image_latents: torch.Tensor | None
+    noise: torch.Tensor | None
+
+    def unet_input(self, model_input: torch.Tensor) -> torch.Tensor:
+        """A 9-channel UNet's input: latents, mask and masked image latents on channels."""
+        if self.masked_image_latents is None:
+            return model_input
+        k = model_input.shape[0] // self.mask.shape[0]  # 2 with guidance
+        extra = [self.mask.repeat(k, 1, 1, 1), self.masked_image_latents.repeat(k, 1, 1, 1)]
+        return torch.cat([model_input, *extra], dim=1)
+
+    def keep_unmasked(
+        self, scheduler, latents: torch.Tensor, next_timestep: torch.Tensor | None
+    ) -> torch.Tensor:
+        """4-channel UNet: the image's latents (noised to the next timestep) where the mask is 0."""
+        proper = self.image_latents
+        if next_timestep is not None:
+            proper = scheduler.add_noise(proper, self.noise, next_timestep)
+        return (1 - self.mask) * proper + self.mask * latents
+
+
+def prepare_inpainting(
+    request: GenerationRequest,
+    components: Components,
+    config: PipelineConfig,
+    scheduler,
+    generator: torch.Generator,
+    timesteps: torch.Tensor,
+) -> tuple[torch.Tensor, Inpainting]:
+    """Initial latents and :class:`Inpainting`, drawing from ``generator`` in diffusers' order.
+
+    As ``StableDiffusionInpaintPipeline``: the image's latents (sampled;
+    skipped for a 9-channel UNet at strength 1), one draw of noise for all
+    N images (strength 1: pure noise times ``init_noise_sigma``, else the
+    image's latents noised to the first timestep), then the masked image's
+    latents (sampled). diffusers encodes the masked image for a 4-channel
+    UNet too and never uses it; here the generator draws the same noise
+    instead, which keeps it in step (ancestral schedulers draw from it
+    later) without the VAE call.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    n = request.num_images_per_prompt
+    f = config.vae_scale_factor
+    h, w = request.height // f, request.width // f
+    cpu = torch.device("cpu")
+    nine_channels = config.unet_in_channels != config.latent_channels
+    strength_max = request.img2img_strength == 1.0
+    pixels = to_pixels(request.image)
+    image_latents = None
+    if not (nine_channels and strength_max):
+        image_latents = encode_pixels(pixels, components, config, generator).repeat(n, 1, 1, 1)
+    shape = (n, config.latent_channels, h, w)
+    noise = randn_tensor(shape, generator=generator, device=cpu, dtype=torch.float32)
+    if strength_max:
+        latents = noise * scheduler.init_noise_sigma
+    else:
+        latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(n))
+    # The mask as diffusers' mask processor makes it: [0, 1], binarized at 0.5.
+    mask = torch.from_numpy(request.mask_image.astype(np.float32) / 255.0)[None, None]
+    mask = (mask >= 0.5).to(torch.float32)
+    masked_pixels = pixels * (mask < 0.5)
+    if nine_channels:
+        masked = encode_pixels(masked_pixels, components, config, generator).repeat(n, 1, 1, 1)
+        inpainting = Inpainting(_latent_mask(mask, h, w, n), masked, None, None)
+    else:
+        randn_tensor((1, config.latent_channels, h, w), generator=generator, device=cpu)
+        inpainting = Inpainting(_latent_mask(mask, h, w, n), None, image_latents, noise)
+    return latents, inpainting
+
+
+def _latent_mask(mask: torch.Tensor, h: int, w: int, n: int) -> torch.Tensor:
+    """``[1, 1, H, W]`` -> ``[n, 1, h, w]`` by nearest neighbour, as diffusers."""
+    return torch.nn.functional.interpolate(mask, size=(h, w)).repeat(n, 1, 1, 1)
+
+
+def to_pixels(image: np.ndarray) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` -> float ``[1, 3, H, W]`` in [-1, 1], as diffusers' image processor."""
+    pixels = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    return 2.0 * pixels - 1.0
+
+
 def encode_image(
     image: np.ndarray, components: Components, config: PipelineConfig, generator: torch.Generator
 ) -> torch.Tensor:
-    """uint8 ``[H, W, 3]`` -> scaled latents ``[1, C, h, w]``, sampled from the VAE's distribution.
+    """uint8 ``[H, W, 3]`` -> scaled latents ``[1, C, h, w]``, sampled from the VAE's distribution."""
+    return encode_pixels(to_pixels(image), components, config, generator)
 
-    As diffusers: pixels / 255 * 2 - 1, encode, sample with the request's
-    generator, multiply by the VAE's scaling factor.
+
+def encode_pixels(
+    pixels: torch.Tensor, components: Components, config: PipelineConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """Pixels ``[1, 3, H, W]`` in [-1, 1] -> scaled latents ``[1, C, h, w]``.
+
+    As diffusers: encode, sample with the request's generator, multiply by
+    the VAE's scaling factor.
     """
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    pixels = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
-    parameters = components.vae_encode(2.0 * pixels - 1.0)
+    parameters = components.vae_encode(pixels)
     latents = DiagonalGaussianDistribution(parameters).sample(generator)
     if config.vae_shift_factor is not None:
         latents = latents - config.vae_shift_factor
@@ -215,11 +330,14 @@ def denoise_step(
     t: torch.Tensor,
     embeddings: torch.Tensor,
     extra: dict,
+    inpainting: Inpainting | None = None,
 ) -> torch.Tensor:
-    """One step: duplicate for guidance, scale, UNet, combine, ``scheduler.step``."""
+    """One step: duplicate for guidance, scale, (9-channel UNet: add mask), UNet, combine, step."""
     guided = request.do_classifier_free_guidance
     model_input = torch.cat([latents] * 2) if guided else latents
     model_input = scheduler.scale_model_input(model_input, t)
+    if inpainting is not None:
+        model_input = inpainting.unet_input(model_input)
     noise_pred = predict_noise(components, config, model_input, t, embeddings)
     if guided:
         noise_uncond, noise_text = noise_pred.chunk(2)

@@ -204,7 +204,7 @@ STABLE_DIFFUSION = ModelSpec(
             "uint8",
             ("height", "width"),
             optional=True,
-            description="inpainting: 255 = repaint (not supported yet)",
+            description="inpainting: the image's size, 255 = repaint (binarized at 128)",
         ),
         TensorSpec(
             "strength",
@@ -212,7 +212,8 @@ STABLE_DIFFUSION = ModelSpec(
             (1,),
             optional=True,
             default=0.8,
-            description="img2img only: in (0, 1], how much of the schedule to run",
+            description="img2img and inpainting: in (0, 1], how much of the schedule to run; "
+            "default 0.8, or 1.0 to inpaint (as diffusers)",
         ),
     ),
     outputs=(
