@@ -168,7 +168,12 @@ def test_bad_input_is_invalid_request(inputs, message):
 
 def test_limits_from_parameters():
     limits = Limits.from_parameters({"max_steps": "30", "max_images": ""}, CONFIG)
-    assert limits == Limits(max_steps=30, max_pixels=4 * 64 * 64, max_images=Limits.max_images)
+    assert limits == Limits(
+        max_steps=30,
+        max_pixels=4 * 64 * 64,
+        max_images=Limits.max_images,
+        max_work=Limits.NATIVE_WORK_FACTOR * 64 * 64,
+    )
     with pytest.raises(ValueError, match="max_pixels must be an integer"):
         Limits.from_parameters({"max_pixels": "lots"}, CONFIG)
     with pytest.raises(ValueError, match="max_steps must be at least 1"):
