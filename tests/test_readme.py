@@ -27,7 +27,9 @@ def test_readme_python_client_example_runs(triton_url, tmp_path, monkeypatch, ca
     for block in blocks:
         exec(compile(block.replace("localhost:8001", triton_url), str(README), "exec"), {})
     assert read_infotext(tmp_path / "fox.png").startswith("a watercolor fox\n")
-    assert "[7]" in capsys.readouterr().out  # the seed came back
+    out = capsys.readouterr().out
+    assert "[7]" in out  # the seed came back
+    assert "(64, 64) (64, 64) (128, 64)" in out  # img2img/inpaint keep the size; outpaint widens
 
 
 def test_readme_command_line_example_runs(triton_url, tmp_path, monkeypatch):
