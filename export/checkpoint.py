@@ -120,22 +120,15 @@ def _quiet_loading() -> None:
 
 def load_modules(ckpt: Checkpoint) -> dict[str, Any]:
     """Load the torch modules (float32, eval mode) and complete ``ckpt.configs`` from them."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
+
+    from .wrappers import load_module
 
     _quiet_loading()
-    # low_cpu_mem_usage=False: the default wants `accelerate` and warns without it.
-    loaders: dict[str, Any] = {
-        "unet": partial(UNet2DConditionModel.from_pretrained, low_cpu_mem_usage=False),
-        "vae": partial(AutoencoderKL.from_pretrained, low_cpu_mem_usage=False),
-        "text_encoder": CLIPTextModel.from_pretrained,
-    }
+    names = ["unet", "vae", "text_encoder"]
     if ckpt.has_safety_checker:
-        from diffusers.pipelines.stable_diffusion.safety_checker import (
-            StableDiffusionSafetyChecker,
-        )
-
-        loaders["safety_checker"] = StableDiffusionSafetyChecker.from_pretrained
+        names.append("safety_checker")
+    loaders = {name: partial(load_module, name) for name in names}
     modules = {}
     for name, load in loaders.items():
         try:

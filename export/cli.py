@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="python",
         help="python: a Python-backend model runs each ONNX file with onnxruntime (any Triton, "
         "also the pip-installed one; default); onnxruntime: Triton's onnxruntime backend "
-        "(NVIDIA's container)",
+        "(NVIDIA's container); torch: a Python-backend model runs the diffusers module with "
+        "torch (fp16 on CUDA, fp32 on CPU; no ONNX step)",
     )
     p.add_argument("--fp16", action="store_true", help="float16 weights (timestep stays fp32)")
     p.add_argument(
@@ -76,6 +77,59 @@ def build_parser() -> argparse.ArgumentParser:
         help="stable_diffusion config parameter (e.g. max_steps=100); repeatable",
     )
     p.add_argument("--name", help="checkpoint name recorded as 'source' (default: SRC's path)")
+    p.add_argument(
+        "--no-stream-model",
+        action="store_true",
+        help="leave out the streaming model (stable_diffusion_stream)",
+    )
+    gpu = p.add_argument_group("GPU deployment")
+    gpu.add_argument("--gpu", action="store_true", help="KIND_GPU instance groups for every model")
+    gpu.add_argument(
+        "--tensorrt",
+        action="store_true",
+        help="with --host onnxruntime: TensorRT execution provider (FP16 where the weights are; "
+        "implies --gpu)",
+    )
+    gpu.add_argument(
+        "--trt-cache",
+        default="/trt_cache",
+        metavar="DIR",
+        help="TensorRT engine and timing cache folder, as the server sees it (default /trt_cache)",
+    )
+    gpu.add_argument(
+        "--trt-max-size",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="largest side in pixels the TensorRT profiles cover (default: twice the native size)",
+    )
+    gpu.add_argument(
+        "--component-instances",
+        type=int,
+        default=1,
+        metavar="N",
+        help="instances of each component model (per GPU with --gpu; default 1)",
+    )
+    versions = p.add_argument_group("names and versions")
+    versions.add_argument(
+        "--model-prefix",
+        default="",
+        metavar="PREFIX",
+        help="prefix every model name (e.g. sd21_): several checkpoints in one repository",
+    )
+    versions.add_argument(
+        "--new-version",
+        action="store_true",
+        help="add the export as the next version of every model beside the existing ones",
+    )
+    versions.add_argument(
+        "--keep-versions",
+        type=int,
+        default=2,
+        metavar="N",
+        help="component versions served at once (version_policy latest N; default 2, so the "
+        "pipeline can be rolled back one version)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return p
 
@@ -106,6 +160,15 @@ def main(argv: list[str] | None = None) -> int:
             pipeline_instances=args.pipeline_instances,
             pipeline_parameters=dict(args.parameter),
             name=args.name,
+            stream_model=not args.no_stream_model,
+            gpu=args.gpu,
+            tensorrt=args.tensorrt,
+            trt_cache=args.trt_cache,
+            trt_max_size=args.trt_max_size,
+            component_instances=args.component_instances,
+            model_prefix=args.model_prefix,
+            new_version=args.new_version,
+            keep_versions=args.keep_versions,
         )
     except ExportError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

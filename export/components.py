@@ -3,7 +3,8 @@
 Each component is declared once (:class:`Component`): its ``ModelSpec`` from
 ``sd_triton.pipeline.spec`` and a function that wraps the diffusers /
 transformers module in a ``torch.nn.Module`` whose ``forward`` takes the
-spec's inputs in order and returns its outputs in order. Everything else is
+spec's inputs in order and returns its outputs in order (:mod:`.wrappers`,
+which the torch host runs too). Everything else is
 generic over the spec: sample inputs, dynamic axes, ONNX export, per-tensor
 dtypes and the Triton config.
 
@@ -22,10 +23,13 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd_triton.pipeline import spec as S
+
+from . import wrappers as W
 
 if TYPE_CHECKING:
     import torch
@@ -46,12 +50,8 @@ DYNAMIC_DIMS = frozenset(
     {S.BATCH, "height", "width", "latent_height", "latent_width", "num_images"}
 )
 
-# Float tensors that stay float32 in an fp16 export: fractional timesteps must
-# not be rounded, and the safety checker's images only pass through (fp16
-# would cost up to a uint8 level).
-FP32_TENSORS = frozenset(
-    {("unet", "timestep"), ("safety_checker", "images"), ("safety_checker", "out_images")}
-)
+# Float tensors that stay float32 in an fp16 export (see wrappers.FP32_TENSORS).
+FP32_TENSORS = W.FP32_TENSORS
 
 # ONNX files larger than this are written with their weights in one external
 # data file (protobuf's 2 GiB limit).
@@ -73,101 +73,6 @@ def tensor_dtype(component: str, tensor: S.TensorSpec, component_dtype: str) -> 
     return component_dtype
 
 
-# --------------------------------------------------------------------------
-# Wrappers: forward(*spec inputs) -> spec outputs
-
-
-def _wrap(forward: Callable[..., Any], **modules: Any) -> torch.nn.Module:
-    import torch
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            for name, module in modules.items():
-                setattr(self, name, module)
-
-        def forward(self, *args):
-            return forward(self, *args)
-
-    return Wrapper().eval()
-
-
-def _eager_attention(model: Any) -> None:
-    """Plain attention for export: with SDPA, torch.onnx's fp16 graph mixes float types."""
-    model.set_attn_implementation("eager")
-
-
-def _text_encoder(modules: dict[str, Any]) -> torch.nn.Module:
-    import torch
-
-    _eager_attention(modules["text_encoder"])
-
-    def forward(self, input_ids):
-        return self.text_encoder(input_ids.to(torch.int64), return_dict=False)[0]
-
-    return _wrap(forward, text_encoder=modules["text_encoder"])
-
-
-def _unet(modules: dict[str, Any]) -> torch.nn.Module:
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-    return _wrap(forward, unet=modules["unet"])
-
-
-def _vae_encoder(modules: dict[str, Any]) -> torch.nn.Module:
-    def forward(self, sample):
-        # Mean and log-variance concatenated on channels, as diffusers'
-        # DiagonalGaussianDistribution.parameters.
-        return self.vae.encode(sample).latent_dist.parameters
-
-    return _wrap(forward, vae=modules["vae"])
-
-
-def _vae_decoder(modules: dict[str, Any]) -> torch.nn.Module:
-    def forward(self, latent_sample):
-        return self.vae.decode(latent_sample, return_dict=False)[0]
-
-    return _wrap(forward, vae=modules["vae"])
-
-
-def _safety_checker(modules: dict[str, Any]) -> torch.nn.Module:
-    """diffusers' ``StableDiffusionSafetyChecker.forward`` as one graph.
-
-    Same decision as diffusers' eager ``forward`` (scores rounded to 3
-    decimals, special-care concepts lower the other thresholds by 0.01); the
-    blackout is a ``torch.where`` (the boolean-mask assignment of
-    ``forward_onnx`` exports but fails in onnxruntime). Scores are computed in
-    float32 whatever the weights' dtype.
-    """
-    import torch
-
-    def cosine(a, b):
-        a = torch.nn.functional.normalize(a.float(), dim=-1)
-        b = torch.nn.functional.normalize(b.float(), dim=-1)
-        return a @ b.T
-
-    def fired(scores):
-        # round(score, 3) > 0, as diffusers decides.
-        return torch.round(scores * 1000.0) > 0
-
-    _eager_attention(modules["safety_checker"].vision_model)
-
-    def forward(self, clip_input, images):
-        c = self.checker
-        embeds = c.visual_projection(c.vision_model(clip_input)[1])
-        special = cosine(embeds, c.special_care_embeds) - c.special_care_embeds_weights.float()
-        special_care = fired(special).any(dim=1, keepdim=True)
-        adjustment = special_care.to(torch.float32) * 0.01
-        concept = cosine(embeds, c.concept_embeds) - c.concept_embeds_weights.float() + adjustment
-        has_nsfw = fired(concept).any(dim=1)
-        blackout = has_nsfw.reshape(-1, *([1] * (images.dim() - 1)))
-        out_images = torch.where(blackout, torch.zeros_like(images), images)
-        return out_images, has_nsfw
-
-    return _wrap(forward, checker=modules["safety_checker"])
-
-
 @dataclass(frozen=True)
 class Component:
     """One component model: its contract and how to wrap its module for export."""
@@ -183,14 +88,8 @@ class Component:
 
 
 COMPONENTS: dict[str, Component] = {
-    c.name: c
-    for c in (
-        Component(S.TEXT_ENCODER, _text_encoder, ("text_encoder",)),
-        Component(S.UNET, _unet, ("unet",)),
-        Component(S.VAE_ENCODER, _vae_encoder, ("vae",)),
-        Component(S.VAE_DECODER, _vae_decoder, ("vae",)),
-        Component(S.SAFETY_CHECKER, _safety_checker, ("safety_checker",)),
-    )
+    spec.name: Component(spec, partial(W.wrap, spec.name), W.MODULES[spec.name])
+    for spec in (S.TEXT_ENCODER, S.UNET, S.VAE_ENCODER, S.VAE_DECODER, S.SAFETY_CHECKER)
 }
 
 

@@ -78,6 +78,84 @@ def test_dockerfile_copies_every_package_folder(compose):
     text = _dockerfile(compose, "triton")
     import tomllib
 
-    package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"
+    ]
     for folder in {d.split("/")[0] for d in package_dirs.values()} | {"sd_triton"}:
         assert re.search(rf"^COPY {folder} ", text, re.M), f"Dockerfile does not copy {folder}/"
+
+
+def _tritonserver_flags() -> set[str]:
+    """The options of the pip-installed tritonserver (2.51, the release of NGC 24.10)."""
+    import subprocess
+
+    from sd_triton.server.launcher import pytriton_root, server_env
+
+    binary = pytriton_root() / "bin" / "tritonserver"
+    proc = subprocess.run(
+        [str(binary), "--help"], capture_output=True, text=True, env=server_env(), timeout=30
+    )
+    return set(re.findall(r"^\s+(--[a-z0-9-]+)", proc.stdout + proc.stderr, re.M))
+
+
+def test_triton_command_uses_flags_of_our_release(compose):
+    flags = _tritonserver_flags()
+    assert "--model-repository" in flags  # the help text was read
+    cmd = compose["services"]["triton"]["command"]
+    used = {arg.split("=", 1)[0] for arg in cmd[1:]}
+    assert used <= flags, f"flags tritonserver 2.51 does not know: {used - flags}"
+    assert "--model-control-mode=explicit" in cmd and "--load-model=*" in cmd
+    pool = next(a for a in cmd if a.startswith("--cuda-memory-pool-byte-size="))
+    assert re.fullmatch(r"--cuda-memory-pool-byte-size=0:\d+", pool)
+
+
+def test_trt_cache_is_mounted_where_the_exporter_points(compose):
+    from sd_triton.export.cli import build_parser
+
+    mounts = _targets(compose["services"]["triton"]["volumes"])
+    default_cache = build_parser().parse_args(["src", "out"]).trt_cache
+    assert default_cache in mounts and not mounts[default_cache].endswith(":ro")
+
+
+def test_export_service_writes_the_gpu_flavour(compose):
+    from sd_triton.export.cli import build_parser
+
+    svc = compose["services"]["export"]
+    args = build_parser().parse_args(svc["command"][1:])
+    assert args.fp16 and args.gpu and not args.fp16_vae_decoder
+    assert "deploy" not in svc  # exporting runs on the CPU; the GPU stays with the server
+    source = _targets(svc["volumes"])["/checkpoint"]
+    assert source.endswith(":ro")
+
+
+def test_dockerfile_installs_the_project_editable(compose):
+    """The exporter copies model_repository/... from beside its source: an editable install."""
+    from sd_triton.export import repository as R
+
+    text = _dockerfile(compose, "triton")
+    assert re.search(r"pip install [^\n]*-e /opt/sd-triton", text)
+    copied = set(re.findall(r"^COPY (\S+) /opt/sd-triton/", text, re.M))
+    for path in (
+        R.ONNX_HOST_TEMPLATE,
+        R.TORCH_HOST_TEMPLATE,
+        R.WRAPPERS_SOURCE,
+        R._pipeline_source(),
+    ):
+        top = Path(path).resolve().relative_to(ROOT).parts[0]
+        assert top in copied, f"the image lacks {path}"
+
+
+def test_dockerfile_pins_what_its_python_can_install(compose):
+    """The image's Python is 3.10: transformers 5 needs torch >= 2.6; pins are exact."""
+    text = _dockerfile(compose, "triton")
+    torch_version = re.search(r"ARG TORCH_VERSION=(\d+)\.(\d+)", text)
+    assert (int(torch_version[1]), int(torch_version[2])) >= (2, 6)
+    for package in ("diffusers", "transformers", "onnxruntime-gpu"):
+        assert re.search(rf'"{package}==[\d.]+"', text), package
+
+
+def test_build_context_leaves_out_the_environment(compose):
+    build = compose["services"]["triton"]["build"]
+    ignore = ROOT / build["context"] / f"{build['dockerfile']}.dockerignore"
+    patterns = set(ignore.read_text().split())
+    assert {".venv", "build", ".git"} <= patterns

@@ -10,6 +10,18 @@ Calls are synchronous (``InferenceRequest.exec``) and safe from several
 threads; concurrency across requests comes from several model instances or
 the streaming model's worker threads, and the UNet's dynamic batcher merges
 their calls into one execution (step-level batching).
+
+Which models: the names and versions pipeline.json records
+(``component_models``: the exporter's ``--model-prefix``;
+``component_versions``: the version exported with this pipeline), so a
+pipeline version always calls the component weights it was exported with.
+
+Devices: a call's outputs come back on the device of its inputs. CPU tensors
+in, CPU tensors out. CUDA tensors in (a loop that keeps its latents on
+``device``), CUDA tensors out: the inputs go as DLPack GPU tensors, the
+component is asked for GPU outputs (``preferred_memory``) and they are taken
+by DLPack, with no host round trip per step. Models with bool outputs (the
+safety checker) answer in CPU memory.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from . import spec as S
 from .config import PipelineConfig
 from .errors import ComponentError
 
-__all__ = ["TritonComponents"]
+__all__ = ["TritonComponents", "pipeline_device"]
 
 _TORCH_DTYPES = {
     "float32": torch.float32,
@@ -33,17 +45,42 @@ _TORCH_DTYPES = {
 }
 
 
+def pipeline_device(kind: str, device_id: int, want: str = "auto") -> torch.device:
+    """The pipeline's torch device: CUDA ``device_id`` on a GPU instance where the stub
+    sees CUDA (``want`` ``"cuda"``: wherever it does), else the CPU."""
+    if want not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be auto, cuda or cpu, got {want!r}")
+    if want == "cpu":
+        return torch.device("cpu")
+    cuda = torch.cuda.is_available()
+    if want == "cuda" and not cuda:
+        raise RuntimeError("device cuda asked for, but torch sees no CUDA device")
+    if cuda and (want == "cuda" or kind == "GPU"):
+        return torch.device("cuda", device_id)
+    return torch.device("cpu")
+
+
 class TritonComponents:
-    """:class:`~.components.Components` over BLS. ``model_names`` renames component models."""
+    """:class:`~.components.Components` over BLS.
+
+    ``model_names`` overrides the component model names of pipeline.json;
+    ``device`` is where the loop may keep its tensors (see the module's notes).
+    """
 
     def __init__(
-        self, config: PipelineConfig, model_names: Mapping[str, str] | None = None
+        self,
+        config: PipelineConfig,
+        model_names: Mapping[str, str] | None = None,
+        *,
+        device: torch.device | str = "cpu",
     ) -> None:
         import triton_python_backend_utils as pb_utils
 
         self._pb = pb_utils
         self.config = config
-        self.model_names = dict(model_names or {})
+        self.device = torch.device(device)
+        self.model_names = {**config.component_models, **(model_names or {})}
+        self.model_versions = dict(config.component_versions)
 
     def _to_triton(self, model: S.ModelSpec, tensor: S.TensorSpec, x: torch.Tensor):
         dtype = _TORCH_DTYPES[self.config.tensor_dtype(model, tensor.name)]
@@ -54,31 +91,48 @@ class TritonComponents:
             x = x.reshape(x.shape[0], *tensor.triton_dims)
         x = x.contiguous()
         if dtype == torch.bool:  # DLPack has no portable bool before v0.8
-            return self._pb.Tensor(tensor.name, x.numpy())
+            return self._pb.Tensor(tensor.name, x.cpu().numpy())
         return self._pb.Tensor.from_dlpack(tensor.name, torch.utils.dlpack.to_dlpack(x))
 
-    def _from_triton(self, model: S.ModelSpec, name: str, response) -> torch.Tensor:
+    def _from_triton(
+        self, model: S.ModelSpec, name: str, response, device: torch.device
+    ) -> torch.Tensor:
         tensor = self._pb.get_output_tensor_by_name(response, name)
         if tensor is None:
             raise ComponentError(model.name, f"response has no output {name!r}")
         if self.config.tensor_dtype(model, name) == "bool":
             return torch.from_numpy(tensor.as_numpy().copy())
-        out = torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).cpu()
+        out = torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).to(device)
         return out.float() if out.dtype == torch.float16 else out
+
+    def _preferred_memory(self, model: S.ModelSpec, device: torch.device) -> dict:
+        """``InferenceRequest`` keyword asking for outputs on ``device`` (GPU calls only)."""
+        if device.type != "cuda" or not hasattr(self._pb, "PreferredMemory"):
+            return {}
+        if any(self.config.tensor_dtype(model, t.name) == "bool" for t in model.outputs):
+            kind, index = self._pb.TRITONSERVER_MEMORY_CPU, 0
+        else:
+            kind, index = self._pb.TRITONSERVER_MEMORY_GPU, device.index or 0
+        return {"preferred_memory": self._pb.PreferredMemory(kind, index)}
 
     def _call(self, model: S.ModelSpec, *tensors: torch.Tensor) -> list[torch.Tensor]:
         name = self.model_names.get(model.name, model.name)
+        device = next((x.device for x in tensors if x.is_cuda), torch.device("cpu"))
+        inputs = [self._to_triton(model, t, x) for t, x in zip(model.inputs, tensors, strict=True)]
+        if device.type == "cuda":
+            # The component reads the inputs on its own stream: they must be written.
+            torch.cuda.current_stream(device).synchronize()
         request = self._pb.InferenceRequest(
             model_name=name,
-            inputs=[
-                self._to_triton(model, t, x) for t, x in zip(model.inputs, tensors, strict=True)
-            ],
+            model_version=int(self.model_versions.get(model.name, -1)),
+            inputs=inputs,
             requested_output_names=[t.name for t in model.outputs],
+            **self._preferred_memory(model, device),
         )
         response = request.exec()
         if response.has_error():
             raise ComponentError(name, response.error().message())
-        return [self._from_triton(model, t.name, response) for t in model.outputs]
+        return [self._from_triton(model, t.name, response, device) for t in model.outputs]
 
     def encode_text(self, input_ids):
         return self._call(S.TEXT_ENCODER, input_ids)[0]

@@ -1,0 +1,176 @@
+"""The five component wrappers: a diffusers / transformers module behind the tensor contract.
+
+``wrap(name, modules)`` returns a ``torch.nn.Module`` whose ``forward`` takes the
+component's contract inputs in order and returns its outputs in order. One
+implementation, two uses:
+
+- the exporter traces it to ONNX (``attention="eager"``: with SDPA, torch.onnx's
+  fp16 graph of the CLIP models mixes float types);
+- the torch host (``model_repository/torch_host/model.py``) runs it inside Triton
+  (``attention="sdpa"``). The exporter copies this file beside that model, so it
+  imports torch only (plus diffusers / transformers in :func:`load_module`) and
+  nothing from ``sd_triton``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FP32_TENSORS", "MODULE_CLASSES", "MODULES", "load_module", "wrap"]
+
+# Checkpoint folders each component needs.
+MODULES: dict[str, tuple[str, ...]] = {
+    "text_encoder": ("text_encoder",),
+    "unet": ("unet",),
+    "vae_encoder": ("vae",),
+    "vae_decoder": ("vae",),
+    "safety_checker": ("safety_checker",),
+}
+
+# Checkpoint folder -> (module, class) that loads it (SD 1.x / 2.x).
+MODULE_CLASSES: dict[str, tuple[str, str]] = {
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+    "safety_checker": (
+        "diffusers.pipelines.stable_diffusion.safety_checker",
+        "StableDiffusionSafetyChecker",
+    ),
+}
+
+# Float tensors that stay float32 whatever the weights' dtype: fractional
+# timesteps must not be rounded, and the safety checker's images only pass
+# through (fp16 would cost up to a uint8 level).
+FP32_TENSORS = frozenset(
+    {("unet", "timestep"), ("safety_checker", "images"), ("safety_checker", "out_images")}
+)
+
+
+def load_module(folder: str, path: str | Path, dtype: Any = None) -> Any:
+    """The torch module of checkpoint folder ``folder`` (``unet``, ``vae``, ...), in eval mode.
+
+    ``dtype`` (a torch dtype): load the weights in it (None: as saved).
+    """
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    module_name, class_name = MODULE_CLASSES[folder]
+    cls = getattr(importlib.import_module(module_name), class_name)
+    kwargs: dict[str, Any] = {}
+    if module_name == "diffusers":
+        # The default wants `accelerate` and warns without it.
+        kwargs["low_cpu_mem_usage"] = False
+        if dtype is not None:
+            kwargs["torch_dtype"] = dtype
+    elif dtype is not None:
+        kwargs["dtype"] = dtype
+    return cls.from_pretrained(path, **kwargs).eval()
+
+
+def _module(forward, **modules: Any):
+    import torch
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, module in modules.items():
+                setattr(self, name, module)
+
+        def forward(self, *args):
+            return forward(self, *args)
+
+    return Wrapper().eval()
+
+
+def _text_encoder(modules, attention):
+    import torch
+
+    modules["text_encoder"].set_attn_implementation(attention)
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids.to(torch.int64), return_dict=False)[0]
+
+    return _module(forward, text_encoder=modules["text_encoder"])
+
+
+def _unet(modules, attention):
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    return _module(forward, unet=modules["unet"])
+
+
+def _vae_encoder(modules, attention):
+    def forward(self, sample):
+        # Mean and log-variance concatenated on channels, as diffusers'
+        # DiagonalGaussianDistribution.parameters.
+        return self.vae.encode(sample).latent_dist.parameters
+
+    return _module(forward, vae=modules["vae"])
+
+
+def _vae_decoder(modules, attention):
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+    return _module(forward, vae=modules["vae"])
+
+
+def _safety_checker(modules, attention):
+    """diffusers' ``StableDiffusionSafetyChecker.forward`` as one graph.
+
+    Same decision as diffusers' eager ``forward`` (scores rounded to 3
+    decimals, special-care concepts lower the other thresholds by 0.01); the
+    blackout is a ``torch.where`` (the boolean-mask assignment of
+    ``forward_onnx`` exports but fails in onnxruntime). Scores are computed in
+    float32 whatever the weights' dtype.
+    """
+    import torch
+
+    def cosine(a, b):
+        a = torch.nn.functional.normalize(a.float(), dim=-1)
+        b = torch.nn.functional.normalize(b.float(), dim=-1)
+        return a @ b.T
+
+    def fired(scores):
+        # round(score, 3) > 0, as diffusers decides.
+        return torch.round(scores * 1000.0) > 0
+
+    modules["safety_checker"].vision_model.set_attn_implementation(attention)
+
+    def forward(self, clip_input, images):
+        c = self.checker
+        embeds = c.visual_projection(c.vision_model(clip_input)[1])
+        special = cosine(embeds, c.special_care_embeds) - c.special_care_embeds_weights.float()
+        special_care = fired(special).any(dim=1, keepdim=True)
+        adjustment = special_care.to(torch.float32) * 0.01
+        concept = cosine(embeds, c.concept_embeds) - c.concept_embeds_weights.float() + adjustment
+        has_nsfw = fired(concept).any(dim=1)
+        blackout = has_nsfw.reshape(-1, *([1] * (images.dim() - 1)))
+        out_images = torch.where(blackout, torch.zeros_like(images), images)
+        return out_images, has_nsfw
+
+    return _module(forward, checker=modules["safety_checker"])
+
+
+_WRAPPERS = {
+    "text_encoder": _text_encoder,
+    "unet": _unet,
+    "vae_encoder": _vae_encoder,
+    "vae_decoder": _vae_decoder,
+    "safety_checker": _safety_checker,
+}
+
+
+def wrap(name: str, modules: dict[str, Any], *, attention: str = "eager"):
+    """Component ``name`` over ``modules`` (checkpoint folder -> module), as a ``torch.nn.Module``.
+
+    ``attention`` is the CLIP models' attention implementation (``"eager"`` for
+    ONNX export, ``"sdpa"`` to serve with torch); diffusers' UNet and VAE use
+    SDPA either way.
+    """
+    return _WRAPPERS[name](modules, attention)
