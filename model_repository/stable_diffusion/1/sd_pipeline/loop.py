@@ -78,13 +78,17 @@ def generate(
     config = assets.config
     validate(request, config)
     stop = should_stop or (lambda: False)
+    # Where the loop keeps its tensors: the GPU when the components run there
+    # (Triton BLS with DLPack GPU tensors), so latents make no host round
+    # trip per step. Random draws stay on the CPU generator, as in diffusers.
+    device = getattr(components, "device", None) or torch.device("cpu")
     # 1. per-request state: a fresh scheduler and the seeded generator
     scheduler = make_scheduler(request.scheduler, assets.scheduler_config)
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     # 2. text embeddings ([negative; positive] with guidance)
-    embeddings = encode_prompt(request, components, assets)
+    embeddings = encode_prompt(request, components, assets).to(device)
     # 3. timesteps
-    timesteps = set_timesteps(scheduler, request)
+    timesteps = set_timesteps(scheduler, request, device)
     # 4. initial latents (and, for inpainting, the mask and the image's latents)
     if request.mask_image is None:
         latents = prepare_latents(request, components, config, scheduler, generator, timesteps)
@@ -93,6 +97,8 @@ def generate(
         latents, inpainting = prepare_inpainting(
             request, components, config, scheduler, generator, timesteps
         )
+        inpainting = inpainting.to(device)
+    latents = latents.to(device)
     # 5. denoising loop
     extra = step_kwargs(scheduler, generator)
     for i, t in enumerate(timesteps):
@@ -136,7 +142,9 @@ def encode_prompt(
     return hidden.repeat_interleave(n, dim=0)
 
 
-def set_timesteps(scheduler, request: GenerationRequest) -> torch.Tensor:
+def set_timesteps(
+    scheduler, request: GenerationRequest, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """The timesteps to run: all of them, or for img2img the last ``strength`` of them.
 
     img2img follows diffusers' ``get_timesteps``: skip the first
@@ -145,7 +153,7 @@ def set_timesteps(scheduler, request: GenerationRequest) -> torch.Tensor:
     """
     steps = request.num_inference_steps
     try:
-        scheduler.set_timesteps(steps, device="cpu")
+        scheduler.set_timesteps(steps, device=device)
     except ValueError as e:
         raise InvalidRequest(f"num_inference_steps {steps}: {e}") from None
     if request.image is None:
@@ -200,6 +208,9 @@ class Inpainting(NamedTuple):
     masked_image_latents: torch.Tensor | None
     image_latents: torch.Tensor | None
     noise: torch.Tensor | None
+
+    def to(self, device: torch.device) -> Inpainting:
+        return Inpainting(*(None if x is None else x.to(device) for x in self))
 
     def unet_input(self, model_input: torch.Tensor) -> torch.Tensor:
         """A 9-channel UNet's input: latents, mask and masked image latents on channels."""
@@ -312,7 +323,7 @@ def predict_noise(
     embeddings: torch.Tensor,
 ) -> torch.Tensor:
     """The UNet on ``sample``, in chunks of at most ``unet_max_batch_size``; timestep per sample."""
-    timestep = torch.full((sample.shape[0],), float(t), dtype=torch.float32)
+    timestep = torch.full((sample.shape[0],), float(t), dtype=torch.float32, device=sample.device)
     size = config.unet_max_batch_size
     chunks = [
         components.unet(sample[i : i + size], timestep[i : i + size], embeddings[i : i + size])
@@ -364,7 +375,7 @@ def run_safety_checker(
     preprocessor (diffusers feeds it PIL images made the same way), run the
     checker, and return black where it flagged.
     """
-    images = (decoded * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
+    images = (decoded * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
     pixels = to_uint8(images.numpy())
     flags = np.zeros(len(pixels), dtype=bool)
     if not assets.config.safety_checker:

@@ -32,4 +32,4 @@ def latents_to_preview(latents: torch.Tensor, config: PipelineConfig) -> np.ndar
         low = rgb.amin(dim=(1, 2, 3), keepdim=True)
         high = rgb.amax(dim=(1, 2, 3), keepdim=True)
         rgb = (rgb - low) / (high - low).clamp_min(1e-6)
-    return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
