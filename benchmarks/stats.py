@@ -1,0 +1,139 @@
+"""The server's own account of a run: per-model inference statistics, as deltas.
+
+Triton counts, per model, *inferences* (samples; a request of batch 2 counts
+2) and *executions* (model runs; a dynamic batch of several requests counts
+1), cumulative times per phase, and a histogram of executed batch sizes.
+Two snapshots around a run give what that run did; for the UNet, samples per
+execution above the request's own batch (2 with classifier-free guidance)
+show that the dynamic batcher merged steps of different requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PHASES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Cumulative counters of one model (or the difference of two snapshots)."""
+
+    inference_count: int = 0
+    execution_count: int = 0
+    # phase -> (count, total ns)
+    phases: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # executed batch size -> number of executions
+    batches: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, stats: dict) -> ModelStats:
+        """One entry of ``get_inference_statistics(as_json=True)["model_stats"]`` (int64s come as strings)."""
+        phases = {
+            name: (int(v.get("count", 0)), int(v.get("ns", 0)))
+            for name, v in stats.get("inference_stats", {}).items()
+            if name in PHASES
+        }
+        batches = {
+            int(b["batch_size"]): int(b.get("compute_infer", {}).get("count", 0))
+            for b in stats.get("batch_stats", [])
+        }
+        return cls(
+            int(stats.get("inference_count", 0)),
+            int(stats.get("execution_count", 0)),
+            phases,
+            batches,
+        )
+
+    def _combine(self, other: ModelStats, sign: int) -> ModelStats:
+        zero = (0, 0)
+        names = dict.fromkeys([*self.phases, *other.phases])
+        phases = {
+            k: (
+                self.phases.get(k, zero)[0] + sign * other.phases.get(k, zero)[0],
+                self.phases.get(k, zero)[1] + sign * other.phases.get(k, zero)[1],
+            )
+            for k in names
+        }
+        sizes = sorted({*self.batches, *other.batches})
+        batches = {k: self.batches.get(k, 0) + sign * other.batches.get(k, 0) for k in sizes}
+        return ModelStats(
+            self.inference_count + sign * other.inference_count,
+            self.execution_count + sign * other.execution_count,
+            phases,
+            {k: n for k, n in batches.items() if n},
+        )
+
+    def __add__(self, other: ModelStats) -> ModelStats:
+        return self._combine(other, 1)
+
+    def __sub__(self, other: ModelStats) -> ModelStats:
+        return self._combine(other, -1)
+
+    @property
+    def samples_per_execution(self) -> float:
+        return self.inference_count / self.execution_count if self.execution_count else 0.0
+
+    def ms_per_execution(self, phase: str = "compute_infer") -> float:
+        """Mean time of one execution in a compute phase; for ``queue``, per request."""
+        count, ns = self.phases.get(phase, (0, 0))
+        per = count if phase in ("queue", "success") else self.execution_count
+        return ns / per / 1e6 if per else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "samples_per_execution": round(self.samples_per_execution, 3),
+            "compute_infer_ms_per_execution": round(self.ms_per_execution("compute_infer"), 3),
+            "queue_ms_per_request": round(self.ms_per_execution("queue"), 3),
+            "batch_sizes": {str(k): v for k, v in self.batches.items()},
+        }
+
+
+def snapshot(client) -> dict[str, ModelStats]:
+    """All models' statistics now; ``client`` is a ``tritonclient.grpc.InferenceServerClient``."""
+    raw = client.get_inference_statistics(as_json=True)
+    return {s["name"]: ModelStats.from_json(s) for s in raw.get("model_stats", [])}
+
+
+def delta(after: dict[str, ModelStats], before: dict[str, ModelStats]) -> dict[str, ModelStats]:
+    return {name: stats - before.get(name, ModelStats()) for name, stats in after.items()}
+
+
+def total(parts: dict[str, ModelStats], more: dict[str, ModelStats]) -> dict[str, ModelStats]:
+    """Per-model sums of two sets of statistics (e.g. deltas of two rounds)."""
+    return {
+        name: parts.get(name, ModelStats()) + more.get(name, ModelStats())
+        for name in {*parts, *more}
+    }
+
+
+def time_per_image(
+    per_model: dict[str, ModelStats], images: int, pipeline: str = "stable_diffusion"
+) -> dict[str, float]:
+    """Where a served image's server time went, in ms per image.
+
+    ``pipeline``: the pipeline model's compute time (its whole ``execute``);
+    ``pipeline_queue``: waiting for a free pipeline instance; each component:
+    its requests' total time (queue + compute, Triton's ``success`` phase);
+    ``pipeline_rest``: pipeline time outside the component calls (the loop's
+    own work, tokenizer, scheduler, BLS transfers).
+    """
+    if not images or pipeline not in per_model:
+        return {}
+
+    def ms(stats: ModelStats, phase: str) -> float:
+        return stats.phases.get(phase, (0, 0))[1] / images / 1e6
+
+    out = {
+        "pipeline": ms(per_model[pipeline], "compute_infer"),
+        "pipeline_queue": ms(per_model[pipeline], "queue"),
+    }
+    for name, stats in sorted(per_model.items()):
+        if name != pipeline and stats.execution_count:
+            out[name] = ms(stats, "success")
+    out["pipeline_rest"] = out["pipeline"] - sum(
+        v for k, v in out.items() if k not in ("pipeline", "pipeline_queue")
+    )
+    return {k: round(v, 2) for k, v in out.items()}

@@ -1,0 +1,313 @@
+"""The benchmark harness and perf_analyzer set-up: output well-formed, parts correct.
+
+The server tests run the real harness on the tiny model with one short
+setting (seconds, not a measurement); the unit tests check the parts that
+turn numbers into a report.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sd_triton.benchmarks import flops, perf_analyzer, report, stats, system
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------ unit tests
+def _raw_stats(inferences, executions, infer_ns, batches):
+    return {
+        "name": "unet",
+        "inference_count": str(inferences),
+        "execution_count": str(executions),
+        "inference_stats": {
+            "success": {"count": str(executions), "ns": "1"},
+            "compute_infer": {"count": str(executions), "ns": str(infer_ns)},
+        },
+        "batch_stats": [
+            {"batch_size": str(b), "compute_infer": {"count": str(n), "ns": "1"}}
+            for b, n in batches.items()
+        ],
+    }
+
+
+def test_model_stats_delta_shows_merged_unet_calls():
+    before = stats.ModelStats.from_json(_raw_stats(20, 10, 10_000_000, {2: 10}))
+    after = stats.ModelStats.from_json(_raw_stats(36, 14, 18_000_000, {2: 10, 4: 2, 6: 2}))
+    d = after - before
+    assert (d.inference_count, d.execution_count) == (16, 4)
+    assert d.samples_per_execution == 4.0
+    assert d.batches == {4: 2, 6: 2}
+    assert d.ms_per_execution() == pytest.approx(2.0)
+    summed = stats.total({"unet": d}, {"unet": d})
+    assert summed["unet"].inference_count == 32
+    assert summed["unet"].batches == {4: 4, 6: 4}
+
+
+def test_stable_diffusion_inputs_follow_the_public_contract():
+    data = perf_analyzer.stable_diffusion_inputs(height=128, width=96, steps=3, seeds=(5, 6))[
+        "data"
+    ]
+    assert [d["seed"] for d in data] == [[5], [6]]
+    assert data[0]["prompt"] == [perf_analyzer.PROMPTS[0]]
+    assert {(d["height"][0], d["width"][0], d["num_inference_steps"][0]) for d in data} == {
+        (128, 96, 3)
+    }
+
+
+def test_unet_inputs_have_latent_and_text_shapes():
+    constants = {
+        "latent_channels": 4,
+        "vae_scale_factor": 8,
+        "tokenizer_max_length": 77,
+        "text_width": 768,
+        "dtype": "float16",
+    }
+    entry = perf_analyzer.unet_inputs(constants, height=128, width=64)["data"][0]
+    assert entry["sample"]["shape"] == [4, 16, 8]
+    assert entry["encoder_hidden_states"]["shape"] == [77, 768]
+    assert len(base64.b64decode(entry["sample"]["b64"])) == 4 * 16 * 8 * 2  # fp16
+    assert len(base64.b64decode(entry["timestep"]["b64"])) == 4  # always fp32
+
+
+def test_flop_count_matches_design_for_sd15():
+    """DESIGN.md: one SD 1.5 UNet forward at 64x64 latent, batch 1, is 803 GFLOP."""
+    from sd_triton.export.tiny import SD15
+
+    work = flops.count_configs(dict(SD15.unet), dict(SD15.vae), height=512, width=512)
+    assert work.unet_gflop == pytest.approx(803, rel=0.01)
+    assert work.step_gflop == pytest.approx(2 * 803, rel=0.01)
+    assert 2000 < work.vae_decoder_gflop < 3000
+
+
+def test_tree_memory_sums_children():
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; x = bytearray(50_000_000); time.sleep(30)"]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            mem = system.tree_memory(child.pid)
+            if sum(mem.values()) > 50_000_000:
+                break
+            time.sleep(0.1)
+        assert sum(mem.values()) > 50_000_000
+        with system.MemorySampler(child.pid, interval_s=0.05) as sampler:
+            time.sleep(0.2)
+        assert sampler.peak_bytes >= 50_000_000
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _fake_results():
+    def level(c, served_s, inproc_s, samples):
+        lat = [served_s * (1 + 0.1 * i) for i in range(2 * c)]
+        return {
+            "concurrency": c,
+            "served": {
+                "images": 2 * c,
+                "wall_s": 1.0,
+                "images_per_s": 2 * c / (served_s * 2),
+                "p50_s": lat[0],
+                "p95_s": lat[-1],
+                "latencies_s": lat,
+            },
+            "inprocess": {
+                "images": 2,
+                "wall_s": 2 * inproc_s,
+                "images_per_s": 1 / inproc_s,
+                "p50_s": inproc_s,
+                "p95_s": inproc_s,
+                "latencies_s": [inproc_s] * 2,
+            },
+            "overhead": 1.05,
+            "p50_ratio": 1.05,
+            "unet": {
+                "samples_per_execution": samples,
+                "executions_per_image": 20 / samples,
+                "compute_infer_ms_per_execution": 3.0,
+                "batch_sizes": {"2": 4},
+            },
+            "server_stats": {},
+            "server_ms_per_image": {
+                "pipeline": 900.0,
+                "pipeline_queue": 0.1,
+                "unet": 800.0,
+                "pipeline_rest": 100.0,
+            },
+            "cpu": {
+                side: {
+                    "wall_s": 1.0,
+                    "server_cpu_s": 1.0,
+                    "harness_cpu_s": 0.1,
+                    "others_cpu_s": 0.2,
+                    "others_cores": 0.2,
+                }
+                for side in ("served", "inprocess")
+            },
+        }
+
+    return {
+        "started": "now",
+        "machine": system.machine(),
+        "versions": system.versions("2.51.0"),
+        "load_average": {"start": [0.5, 0.4, 0.3], "end": [0.7, 0.5, 0.3]},
+        "options": {
+            "concurrency": [1, 4],
+            "rounds": 1,
+            "torch_threads": 2,
+            "server_omp_threads": "2",
+            "device": "cpu",
+            "dtype": "float32",
+        },
+        "settings": [
+            {
+                "setting": {
+                    "name": "tiny",
+                    "checkpoint": "c",
+                    "repository": "r",
+                    "size": "64x64",
+                    "steps": 10,
+                    "guidance_scale": 7.5,
+                    "requests_per_worker": 2,
+                    "inprocess_images": 2,
+                },
+                "server_version": "2.51.0",
+                "max_pixel_diff_served_vs_inprocess": 1,
+                "levels": [level(1, 1.0, 0.95, 2.0), level(4, 2.0, 0.95, 5.0)],
+                "work": {
+                    "unet_gflop": 1.0,
+                    "vae_decoder_gflop": 1.6,
+                    "guidance": True,
+                    "step_gflop": 2.0,
+                    "image_gflop": 21.6,
+                },
+                "memory": {
+                    "server_peak_bytes": 2**30,
+                    "server_peak_breakdown": {"tritonserver": 2**29, "stub:unet": 2**29},
+                    "harness_peak_bytes": 2**29,
+                },
+                "unet_per_step": {
+                    "concurrency": 1,
+                    "measured_ms": 3.0,
+                    "step_gflop": 2.0,
+                    "achieved_tflops": 0.667,
+                    "peak_tflops": None,
+                    "floor_ms": None,
+                },
+            }
+        ],
+    }
+
+
+def test_report_writes_table_plot_and_raw(tmp_path):
+    md, png, raw = report.write(_fake_results(), tmp_path, "unit")
+    text = md.read_text()
+    assert "| c | served p50 s |" in text
+    assert "| tiny: c=1 served ≤ 1.10× in-process | 1.050× | yes |" in text
+    assert "UNet executions merged at c=4 | 2.00 → 5.00" in text
+    assert "torch" in text and "tritonserver 2.51.0" in text
+    assert "| 0.20 / 0.20 |" in text  # others' load
+    assert "| c | client latency (mean) |" in text
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert json.loads(raw.read_text())["settings"][0]["levels"][1]["concurrency"] == 4
+
+
+# ------------------------------------------------------ against a server
+def _check_results(out, label, concurrency):
+    text = (out / f"{label}.md").read_text()
+    table = text.split("| c | served p50 s |")[1].split("\n\n")[0]
+    rows = [
+        line
+        for line in table.splitlines()
+        if line.startswith("| ") and line.split("|")[1].strip().isdigit()
+    ]
+    assert [int(r.split("|")[1]) for r in rows] == list(concurrency)
+    assert (out / f"{label}.png").read_bytes()[:8] == PNG_MAGIC
+    raw = json.loads((out / "raw" / f"{label}.json").read_text())
+    (setting,) = raw["settings"]
+    for level in setting["levels"]:
+        assert level["served"]["images"] >= level["concurrency"]
+        assert level["served"]["images_per_s"] > 0 and level["inprocess"]["images_per_s"] > 0
+        assert np.isfinite(level["overhead"]) and level["overhead"] > 0
+        assert level["unet"]["execution_count"] > 0
+        assert level["unet"]["samples_per_execution"] >= 2  # guidance: 2 samples per call
+    assert setting["memory"]["server_peak_bytes"] > 0
+    assert setting["max_pixel_diff_served_vs_inprocess"] <= 1  # same weights, same image
+    assert raw["versions"]["tritonserver"]
+    return raw
+
+
+@pytest.mark.server
+def test_harness_smoke(tmp_path, triton_server, tiny_repository, tiny_checkpoint):
+    from sd_triton.benchmarks import harness
+
+    args = ["--repository", str(tiny_repository), "--checkpoint", str(tiny_checkpoint)]
+    args += ["--url", triton_server.grpc_url, "--server-pid", str(triton_server.pid)]
+    args += [
+        "--concurrency",
+        "1,2",
+        "--steps",
+        "2",
+        "--requests-per-worker",
+        "1",
+        "--inprocess-images",
+        "1",
+        "--warmup",
+        "1",
+    ]
+    args += [
+        "--models",
+        "repository",
+        "--no-progress",
+        "--output-dir",
+        str(tmp_path),
+        "--label",
+        "smoke",
+    ]
+    args += ["--build-dir", str(tmp_path / "build")]
+    assert harness.main(args) == 0
+    _check_results(tmp_path, "smoke", (1, 2))
+
+
+@pytest.mark.server
+def test_perf_analyzer_runs_over_grpc(tmp_path, build_dir, triton_server, tiny_repository):
+    pa = perf_analyzer.setup(build_dir / "perf_analyzer")
+    inputs = perf_analyzer.write_inputs(tiny_repository, tmp_path / "inputs", steps=2)
+    out = tmp_path / "sd.csv"
+    rows = perf_analyzer.run(
+        pa,
+        model="stable_diffusion",
+        url=triton_server.grpc_url,
+        input_data=inputs["stable_diffusion"],
+        out_csv=out,
+        concurrency=(1, 2),
+        requests_per_worker=1,
+        composing_models=perf_analyzer.COMPOSING_MODELS,
+        timeout_s=120,
+    )
+    assert [r["Concurrency"] for r in rows] == ["1", "2"]
+    with open(out, newline="") as f:
+        saved = list(csv.DictReader(f))
+    assert float(saved[0]["Inferences/Second"]) > 0
+    unet_rows = perf_analyzer.run(
+        pa,
+        model="unet",
+        url=triton_server.grpc_url,
+        input_data=inputs["unet"],
+        out_csv=tmp_path / "unet.csv",
+        concurrency=(1,),
+        requests_per_worker=2,
+        batch_size=2,
+        timeout_s=120,
+    )
+    assert float(unet_rows[0]["Inferences/Second"]) > 0
