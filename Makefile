@@ -35,8 +35,8 @@ $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
-	$(BIN)/pip install --quiet --no-deps open-clip-torch==3.3.0
 	$(BIN)/pip check
+	$(BIN)/pip install --quiet --no-deps open-clip-torch==3.3.0
 	touch $@
 
 setup: $(INSTALLED)
