@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: {e}", file=sys.stderr)
         return 1
     try:
-        print(f"tritonserver ready on {server.grpc_url} (log: {server.log_path})", flush=True)
+        print(f"tritonserver ready on {server.grpc_url}", flush=True)
         cli = Path(sys.executable).parent / "sd-triton"
         cmd = [
             str(cli), "generate", args.prompt,
