@@ -247,7 +247,7 @@ def measure(setting: Setting, opts: Options, progress: Progress) -> dict:
             InProcess(setting.checkpoint, setting.request, device=opts.device, dtype=opts.dtype),
         )
         server_memory = system.MemorySampler(pid) if pid else None
-        own_memory = system.MemorySampler(os.getpid())
+        own_memory = system.MemorySampler(os.getpid(), tree=False)
         with server_memory or contextlib.nullcontext(), own_memory:
             max_diff = sides.warm_up()
             levels = [sides.level(j, c) for j, c in enumerate(opts.concurrency)]
@@ -325,7 +325,7 @@ class Sides:
                         before = stats.snapshot(self.client)
                         n = c * self.setting.requests_per_worker
                         timing = self.served.run(c, n, seed0=seed0, on_image=self.progress.step)
-                        after = stats.snapshot(self.client)
+                        after = stats.settled(self.client, before, "stable_diffusion", n)
                         server_stats = stats.total(server_stats, stats.delta(after, before))
                     else:
                         n = self.setting.inprocess_images

@@ -9,6 +9,10 @@ from pathlib import Path
 OVERHEAD_TARGETS = {("tiny", "cpu"): 1.10, ("sd15", "cpu"): 1.03, ("sd15", "cuda"): 1.05}
 
 
+# Foreign load (cores used by other processes) above which a measurement is marked noisy.
+NOISY_CORES = 0.25
+
+
 def _gib(n: int | None) -> str:
     return "n/a" if not n else f"{n / 2**30:.2f} GiB"
 
@@ -131,6 +135,23 @@ def breakdown(levels: list[dict]) -> list[str]:
     return lines
 
 
+def _noise(*levels: dict) -> str:
+    """' (noisy: others' load N cores)' when any of ``levels`` ran under foreign load."""
+    worst = max(
+        (
+            lv.get("cpu", {}).get(k, {}).get("others_cores", 0.0)
+            for lv in levels
+            for k in ("served", "inprocess")
+        ),
+        default=0.0,
+    )
+    return f" (noisy: others' load {worst:.2f} cores)" if worst > NOISY_CORES else ""
+
+
+def _verdict(ok: bool, *levels: dict) -> str:
+    return ("yes" if ok else "no") + _noise(*levels)
+
+
 def targets(results: dict) -> list[str]:
     device = results["options"]["device"]
     rows = []
@@ -144,13 +165,15 @@ def targets(results: dict) -> list[str]:
         if 1 in levels and limit:
             got = levels[1]["overhead"]
             rows.append(
-                f"| {name}: c=1 served ≤ {limit:.2f}× in-process | {got:.3f}× | {'yes' if got <= limit else 'no'} |"
+                f"| {name}: c=1 served ≤ {limit:.2f}× in-process | {got:.3f}× "
+                f"| {_verdict(got <= limit, levels[1])} |"
             )
         if 1 in levels and 4 in levels:
             r1, r4 = levels[1]["served"]["images_per_s"], levels[4]["served"]["images_per_s"]
             ratio = r4 / r1 if r1 else 0.0
             rows.append(
-                f"| {name}: c=4 images/s ≥ c=1 | {ratio:.2f}× | {'yes' if ratio >= 1 else 'no'} |"
+                f"| {name}: c=4 images/s ≥ c=1 | {ratio:.2f}× "
+                f"| {_verdict(ratio >= 1, levels[1], levels[4])} |"
             )
             u1, u4 = levels[1]["unet"], levels[4]["unet"]
             merged = u4["samples_per_execution"] > u1["samples_per_execution"]
@@ -213,6 +236,27 @@ def plot(results: dict, path: Path) -> Path:
             thr.plot(
                 c, [lv[side]["images_per_s"] for lv in s["levels"]], "o-", color=color, label=label
             )
+        noisy = [
+            lv["concurrency"]
+            for lv in s["levels"]
+            if max(
+                lv.get("cpu", {}).get(k, {}).get("others_cores", 0.0)
+                for k in ("served", "inprocess")
+            )
+            > NOISY_CORES
+        ]
+        for ax in row:
+            if noisy:
+                ax.plot(
+                    noisy,
+                    [0] * len(noisy),
+                    "x",
+                    color="grey",
+                    ms=9,
+                    mew=2,
+                    clip_on=False,
+                    label=f"others' load > {NOISY_CORES} core",
+                )
         lat.set(title=f"{name}: latency per image", xlabel="concurrency", ylabel="seconds")
         thr.set(title=f"{name}: throughput", xlabel="concurrency", ylabel="images / s")
         for ax in row:

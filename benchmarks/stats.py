@@ -10,6 +10,7 @@ show that the dynamic batcher merged steps of different requests.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 PHASES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
@@ -95,6 +96,25 @@ def snapshot(client) -> dict[str, ModelStats]:
     """All models' statistics now; ``client`` is a ``tritonclient.grpc.InferenceServerClient``."""
     raw = client.get_inference_statistics(as_json=True)
     return {s["name"]: ModelStats.from_json(s) for s in raw.get("model_stats", [])}
+
+
+def settled(
+    client, before: dict[str, ModelStats], model: str, requests: int, timeout_s: float = 10.0
+) -> dict[str, ModelStats]:
+    """A snapshot that counts all ``requests`` sent to ``model`` since ``before``.
+
+    The Python backend reports a request's statistics after its response
+    is sent, so a snapshot taken as soon as the last reply arrives can miss
+    the last requests' times: poll until their count is in (or ``timeout_s``).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = snapshot(client)
+        done = now.get(model, ModelStats()).phases.get("success", (0, 0))[0]
+        done -= before.get(model, ModelStats()).phases.get("success", (0, 0))[0]
+        if done >= requests or time.monotonic() > deadline:
+            return now
+        time.sleep(0.02)
 
 
 def delta(after: dict[str, ModelStats], before: dict[str, ModelStats]) -> dict[str, ModelStats]:

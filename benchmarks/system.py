@@ -77,11 +77,11 @@ def _label(proc: psutil.Process) -> str:
     return Path(cmd[0]).name if cmd else proc.name()
 
 
-def tree_memory(pid: int) -> dict[str, int]:
-    """RSS (bytes) of a process and every descendant, by label; absent processes are skipped."""
+def tree_memory(pid: int, *, tree: bool = True) -> dict[str, int]:
+    """RSS (bytes) of a process and (``tree``) every descendant, by label; vanished ones are skipped."""
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        procs = [root, *root.children(recursive=True)] if tree else [root]
     except psutil.Error:
         return {}
     out: dict[str, int] = {}
@@ -101,6 +101,7 @@ class MemorySampler:
 
     pid: int
     interval_s: float = 0.5
+    tree: bool = True  # False: this process alone (the harness, whose child the server may be)
     peak_bytes: int = 0
     peak_breakdown: dict[str, int] = field(default_factory=dict)
     last_bytes: int = 0
@@ -108,7 +109,7 @@ class MemorySampler:
     _thread: threading.Thread | None = field(default=None, repr=False)
 
     def sample(self) -> int:
-        breakdown = tree_memory(self.pid)
+        breakdown = tree_memory(self.pid, tree=self.tree)
         total = sum(breakdown.values())
         self.last_bytes = total
         if total > self.peak_bytes:
