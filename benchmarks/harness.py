@@ -45,6 +45,15 @@ MODELS = ("repository", "full-size")
 FULL_SIZE_ARCH = "sd15-random"
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when inside it (reports travel)."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 @dataclass(frozen=True)
 class Setting:
     """One model at one request shape, and how many images to measure per concurrency level."""
@@ -60,8 +69,8 @@ class Setting:
         r = self.request
         return {
             "name": self.name,
-            "checkpoint": str(self.checkpoint),
-            "repository": str(self.repository),
+            "checkpoint": _shown(self.checkpoint),
+            "repository": _shown(self.repository),
             "size": f"{r.width}x{r.height}",
             "steps": r.steps,
             "guidance_scale": r.guidance_scale,
