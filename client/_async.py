@@ -18,7 +18,7 @@ import grpc
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 
-from sd_triton.pipeline import spec as S
+from sd_pipeline import spec as S
 
 from ._errors import CancelledError, SDTritonError, ServerError, UnavailableError, translate
 from ._request import GenerationRequest, StreamDecoder, decode_result, model_defaults

@@ -1,7 +1,7 @@
 """Requests to tensors and tensors to results: the part shared by the sync and async clients.
 
 The tensor names, types and defaults come from the contract in
-``sd_triton.pipeline.spec`` (standard library only), the same module the
+``sd_pipeline.spec`` (standard library only), the same module the
 server validates against, so the two cannot drift apart.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from PIL import Image
 
-from sd_triton.pipeline import spec as S
+from sd_pipeline import spec as S
 
 from ._errors import InvalidRequestError, ServerError, translate
 from ._types import GenerationResult, GenerationSettings, ProgressEvent

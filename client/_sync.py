@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from sd_triton.pipeline import spec as S
+from sd_pipeline import spec as S
 
 from ._edit import img2img_request, inpaint_request, outpaint_request
 from ._errors import CancelledError, SDTritonError, UnavailableError, translate

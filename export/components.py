@@ -1,7 +1,7 @@
 """Export wrappers for the five component models, generic over the tensor contract.
 
 Each component is declared once (:class:`Component`): its ``ModelSpec`` from
-``sd_triton.pipeline.spec`` and a function that wraps the diffusers /
+``sd_pipeline.spec`` and a function that wraps the diffusers /
 transformers module in a ``torch.nn.Module`` whose ``forward`` takes the
 spec's inputs in order and returns its outputs in order (:mod:`.wrappers`,
 which the torch host runs too). Everything else is
@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd_triton.pipeline import spec as S
+from sd_pipeline import spec as S
 
 from . import wrappers as W
 

@@ -23,6 +23,7 @@ serves exactly the weights it was exported with (rollback: docs/gpu.md).
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sd_triton.pipeline import spec as S
+from sd_pipeline import spec as S
 
 from . import components as C
 from . import triton_config as T
@@ -82,10 +83,12 @@ DEFAULT_PIPELINE_PARAMETERS: dict[str, Any] = {
 MAX_PIXELS_FACTOR = 4
 MAX_WORK_FACTOR = 400
 
-# Hand-written parts of the repository, found beside the installed packages.
-_REPO_ROOT = Path(__file__).resolve().parents[1]
-ONNX_HOST_TEMPLATE = _REPO_ROOT / "model_repository" / "onnx_host" / "model.py"
-TORCH_HOST_TEMPLATE = _REPO_ROOT / "model_repository" / "torch_host" / "model.py"
+# Hand-written parts of the repository: package data of ``sd_triton.model_repository``
+# (the top-level ``model_repository/`` folder), so a wheel install finds them too.
+_TEMPLATES = Path(str(importlib.resources.files("sd_triton.model_repository")))
+ONNX_HOST_TEMPLATE = _TEMPLATES / "onnx_host" / "model.py"
+TORCH_HOST_TEMPLATE = _TEMPLATES / "torch_host" / "model.py"
+PIPELINE_MODEL_TEMPLATE = _TEMPLATES / "stable_diffusion" / "model.py"
 WRAPPERS_SOURCE = Path(__file__).resolve().parent / "wrappers.py"
 
 # TensorRT (onnxruntime backend, --tensorrt): the components it builds engines
@@ -106,11 +109,6 @@ TRT_PARAMETERS = (
     "trt_profile_max_shapes",
 )
 MODEL_PREFIX_CHARS = frozenset(string.ascii_letters + string.digits + "_-.")
-
-
-def _pipeline_source() -> Path:
-    """``model_repository/stable_diffusion/1/``: the folder holding ``sd_pipeline/``."""
-    return Path(S.__file__).resolve().parents[1]
 
 
 def _native_side(sample_size: Any) -> tuple[int, int]:
@@ -247,15 +245,11 @@ def _write_assets(ckpt: Checkpoint, assets: Path, pipeline_json: dict[str, Any])
 
 
 def _copy_pipeline_code(version_dir: Path) -> None:
-    source = _pipeline_source()
-    if not (source / "sd_pipeline").is_dir():
-        raise ExportError(f"pipeline code not found: {source / 'sd_pipeline'}")
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "assets")
-    shutil.copytree(source / "sd_pipeline", version_dir / "sd_pipeline", ignore=ignore)
-    if (source / "model.py").is_file():
-        shutil.copyfile(source / "model.py", version_dir / "model.py")
-    else:
-        log.warning("%s not found: the stable_diffusion model has no model.py", source / "model.py")
+    """The pipeline model: its ``model.py`` and the installed ``sd_pipeline`` package."""
+    package = Path(S.__file__).resolve().parent
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(package, version_dir / "sd_pipeline", ignore=ignore)
+    shutil.copyfile(PIPELINE_MODEL_TEMPLATE, version_dir / "model.py")
 
 
 def _make_readable(out: Path) -> None:

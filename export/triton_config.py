@@ -1,6 +1,6 @@
 """Triton ``config.pbtxt`` files as data: built as ``ModelConfig`` messages, read back.
 
-Every config is generated from the tensor contract (``sd_triton.pipeline.spec``)
+Every config is generated from the tensor contract (``sd_pipeline.spec``)
 through ``tritonclient.grpc.model_config_pb2.ModelConfig`` and written with
 protobuf's ``text_format``, as pytriton does; :func:`read_config` parses one
 back for tests and tools.
@@ -20,7 +20,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from sd_triton.pipeline import spec as S
+from sd_pipeline import spec as S
 
 from .components import DYNAMIC_DIMS
 

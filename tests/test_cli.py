@@ -44,7 +44,7 @@ def test_bad_command_lines_exit_2(argv, capsys):
 
 
 def test_every_contract_option_has_a_flag():
-    from sd_triton.pipeline import spec as S
+    from sd_pipeline import spec as S
 
     gen = cli.build_parser()._subparsers._group_actions[0].choices["generate"]
     dests = {a.dest for a in gen._actions}

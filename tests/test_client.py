@@ -24,6 +24,7 @@ from PIL import Image
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from sd_pipeline import spec as S
 from sd_triton.client import (
     A1111_SAMPLERS,
     AsyncClient,
@@ -46,7 +47,6 @@ from sd_triton.client import (
 from sd_triton.client._errors import translate
 from sd_triton.client._infotext import output_paths
 from sd_triton.client._request import StreamDecoder, decode_result, model_defaults
-from sd_triton.pipeline import spec as S
 
 # --------------------------------------------------------------------------- helpers
 
@@ -377,7 +377,7 @@ def test_infotext_of_several_images_gives_batch_size_and_position():
 
 
 def test_every_pipeline_scheduler_has_a_web_ui_sampler_name():
-    from sd_triton.pipeline.schedulers import SCHEDULERS
+    from sd_pipeline.schedulers import SCHEDULERS
 
     assert set(SCHEDULERS) <= set(A1111_SAMPLERS)
 

@@ -13,11 +13,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from sd_pipeline import spec as S
 from sd_triton.export import components as C
 from sd_triton.export import triton_config as T
 from sd_triton.export.checkpoint import inspect_checkpoint, load_modules
 from sd_triton.export.repository import PIPELINE_MODELS, pipeline_constants
-from sd_triton.pipeline import spec as S
 
 TOL = 1e-4  # max abs error relative to the reference's max abs value
 

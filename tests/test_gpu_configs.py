@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 import torch
 
+from sd_pipeline import spec as S
 from sd_triton.export import ExportError, export_repository
 from sd_triton.export import components as C
 from sd_triton.export import repository as R
 from sd_triton.export import triton_config as T
 from sd_triton.export.checkpoint import inspect_checkpoint
-from sd_triton.pipeline import spec as S
 
 TRT_MAX_SIZE = 96  # pixels a side (the tiny model's native size is 64)
 
@@ -262,7 +262,7 @@ def bls(monkeypatch):
 
 
 def _config(**extra):
-    from sd_triton.pipeline.config import PipelineConfig
+    from sd_pipeline.config import PipelineConfig
 
     base = dict(
         latent_channels=4,
@@ -282,7 +282,7 @@ def _config(**extra):
 
 
 def test_bls_calls_the_models_and_versions_of_pipeline_json(bls):
-    from sd_triton.pipeline.triton_components import TritonComponents
+    from sd_pipeline.triton_components import TritonComponents
 
     config = _config(
         component_models={"unet": "sd21_unet"}, component_versions={"unet": 3, "text_encoder": 3}
@@ -303,7 +303,7 @@ def test_bls_calls_the_models_and_versions_of_pipeline_json(bls):
 
 
 def test_gpu_calls_ask_for_outputs_on_their_device(bls):
-    from sd_triton.pipeline.triton_components import TritonComponents
+    from sd_pipeline.triton_components import TritonComponents
 
     components = TritonComponents(_config(), device="cuda:1")
     assert components.device == torch.device("cuda", 1)
@@ -318,7 +318,7 @@ def test_gpu_calls_ask_for_outputs_on_their_device(bls):
 @pytest.mark.parametrize("host", ["pipeline", "torch_host"])
 def test_device_choice(monkeypatch, host):
     if host == "pipeline":
-        from sd_triton.pipeline.triton_components import pipeline_device as choose
+        from sd_pipeline.triton_components import pipeline_device as choose
     else:
         choose = _torch_host_module(monkeypatch).choose_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -19,11 +19,11 @@ import pytest
 import torch
 from google.protobuf import json_format
 
+from sd_pipeline import spec as S
 from sd_triton.export import components as C
 from sd_triton.export import export_repository
 from sd_triton.export import triton_config as T
 from sd_triton.export.checkpoint import inspect_checkpoint
-from sd_triton.pipeline import spec as S
 
 TOL = 1e-4  # max abs error relative to the ONNX output's max abs value
 

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
-from sd_triton.pipeline import spec as S
+from sd_pipeline import spec as S
 
 pytestmark = pytest.mark.server
 

@@ -24,7 +24,7 @@ from test_pipeline import max_diff, reference
 from test_served_pipeline import bad_request_error
 from test_served_pipeline import generate as served_generate
 
-from sd_triton.pipeline import Assets, OnnxComponents, generate, make_request
+from sd_pipeline import Assets, OnnxComponents, generate, make_request
 
 SETTINGS = {
     "prompt": "a red armchair in a garden",

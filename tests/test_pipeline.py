@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from sd_triton.pipeline import (
+from sd_pipeline import (
     Assets,
     DiffusersComponents,
     OnnxComponents,
     generate,
     make_request,
 )
-from sd_triton.pipeline.errors import Cancelled, InvalidRequest
-from sd_triton.pipeline.schedulers import SCHEDULERS
+from sd_pipeline.errors import Cancelled, InvalidRequest
+from sd_pipeline.schedulers import SCHEDULERS
 
 # The reference side builds its schedulers itself, from diffusers' classes.
 REFERENCE_SCHEDULERS = {

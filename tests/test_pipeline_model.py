@@ -20,8 +20,8 @@ import pytest
 import torch
 from google.protobuf import json_format
 
-from sd_triton.pipeline import OnnxComponents
-from sd_triton.pipeline import spec as S
+from sd_pipeline import OnnxComponents
+from sd_pipeline import spec as S
 
 # ---------------------------------------------------------------------------
 # A fake triton_python_backend_utils
@@ -286,7 +286,7 @@ def test_bls_calls_follow_the_component_configs(pb, model_module, tiny_repositor
 
 
 def test_result_matches_the_in_process_loop(pb, model_module, tiny_repository):
-    from sd_triton.pipeline import Assets, generate, make_request
+    from sd_pipeline import Assets, generate, make_request
 
     model = load(model_module, tiny_repository)
     (response,) = model.execute([request(pb, **GOOD, scheduler="euler_a")])
@@ -341,7 +341,7 @@ def test_limits_come_from_config_parameters(pb, model_module, tiny_repository):
 
 
 def test_default_scheduler_parameter(pb, model_module, tiny_repository):
-    from sd_triton.pipeline import Assets, generate, make_request
+    from sd_pipeline import Assets, generate, make_request
 
     model = load(model_module, tiny_repository, parameters={"default_scheduler": "euler_a"})
     (response,) = model.execute([request(pb, **GOOD)])

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sd_triton.pipeline import spec as S
-from sd_triton.pipeline.config import Limits, PipelineConfig
-from sd_triton.pipeline.errors import InvalidRequest
-from sd_triton.pipeline.request import make_request, parse_request
-from sd_triton.pipeline.schedulers import SCHEDULERS, make_scheduler
+from sd_pipeline import spec as S
+from sd_pipeline.config import Limits, PipelineConfig
+from sd_pipeline.errors import InvalidRequest
+from sd_pipeline.request import make_request, parse_request
+from sd_pipeline.schedulers import SCHEDULERS, make_scheduler
 
 CONFIG = PipelineConfig.from_dict(
     {

@@ -42,6 +42,8 @@ def test_readme_command_line_example_runs(triton_url, tmp_path, monkeypatch):
     assert commands
     monkeypatch.chdir(tmp_path)
     for command in commands:
-        assert cli.main([*shlex.split(command), "--url", triton_url, "--no-progress"]) == cli.EXIT_OK
+        assert (
+            cli.main([*shlex.split(command), "--url", triton_url, "--no-progress"]) == cli.EXIT_OK
+        )
     assert (tmp_path / "fox.png").exists()
     assert os.path.getsize(tmp_path / "fox.png") > 0

@@ -7,15 +7,15 @@ import json
 import numpy as np
 import pytest
 
+from sd_pipeline import spec as S
+from sd_pipeline.config import Limits, PipelineConfig
+from sd_pipeline.errors import Cancelled, ComponentError, InvalidRequest
+from sd_pipeline.request import make_request, parse_request
+from sd_pipeline.telemetry import Unavailable, log_line, outcome_of, record
 from sd_triton.client import Client, UnavailableError
 from sd_triton.client._errors import translate
 from sd_triton.client._sync import backoff_delay
 from sd_triton.export import triton_config as T
-from sd_triton.pipeline import spec as S
-from sd_triton.pipeline.config import Limits, PipelineConfig
-from sd_triton.pipeline.errors import Cancelled, ComponentError, InvalidRequest
-from sd_triton.pipeline.request import make_request, parse_request
-from sd_triton.pipeline.telemetry import Unavailable, log_line, outcome_of, record
 
 CONFIG = PipelineConfig(
     latent_channels=4,

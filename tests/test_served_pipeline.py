@@ -143,7 +143,7 @@ CONCURRENT = [
 
 def unet_calls(tiny_repository, scheduler: str | None, steps: int) -> int:
     """UNet calls of one request: one per scheduler timestep."""
-    from sd_triton.pipeline import Assets, make_scheduler
+    from sd_pipeline import Assets, make_scheduler
 
     assets = Assets.load(tiny_repository / MODEL / "1" / "assets")
     s = make_scheduler(scheduler, assets.scheduler_config)

@@ -114,7 +114,7 @@ def grpc(server):
 
 def expected_image(repository, version: int) -> np.ndarray:
     """The in-process loop over version ``version``'s ONNX files and assets."""
-    from sd_triton.pipeline import Assets, OnnxComponents, generate, make_request
+    from sd_pipeline import Assets, OnnxComponents, generate, make_request
 
     view = repository.parent / f"view-{version}"  # OnnxComponents reads <repo>/<name>/<v>/
     view.mkdir(exist_ok=True)

@@ -38,25 +38,34 @@ Every request ends with one JSON audit line in the server log and in the
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
-from sd_pipeline import spec as S
-from sd_pipeline.config import Assets, Limits
-from sd_pipeline.errors import Cancelled, ComponentError, InvalidRequest
-from sd_pipeline.loop import GenerationResult, generate
-from sd_pipeline.preview import latents_to_preview
-from sd_pipeline.request import GenerationRequest, parse_request
-from sd_pipeline.schedulers import check_name
-from sd_pipeline.telemetry import Metrics, Unavailable, component_unavailable, log_line, record
-from sd_pipeline.triton_components import TritonComponents, pipeline_device
+# The sd_pipeline this version was exported with sits beside this file and must
+# win over any installed copy (pip install sd-triton in the server's environment),
+# or a rollback to an older version would run newer pipeline code.
+_HERE = Path(__file__).resolve().parent
+if sys.path[:1] != [str(_HERE)]:
+    sys.path.insert(0, str(_HERE))
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from sd_pipeline import spec as S  # noqa: E402
+from sd_pipeline.config import Assets, Limits  # noqa: E402
+from sd_pipeline.errors import Cancelled, ComponentError, InvalidRequest  # noqa: E402
+from sd_pipeline.loop import GenerationResult, generate  # noqa: E402
+from sd_pipeline.preview import latents_to_preview  # noqa: E402
+from sd_pipeline.request import GenerationRequest, parse_request  # noqa: E402
+from sd_pipeline.schedulers import check_name  # noqa: E402
+from sd_pipeline.telemetry import Metrics, Unavailable, component_unavailable, log_line, record  # noqa: E402
+from sd_pipeline.triton_components import TritonComponents, pipeline_device  # noqa: E402
+
+ASSETS = _HERE / "assets"
 DEFAULT_MAX_CONCURRENCY = 8
 
 

@@ -1,7 +1,7 @@
 """The Stable Diffusion sampler loop, its tensor contract, schedulers and request validation.
 
 Ships inside the model repository (``stable_diffusion/1/sd_pipeline``, imported
-there as ``sd_pipeline``) and is installed as ``sd_triton.pipeline``. Only the
+there as ``sd_pipeline``) and is installed as ``sd_pipeline``. Only the
 standard library, numpy, torch, diffusers and transformers; relative imports
 only. Modules:
 
@@ -15,7 +15,7 @@ only. Modules:
 - ``preview``: cheap latent -> RGB previews for streaming;
 - ``errors``: the exception tree.
 
-Names below are imported lazily, so ``import sd_triton.pipeline.spec`` stays
+Names below are imported lazily, so ``import sd_pipeline.spec`` stays
 free of torch (the client and the exporter's config writer import it).
 """
 
