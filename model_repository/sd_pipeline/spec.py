@@ -264,3 +264,14 @@ STABLE_DIFFUSION_STREAM = ModelSpec(
 )
 
 PIPELINES: dict[str, ModelSpec] = {m.name: m for m in (STABLE_DIFFUSION, STABLE_DIFFUSION_STREAM)}
+
+
+# Triton's admin APIs (model repository, shared memory, logging, trace) are
+# restricted to requests that carry this header with the node's key
+# (docs/security.md). The key reaches the server and the command-line client
+# through one of these environment variables: the key itself, or the path of a
+# file holding it (a Docker or Kubernetes secret). Inference, health, metadata
+# and statistics need no key.
+ADMIN_KEY_HEADER = "sd-triton-admin-key"
+ADMIN_KEY_ENV = "SD_TRITON_ADMIN_KEY"
+ADMIN_KEY_FILE_ENV = "SD_TRITON_ADMIN_KEY_FILE"
