@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -27,7 +29,7 @@ CONFIG = PipelineConfig.from_dict(
     }
 )
 IMAGE = np.zeros((8, 12, 3), np.uint8)
-LIMITS = Limits(max_steps=60, max_pixels=96 * 96, max_images=4)
+LIMITS = replace(Limits.default(64, 64), max_steps=60, max_pixels=96 * 96, max_images=4)
 
 
 def text(value: str | bytes) -> np.ndarray:
@@ -171,9 +173,11 @@ def test_limits_from_parameters():
     assert limits == Limits(
         max_steps=30,
         max_pixels=4 * 64 * 64,
-        max_images=Limits.max_images,
-        max_work=Limits.NATIVE_WORK_FACTOR * 64 * 64,
+        max_images=8,
+        max_prompt_bytes=16 * 1024,
+        max_work=400 * 64 * 64,
     )
+    assert Limits.from_parameters({}, CONFIG) == Limits.default(64, 64)
     with pytest.raises(ValueError, match="max_pixels must be an integer"):
         Limits.from_parameters({"max_pixels": "lots"}, CONFIG)
     with pytest.raises(ValueError, match="max_steps must be at least 1"):

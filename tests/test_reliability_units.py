@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ def test_limits_defaults_scale_with_the_native_area_and_read_parameters():
 
 
 def test_oversized_prompt_is_refused_before_it_is_decoded():
-    limits = Limits(max_prompt_bytes=100)
+    limits = replace(Limits.default(512, 512), max_prompt_bytes=100)
     huge = np.array([b"\xff" * 1_000_000], dtype=object)  # not even UTF-8: never decoded
     with pytest.raises(InvalidRequest, match="prompt is 1000000 bytes, over .* 100 bytes"):
         parse_request({"prompt": huge}, CONFIG, limits)
@@ -58,7 +59,7 @@ def test_oversized_prompt_is_refused_before_it_is_decoded():
 
 
 def test_work_budget_counts_pixels_images_and_steps():
-    limits = Limits(max_work=512 * 512 * 4 * 50)
+    limits = replace(Limits.default(512, 512), max_work=512 * 512 * 4 * 50)
     make_request(CONFIG, "a cat", seed=1, limits=limits, num_images_per_prompt=4)
     with pytest.raises(InvalidRequest, match="work budget of 52428800"):
         make_request(

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import spec as S
 
-__all__ = ["Assets", "Limits", "PipelineConfig"]
+__all__ = ["LIMIT_DEFAULTS", "LIMIT_NATIVE_AREA_FACTORS", "Assets", "Limits", "PipelineConfig"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,20 @@ def _positive_int(parameters: Mapping[str, Any], name: str, default: int) -> int
     return value
 
 
+# The request limits' defaults, the one table: the exporter writes them into
+# the stable_diffusion models' config parameters and the model falls back on
+# them for a parameter that is absent. A fixed value, or (for the limits that
+# scale with the model) a multiple of the model's native area: max_pixels 4x
+# (1024 x 1024 for SD 1.x at 512 x 512), max_work 400x (100 steps of 4
+# native-size images, or of one image at max_pixels).
+LIMIT_DEFAULTS: Mapping[str, int] = {
+    "max_steps": 150,
+    "max_images": 8,
+    "max_prompt_bytes": 16 * 1024,
+}
+LIMIT_NATIVE_AREA_FACTORS: Mapping[str, int] = {"max_pixels": 4, "max_work": 400}
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-request limits, from the Triton model config's ``parameters``.
@@ -117,37 +131,40 @@ class Limits:
     height * width; ``max_images``: num_images_per_prompt;
     ``max_prompt_bytes``: UTF-8 bytes of prompt and of negative_prompt,
     checked before anything is decoded or tokenized (longer prompts are
-    truncated to the tokenizer's 77 tokens anyway: this only stops a
-    megabyte of text from costing CPU); ``max_work``: the work budget,
-    height * width * num_images_per_prompt * num_inference_steps
+    truncated to the tokenizer's ``model_max_length`` tokens anyway: this
+    only stops a megabyte of text from costing CPU); ``max_work``: the work
+    budget, height * width * num_images_per_prompt * num_inference_steps
     ("pixel-steps"), so that the single limits cannot be maxed out together.
+    Defaults: :data:`LIMIT_DEFAULTS` and :data:`LIMIT_NATIVE_AREA_FACTORS`.
     """
 
-    max_steps: int = 150
-    max_pixels: int = 1024 * 1024
-    max_images: int = 8
-    max_prompt_bytes: int = 16 * 1024
-    max_work: int = 400 * 512 * 512
+    max_steps: int
+    max_pixels: int
+    max_images: int
+    max_prompt_bytes: int
+    max_work: int
 
-    # max_pixels defaults to this many times the model's native area.
-    NATIVE_AREA_FACTOR = 4
-    # max_work defaults to this many times the model's native area: 100 steps
-    # of 4 native-size images, or of one image at max_pixels.
-    NATIVE_WORK_FACTOR = 400
+    @classmethod
+    def default(cls, native_height: int, native_width: int) -> Limits:
+        """The default limits of a model whose native size is ``native_height`` x ``native_width``."""
+        area = native_height * native_width
+        scaled = {name: factor * area for name, factor in LIMIT_NATIVE_AREA_FACTORS.items()}
+        return cls(**LIMIT_DEFAULTS, **scaled)
 
     @classmethod
     def from_parameters(cls, parameters: Mapping[str, Any], config: PipelineConfig) -> Limits:
         """``parameters``: name -> string value (Triton's ``string_value``s, flattened)."""
-        native_area = config.native_height * config.native_width
+        default = cls.default(config.native_height, config.native_width)
         return cls(
-            max_steps=_positive_int(parameters, "max_steps", cls.max_steps),
-            max_pixels=_positive_int(
-                parameters, "max_pixels", cls.NATIVE_AREA_FACTOR * native_area
-            ),
-            max_images=_positive_int(parameters, "max_images", cls.max_images),
-            max_prompt_bytes=_positive_int(parameters, "max_prompt_bytes", cls.max_prompt_bytes),
-            max_work=_positive_int(parameters, "max_work", cls.NATIVE_WORK_FACTOR * native_area),
+            **{
+                f.name: _positive_int(parameters, f.name, getattr(default, f.name))
+                for f in fields(cls)
+            }
         )
+
+    def parameters(self) -> dict[str, int]:
+        """The limits as the model config's parameters (name -> value)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 class Assets:
