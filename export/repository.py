@@ -90,6 +90,8 @@ ONNX_HOST_TEMPLATE = _TEMPLATES / "onnx_host" / "model.py"
 TORCH_HOST_TEMPLATE = _TEMPLATES / "torch_host" / "model.py"
 PIPELINE_MODEL_TEMPLATE = _TEMPLATES / "stable_diffusion" / "model.py"
 WRAPPERS_SOURCE = Path(__file__).resolve().parent / "wrappers.py"
+# Shared by the python and torch hosts: copied beside their model.py.
+COMPONENT_HOST_SOURCE = _TEMPLATES / "component_host.py"
 
 # TensorRT (onnxruntime backend, --tensorrt): the components it builds engines
 # for (the safety checker runs once per request and stays on CUDA), and the
@@ -214,8 +216,6 @@ def _save_torch_component(
     """The torch host: its model.py, the wrappers it runs, the module weights (no ONNX)."""
     _convert(modules, component.modules, dtype)
     version_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(TORCH_HOST_TEMPLATE, version_dir / "model.py")
-    shutil.copyfile(WRAPPERS_SOURCE, version_dir / "wrappers.py")
     for folder in component.modules:
         modules[folder].save_pretrained(version_dir / folder)
 
@@ -469,9 +469,20 @@ def _write_component(
         _export_component(
             component, modules, sizes, trace_sizes, dtype, version_dir, opts.opset, opts.dynamo
         )
-    if opts.host == "python":
-        shutil.copyfile(ONNX_HOST_TEMPLATE, version_dir / "model.py")
+    _copy_host_files(opts.host, version_dir)
     T.write_config(config, folder)
+
+
+def _copy_host_files(host: str, version_dir: Path) -> None:
+    """The Python-backend host's code beside the weights: its model.py and the modules it imports."""
+    if host == "onnxruntime":
+        return  # Triton's own backend: no code
+    template = ONNX_HOST_TEMPLATE if host == "python" else TORCH_HOST_TEMPLATE
+    shutil.copyfile(template, version_dir / "model.py")
+    if COMPONENT_HOST_SOURCE.is_file():
+        shutil.copyfile(COMPONENT_HOST_SOURCE, version_dir / COMPONENT_HOST_SOURCE.name)
+    if host == "torch":
+        shutil.copyfile(WRAPPERS_SOURCE, version_dir / "wrappers.py")
 
 
 def _write_pipeline_models(
