@@ -275,3 +275,5 @@ PIPELINES: dict[str, ModelSpec] = {m.name: m for m in (STABLE_DIFFUSION, STABLE_
 ADMIN_KEY_HEADER = "sd-triton-admin-key"
 ADMIN_KEY_ENV = "SD_TRITON_ADMIN_KEY"
 ADMIN_KEY_FILE_ENV = "SD_TRITON_ADMIN_KEY_FILE"
+# Triton prefixes the header a gRPC request must carry (HTTP: the header as it is).
+ADMIN_KEY_GRPC_HEADER = f"triton-grpc-protocol-{ADMIN_KEY_HEADER}"
