@@ -176,6 +176,7 @@ def test_limits_from_parameters():
         max_images=8,
         max_prompt_bytes=16 * 1024,
         max_work=400 * 64 * 64,
+        max_side=2 * 64,
     )
     assert Limits.from_parameters({}, CONFIG) == Limits.default(64, 64)
     with pytest.raises(ValueError, match="max_pixels must be an integer"):

@@ -17,7 +17,14 @@ from typing import Any
 
 from . import spec as S
 
-__all__ = ["LIMIT_DEFAULTS", "LIMIT_NATIVE_AREA_FACTORS", "Assets", "Limits", "PipelineConfig"]
+__all__ = [
+    "LIMIT_DEFAULTS",
+    "LIMIT_NATIVE_AREA_FACTORS",
+    "LIMIT_NATIVE_SIDE_FACTORS",
+    "Assets",
+    "Limits",
+    "PipelineConfig",
+]
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,9 @@ LIMIT_DEFAULTS: Mapping[str, int] = {
     "max_prompt_bytes": 16 * 1024,
 }
 LIMIT_NATIVE_AREA_FACTORS: Mapping[str, int] = {"max_pixels": 4, "max_work": 400}
+# max_side: 2x the model's longer native side (1024 for SD 1.x), so the square at
+# max_pixels fits; TensorRT shape profiles (the exporter's --tensorrt) end at it.
+LIMIT_NATIVE_SIDE_FACTORS: Mapping[str, int] = {"max_side": 2}
 
 
 @dataclass(frozen=True)
@@ -134,8 +144,10 @@ class Limits:
     truncated to the tokenizer's ``model_max_length`` tokens anyway: this
     only stops a megabyte of text from costing CPU); ``max_work``: the work
     budget, height * width * num_images_per_prompt * num_inference_steps
-    ("pixel-steps"), so that the single limits cannot be maxed out together.
-    Defaults: :data:`LIMIT_DEFAULTS` and :data:`LIMIT_NATIVE_AREA_FACTORS`.
+    ("pixel-steps"), so that the single limits cannot be maxed out together;
+    ``max_side``: height and width each.
+    Defaults: :data:`LIMIT_DEFAULTS`, :data:`LIMIT_NATIVE_AREA_FACTORS` and
+    :data:`LIMIT_NATIVE_SIDE_FACTORS`.
     """
 
     max_steps: int
@@ -143,12 +155,15 @@ class Limits:
     max_images: int
     max_prompt_bytes: int
     max_work: int
+    max_side: int
 
     @classmethod
     def default(cls, native_height: int, native_width: int) -> Limits:
         """The default limits of a model whose native size is ``native_height`` x ``native_width``."""
         area = native_height * native_width
         scaled = {name: factor * area for name, factor in LIMIT_NATIVE_AREA_FACTORS.items()}
+        side = max(native_height, native_width)
+        scaled.update({name: f * side for name, f in LIMIT_NATIVE_SIDE_FACTORS.items()})
         return cls(**LIMIT_DEFAULTS, **scaled)
 
     @classmethod

@@ -271,6 +271,13 @@ def _check_size(request: GenerationRequest, config: PipelineConfig, limits: Limi
                 f"{whose}{name} must be a positive multiple of {step} pixels for this model, "
                 f"got {value}" + (": crop or resize the image" if whose else "")
             )
+    for name in ("height", "width"):
+        value = getattr(request, name)
+        if limits is not None and value > limits.max_side:
+            raise InvalidRequest(
+                f"{name} {value} is over this model's limit of {limits.max_side} pixels a side "
+                "(max_side)"
+            )
     pixels = request.height * request.width
     if limits is not None and pixels > limits.max_pixels:
         raise InvalidRequest(
