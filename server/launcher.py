@@ -11,6 +11,11 @@ or from the shell, in the foreground::
 
     sd-triton-server build/model_repository --grpc-port 8001
 
+Either way the server listens on loopback unless told otherwise (``listen=``,
+``--listen``) and its admin APIs need the node's admin key (``server/security.py``,
+docs/security.md). ``tritonserver=`` runs another installation's binary, as in
+NVIDIA's image (``docker-compose.yml``).
+
 What it takes to run the binary (see DESIGN.md): a backends folder laid out
 as Triton expects, the interpreter's ``libpython`` and the wheel's bundled
 libraries on ``LD_LIBRARY_PATH``, and this interpreter's ``bin/`` first on
@@ -32,12 +37,31 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from sd_pipeline.spec import (
+    ADMIN_KEY_ENV,
+    ADMIN_KEY_FILE_ENV,
+    ADMIN_KEY_GRPC_HEADER,
+    ADMIN_KEY_HEADER,
+)
+
+from .security import (
+    LOOPBACK,
+    GrpcTls,
+    SecurityError,
+    admin_args,
+    check_extra_args,
+    connect_host,
+    listen_args,
+    read_admin_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +144,14 @@ class TritonServer:
     """A ``tritonserver`` process on a model repository; a context manager.
 
     ``ports=None`` picks free ports (tests); pass ``Ports()`` for the
-    standard 8000/8001/8002. ``model_control="explicit"`` starts with no
-    model loaded unless named in ``load_models``.
+    standard 8000/8001/8002. ``listen``: the address every port binds to
+    (loopback by default; ``"0.0.0.0"`` exposes the node). ``admin_key``: the
+    key the admin APIs require (None: read from the environment, see
+    :func:`~sd_triton.server.security.read_admin_key`; none there: admin APIs
+    off). ``model_control="explicit"`` (needs a key) starts with no model
+    loaded unless named in ``load_models``. ``grpc_tls``: serve gRPC over TLS.
+    ``tritonserver``: path of another installation's binary (its own backends
+    and libraries) instead of the nvidia-pytriton wheel's.
     """
 
     def __init__(
@@ -134,12 +164,27 @@ class TritonServer:
         log_verbose: int = 0,
         log_file: str | os.PathLike | None = None,
         extra_args: Sequence[str] = (),
+        listen: str = LOOPBACK,
+        admin_key: str | None = None,
+        grpc_tls: GrpcTls | None = None,
+        tritonserver: str | os.PathLike | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
             raise ServerError(f"model repository {self.repository} does not exist")
         self.ports = ports or Ports.free()
         self.model_control = model_control
+        self.listen = listen
+        self.grpc_tls = grpc_tls
+        self.tritonserver = Path(tritonserver) if tritonserver else None
+        try:
+            self.admin_key = read_admin_key() if admin_key is None else admin_key
+            # Checked now, not at start: a refused setting fails before anything runs.
+            admin_args(self.admin_key, model_control)
+            listen_args(listen)
+            check_extra_args(extra_args)
+        except SecurityError as e:
+            raise ServerError(str(e)) from None
         self.load_models = tuple(load_models)
         self.log_verbose = log_verbose
         self.extra_args = tuple(extra_args)
@@ -151,15 +196,25 @@ class TritonServer:
     # ------------------------------------------------------------------ urls
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.ports.grpc}"
+        return f"{connect_host(self.listen)}:{self.ports.grpc}"
 
     @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.ports.http}"
+        return f"{connect_host(self.listen)}:{self.ports.http}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.metrics}/metrics"
+        return f"http://{connect_host(self.listen)}:{self.ports.metrics}/metrics"
+
+    @property
+    def http_admin_headers(self) -> dict[str, str]:
+        """Headers that let an HTTP request through to the admin APIs (empty without a key)."""
+        return {ADMIN_KEY_HEADER: self.admin_key} if self.admin_key else {}
+
+    @property
+    def grpc_admin_headers(self) -> dict[str, str]:
+        """The same for gRPC (``headers=`` of tritonclient.grpc's calls)."""
+        return {ADMIN_KEY_GRPC_HEADER: self.admin_key} if self.admin_key else {}
 
     @property
     def pid(self) -> int | None:
@@ -167,17 +222,25 @@ class TritonServer:
 
     # ------------------------------------------------------------- lifecycle
     def command(self) -> list[str]:
-        self._workdir.mkdir(parents=True, exist_ok=True)
-        backends = prepare_backends(self._workdir / "backends")
-        cmd = [
-            str(pytriton_root() / "bin" / "tritonserver"),
-            f"--model-repository={self.repository}",
-            f"--backend-directory={backends}",
+        if self.tritonserver is not None:
+            cmd = [str(self.tritonserver), f"--model-repository={self.repository}"]
+        else:
+            self._workdir.mkdir(parents=True, exist_ok=True)
+            backends = prepare_backends(self._workdir / "backends")
+            cmd = [
+                str(pytriton_root() / "bin" / "tritonserver"),
+                f"--model-repository={self.repository}",
+                f"--backend-directory={backends}",
+                "--pinned-memory-pool-byte-size=0",
+                "--allow-gpu-metrics=false",
+            ]
+        cmd += [
             f"--http-port={self.ports.http}",
             f"--grpc-port={self.ports.grpc}",
             f"--metrics-port={self.ports.metrics}",
-            "--pinned-memory-pool-byte-size=0",
-            "--allow-gpu-metrics=false",
+            *listen_args(self.listen),
+            *admin_args(self.admin_key, self.model_control),
+            *(self.grpc_tls.args() if self.grpc_tls else ()),
             f"--model-control-mode={self.model_control}",
             f"--log-verbose={self.log_verbose}",
         ]
@@ -187,15 +250,18 @@ class TritonServer:
     def start(self, *, wait: bool = True, timeout_s: float = 120.0) -> TritonServer:
         if self._proc is not None:
             raise ServerError("server already started")
-        cmd = self.command()
-        log.info("starting %s", " ".join(cmd))
+        try:
+            cmd = self.command()
+        except SecurityError as e:
+            raise ServerError(str(e)) from None
+        log.info("starting %s", " ".join(_redact(cmd)))
         self._workdir.mkdir(parents=True, exist_ok=True)
         self._log_handle = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(
             cmd,
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
-            env=server_env(),
+            env=dict(os.environ) if self.tritonserver else server_env(),
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
@@ -275,6 +341,12 @@ class TritonServer:
         self.stop()
 
 
+def _redact(cmd: list[str]) -> list[str]:
+    """The command line as logged: admin keys replaced."""
+    marker = f":{ADMIN_KEY_HEADER}="
+    return [a[: a.index(marker) + len(marker)] + "<key>" if marker in a else a for a in cmd]
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
     """Ask Linux to SIGTERM the server when the process that started it dies.
 
@@ -302,10 +374,14 @@ def _remove_orphan_shm() -> None:
                 os.unlink(path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sd-triton-server",
-        description="Serve a model repository with the tritonserver from the nvidia-pytriton wheel, in the foreground.",
+        description="Serve a model repository with the tritonserver from the nvidia-pytriton wheel, "
+        "in the foreground. Options it does not know go to tritonserver as they are.",
+        epilog=f"The admin key is read from {ADMIN_KEY_ENV} or from the file {ADMIN_KEY_FILE_ENV} "
+        "names, never from the command line; without one the admin APIs are off. "
+        "docs/security.md has the details.",
     )
     parser.add_argument("repository", help="model repository (output of sd-triton-export)")
     parser.add_argument("--http-port", type=int, default=int(os.environ.get("HTTP_PORT", 8000)))
@@ -313,47 +389,94 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--metrics-port", type=int, default=int(os.environ.get("METRICS_PORT", 8002))
     )
-    parser.add_argument("--model-control", choices=("none", "poll", "explicit"), default="none")
+    parser.add_argument(
+        "--listen",
+        default=LOOPBACK,
+        metavar="ADDRESS",
+        help="address the three ports bind to (default %(default)s; 0.0.0.0 exposes the node)",
+    )
+    parser.add_argument(
+        "--model-control",
+        choices=("none", "poll", "explicit"),
+        default="none",
+        help="explicit (load/unload through the API) needs the admin key",
+    )
     parser.add_argument(
         "--load-model", action="append", default=[], help="with --model-control explicit"
     )
+    tls = parser.add_argument_group("gRPC TLS (the environment variable is the default)")
+    for option, env, text in (
+        ("--grpc-tls-cert", "SD_TRITON_GRPC_TLS_CERT", "server certificate (PEM): turns TLS on"),
+        ("--grpc-tls-key", "SD_TRITON_GRPC_TLS_KEY", "server private key (PEM)"),
+        ("--grpc-tls-client-ca", "SD_TRITON_GRPC_TLS_CLIENT_CA", "require client certificates signed by this CA"),
+    ):  # fmt: skip
+        tls.add_argument(
+            option, default=os.environ.get(env) or None, metavar="FILE", help=f"{text} [{env}]"
+        )
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="seconds to wait for readiness"
     )
-    args, extra = parser.parse_known_args(argv)
+    parser.add_argument(
+        "--tritonserver",
+        metavar="BINARY",
+        help="another installation's tritonserver (NVIDIA's image: /opt/tritonserver/bin/tritonserver)",
+    )
+    return parser
+
+
+def server_from_args(args: argparse.Namespace, extra: Sequence[str]) -> TritonServer:
+    """The server the command line describes; the admin key comes from the environment."""
+    tls = None
+    if args.grpc_tls_cert or args.grpc_tls_key or args.grpc_tls_client_ca:
+        if not (args.grpc_tls_cert and args.grpc_tls_key):
+            raise ServerError("gRPC TLS needs both --grpc-tls-cert and --grpc-tls-key")
+        tls = GrpcTls(args.grpc_tls_cert, args.grpc_tls_key, args.grpc_tls_client_ca)
+    return TritonServer(
+        args.repository,
+        ports=Ports(args.http_port, args.grpc_port, args.metrics_port),
+        model_control=args.model_control,
+        load_models=args.load_model,
+        log_verbose=args.log_verbose,
+        extra_args=extra,
+        listen=args.listen,
+        grpc_tls=tls,
+        tritonserver=args.tritonserver,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        server = TritonServer(
-            args.repository,
-            ports=Ports(args.http_port, args.grpc_port, args.metrics_port),
-            model_control=args.model_control,
-            load_models=args.load_model,
-            log_verbose=args.log_verbose,
-            extra_args=extra,
-        )
+        server = server_from_args(args, extra)
         server.start(timeout_s=args.timeout)
     except ServerError as e:
         print(f"sd-triton-server: {e}", file=sys.stderr)
         return 1
+    admin = "admin APIs need the key" if server.admin_key else "admin APIs off (no key)"
     print(
-        f"ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}"
+        f"ready: gRPC {server.grpc_url}{' (TLS)' if server.grpc_tls else ''}  HTTP {server.http_url}"
+        f"  metrics {server.metrics_url}  listening on {server.listen}; {admin}"
         f"  (log: {server.log_path}; Ctrl-C to stop)",
         flush=True,
     )
-    stop = {"now": False}
+    return _serve_until_stopped(server)
 
-    def _stop(signum, frame):
-        stop["now"] = True
 
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+def _serve_until_stopped(server: TritonServer) -> int:
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    died = False
     try:
-        while not stop["now"] and server._proc is not None and server._proc.poll() is None:
-            time.sleep(0.5)
-        died = server._proc is not None and server._proc.poll() is not None
-        if died:
-            print(f"sd-triton-server: tritonserver exited:\n{server.log_tail()}", file=sys.stderr)
+        while not stop.wait(0.5):
+            if server._proc is None or server._proc.poll() is not None:
+                died = True
+                print(
+                    f"sd-triton-server: tritonserver exited:\n{server.log_tail()}", file=sys.stderr
+                )
+                break
     finally:
         code = server.stop()
     return 0 if not died else (code or 1)

@@ -39,6 +39,8 @@ MODELS = [
     "stable_diffusion",
     "stable_diffusion_stream",
 ]
+# Explicit model control needs the admin key (docs/security.md); the unload test uses it.
+ADMIN_KEY = "faults-test-admin-key"
 SMALL = {"height": 32, "width": 32, "num_inference_steps": 2}
 # Long enough (tens of UNet calls) that others arrive while it runs.
 LONG = {"height": 64, "width": 64, "num_inference_steps": 30}
@@ -68,7 +70,9 @@ class ServerBox:
     def __init__(self, repository):
         from sd_triton.server import TritonServer
 
-        self.server = TritonServer(repository, model_control="explicit", load_models=MODELS)
+        self.server = TritonServer(
+            repository, model_control="explicit", load_models=MODELS, admin_key=ADMIN_KEY
+        )
         self.server.start(timeout_s=300)
 
     @property
@@ -154,16 +158,16 @@ def test_component_unloaded_in_flight_fails_clearly_then_recovers(box):
         with Client(box.url) as client:
             in_flight = client.submit("a cat", seed=1, **LONG)
             time.sleep(0.5)
-            control.unload_model("unet")
+            control.unload_model("unet", headers=box.server.grpc_admin_headers)
             with pytest.raises(UnavailableError, match="unet"):
                 in_flight.result(timeout_s=120)
             with pytest.raises(UnavailableError, match="unet"):
                 client.generate("a cat", seed=2, **SMALL)
-            control.load_model("unet")
+            control.load_model("unet", headers=box.server.grpc_admin_headers)
             assert len(client.generate("a cat", seed=3, **SMALL).images) == 1
     finally:
         if not control.is_model_ready("unet"):
-            control.load_model("unet")
+            control.load_model("unet", headers=box.server.grpc_admin_headers)
         control.close()
 
 
@@ -192,7 +196,11 @@ def test_server_death_gives_unavailable_and_a_retry_reaches_the_restarted_server
     _remove_orphan_shm()
 
     box.server = TritonServer(
-        old.repository, ports=old.ports, model_control="explicit", load_models=MODELS
+        old.repository,
+        ports=old.ports,
+        model_control="explicit",
+        load_models=MODELS,
+        admin_key=ADMIN_KEY,
     )
     box.server.start(wait=False)
     # Refused while it starts (no listener, then models not ready): retried with backoff.

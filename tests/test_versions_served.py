@@ -96,7 +96,10 @@ def server(repository):
     from sd_triton.server import TritonServer
 
     server = TritonServer(
-        repository, model_control="explicit", load_models=[*COMPONENTS, "torch_unet"]
+        repository,
+        model_control="explicit",
+        load_models=[*COMPONENTS, "torch_unet"],
+        admin_key="versions-test-admin-key",
     )
     server.start(timeout_s=300)
     try:
@@ -178,8 +181,10 @@ def version_2(tiny_checkpoint, repository, other_weights, server, grpc):
     """Export version 2 next to the running version 1, load it as docs/gpu.md says."""
     _export(tiny_checkpoint, repository, other_weights, new_version=True)
     for model in COMPONENTS:
-        grpc.load_model(model)  # version_policy latest 2: versions 1 and 2 both served
-    grpc.load_model(PIPELINE)  # latest 1: version 2, which calls the version-2 components
+        # version_policy latest 2: versions 1 and 2 both served
+        grpc.load_model(model, headers=server.grpc_admin_headers)
+    # latest 1: version 2, which calls the version-2 components
+    grpc.load_model(PIPELINE, headers=server.grpc_admin_headers)
     return repository
 
 
@@ -194,8 +199,11 @@ def test_new_version_sits_beside_the_old(version_2):
     assert set(constants["component_versions"].values()) == {2}
 
 
-def test_both_component_versions_are_served(version_2, grpc):
-    index = {(m.name, m.version): m.state for m in grpc.get_model_repository_index().models}
+def test_both_component_versions_are_served(version_2, server, grpc):
+    index = {
+        (m.name, m.version): m.state
+        for m in grpc.get_model_repository_index(headers=server.grpc_admin_headers).models
+    }
     for model in COMPONENTS:
         assert index[(model, "1")] == "READY" and index[(model, "2")] == "READY"
     assert index[(PIPELINE, "2")] == "READY"
@@ -212,7 +220,7 @@ def test_served_version_is_reported_and_rolled_back(version_2, server, grpc):
     # Roll back: the same config, with version_policy pinned to version 1.
     config = grpc.get_model_config(PIPELINE, as_json=True)["config"]
     config["version_policy"] = {"specific": {"versions": [1]}}
-    grpc.load_model(PIPELINE, config=json.dumps(config))
+    grpc.load_model(PIPELINE, config=json.dumps(config), headers=server.grpc_admin_headers)
     assert grpc.is_model_ready(PIPELINE, "1") and not grpc.is_model_ready(PIPELINE, "2")
     rolled_back, served = generate_served(server)
     assert served == "1"
