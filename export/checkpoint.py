@@ -4,19 +4,28 @@
 weights (cheap: run before anything is written); :func:`load_modules` loads
 the torch modules. Problems raise :class:`ExportError` with one sentence that
 names the folder or the component at fault.
+
+Weights are untrusted input. :func:`load_state_dict` reads a single weights
+file (``.safetensors``, or a ``.ckpt``/``.pt``/``.pth``/``.bin`` pickle through
+``torch.load(weights_only=True)``) and refuses a pickle that needs anything
+beyond tensors and plain containers, so a checkpoint, LoRA or embedding can
+never run code here. diffusers and transformers load component folders the
+same way (safetensors first, pickles with ``weights_only=True``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Checkpoint", "ExportError", "inspect_checkpoint", "load_modules"]
+__all__ = ["Checkpoint", "ExportError", "inspect_checkpoint", "load_modules", "load_state_dict"]
 
 MODEL_INDEX = "model_index.json"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 # Folder -> the config file that must be in it.
 CONFIG_FILES = {
@@ -153,3 +162,57 @@ def load_modules(ckpt: Checkpoint) -> dict[str, Any]:
         max_len = positions  # no model_max_length in tokenizer_config.json
     ckpt.configs["tokenizer"] = {**ckpt.configs["tokenizer"], "model_max_length": max_len}
     return modules
+
+
+def load_state_dict(path: str | Path) -> dict[str, Any]:
+    """The tensors of one weights file, read without running any code it carries.
+
+    ``.safetensors`` holds only tensors. ``.ckpt``/``.pt``/``.pth``/``.bin`` are
+    pickles: loaded with ``torch.load(weights_only=True)``, which refuses any
+    object other than tensors and plain containers; a refused file raises
+    :class:`ExportError` saying so. A Lightning-style ``{"state_dict": ...}``
+    wrapper is unwrapped; entries that are not tensors are left out.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path} is not a file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise ExportError(f"{path} is not a readable .safetensors file: {e}") from None
+    if suffix not in PICKLE_SUFFIXES:
+        raise ExportError(
+            f"{path}: unknown weights format {suffix or '(no suffix)'}; "
+            f"expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)}"
+        )
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, or whatever the refused object raised
+        raise ExportError(_refused_pickle(path, e)) from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    tensors = (
+        {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+        if isinstance(data, dict)
+        else {}
+    )
+    if not tensors:
+        raise ExportError(f"{path} holds no tensors by name (a {type(data).__name__})")
+    return tensors
+
+
+def _refused_pickle(path: Path, error: Exception) -> str:
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    what = f" (it names {found[1]})" if found else ""
+    return (
+        f"{path} was refused: it is a pickle that needs more than tensors to load{what}, "
+        "and loading it could run code; convert it to .safetensors with a tool you trust, "
+        "or use a .safetensors release of the model"
+    )
