@@ -1,0 +1,70 @@
+{{- define "sd-triton.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "sd-triton.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Labels that select the serving pods: Service, PodMonitor, PDB, Deployment. */}}
+{{- define "sd-triton.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "sd-triton.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{- define "sd-triton.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+app.kubernetes.io/name: {{ include "sd-triton.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "sd-triton.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "sd-triton.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "sd-triton.image" -}}
+{{- printf "%s:%s" .Values.image.repository .Values.image.tag }}
+{{- end }}
+
+{{/* The repository argument Triton is given. */}}
+{{- define "sd-triton.repositoryPath" -}}
+{{- if eq .Values.modelRepository.source "pvc" }}
+{{- if .Values.modelRepository.pvc.subPath }}
+{{- printf "/models/%s" .Values.modelRepository.pvc.subPath }}
+{{- else }}
+{{- print "/models" }}
+{{- end }}
+{{- else }}
+{{- .Values.modelRepository.uri }}
+{{- end }}
+{{- end }}
+
+{{/*
+The autoscaling signal, one PromQL expression for KEDA and the docs: requests
+waiting for a stable_diffusion instance, summed over this release's pods.
+prometheus-adapter's rule (deploy/prometheus-adapter/values.yaml) serves the
+same series per pod to an autoscaling/v2 HPA.
+*/}}
+{{- define "sd-triton.pendingQuery" -}}
+{{- printf "sum(nv_inference_pending_request_count{model=\"stable_diffusion\",namespace=\"%s\",pod=~\"%s-.*\"})" .Release.Namespace (include "sd-triton.fullname" .) }}
+{{- end }}
+
+{{- define "sd-triton.graceSeconds" -}}
+{{- add .Values.rollout.preStopSeconds .Values.rollout.exitTimeoutSeconds .Values.rollout.graceMarginSeconds }}
+{{- end }}
