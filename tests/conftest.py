@@ -47,6 +47,13 @@ def tiny_repository(build_dir, tiny_checkpoint) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def module_monkeypatch():
+    """A ``MonkeyPatch`` undone at the end of the test module (e.g. for tests/fake_pb_utils.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
 @pytest.fixture(scope="session")
 def triton_server(tiny_repository):
     """A real tritonserver process serving the tiny repository on free ports."""

@@ -1,85 +1,48 @@
-"""The Python-backend ONNX host (model_repository/onnx_host/model.py), with a fake pb_utils.
+"""The Python-backend ONNX host (model_repository/onnx_host/model.py), over tests/fake_pb_utils.py.
 
-Unit tests of the glue: batching of a request list, per-request errors,
-reshape handling and config validation. The real server runs it in the
-end-to-end tests.
+Unit tests of the glue (component_host.py and the host): batching of a
+request list, per-request errors, reshape handling, config validation and
+the device rule (no silent CPU fallback). The model.py and component_host.py
+under test are the ones the exporter copied into the tiny repository. The
+real server runs them in the end-to-end tests.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+from fake_pb_utils import TritonError, import_model, install, outputs
 from google.protobuf import json_format
 
 from sd_triton.export import triton_config as T
 
-HOST = Path(__file__).resolve().parents[1] / "model_repository" / "onnx_host" / "model.py"
 
-
-# ----------------------------------------------------------- fake pb_utils
-
-
-class FakeTensor:
-    def __init__(self, name, array):
-        self._name, self._array = name, np.asarray(array)
-
-    def name(self):
-        return self._name
-
-    def as_numpy(self):
-        return self._array
-
-
-class FakeRequest:
-    def __init__(self, **arrays):
-        self.inputs = {k: FakeTensor(k, v) for k, v in arrays.items()}
-
-
-class FakeError:
-    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
-
-    def __init__(self, message, code=None):
-        self._message, self.code = message, code
-
-    def message(self):
-        return self._message
-
-
-class FakeResponse:
-    def __init__(self, output_tensors=(), error=None):
-        self.outputs = {t.name(): t.as_numpy() for t in output_tensors}
-        self.error = error
-
-
-def _fake_pb_utils():
-    m = types.ModuleType("triton_python_backend_utils")
-    m.Tensor = FakeTensor
-    m.TritonError = FakeError
-    m.InferenceResponse = FakeResponse
-    m.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
-    return m
+@pytest.fixture(scope="module")
+def pb(module_monkeypatch):
+    return install(module_monkeypatch)
 
 
 @pytest.fixture(scope="module")
-def host(monkeypatch_module):
-    monkeypatch_module.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
-    spec = importlib.util.spec_from_file_location("onnx_host_model", HOST)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def host(pb, module_monkeypatch, tiny_repository):
+    model_py = tiny_repository / "unet" / "1" / "model.py"
+    return import_model(module_monkeypatch, model_py, name="onnx_host_model")
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
+def shared(host):
+    """component_host.py, as the host imported it."""
+    import component_host
+
+    return component_host
+
+
+def request(pb, **arrays):
+    return pb.InferenceRequest(inputs=[pb.Tensor(k, v) for k, v in arrays.items()])
 
 
 def _args(folder: Path, config=None) -> dict:
@@ -116,7 +79,7 @@ def _direct(unet, inputs):
 # ----------------------------------------------------------- pure batching
 
 
-def test_run_batched_concatenates_matching_shapes(host):
+def test_run_batched_concatenates_matching_shapes(shared):
     calls = []
 
     def run(inputs):
@@ -130,7 +93,7 @@ def test_run_batched_concatenates_matching_shapes(host):
         ValueError("bad request"),
         {"x": np.full((3, 3), 3.0)},
     ]
-    results = host.run_batched(run, arrays)
+    results = shared.run_batched(run, arrays, np.concatenate)
     assert sorted(c["x"] for c in calls) == [(1, 5), (6, 3)]
     assert isinstance(results[3], ValueError)
     for arr, res in zip(arrays, results, strict=True):
@@ -139,14 +102,14 @@ def test_run_batched_concatenates_matching_shapes(host):
             assert res["n"].shape == (len(arr["x"]),)
 
 
-def test_failed_group_falls_back_to_one_by_one(host):
+def test_failed_group_falls_back_to_one_by_one(shared):
     def run(inputs):
         if np.isnan(inputs["x"]).any():
             raise RuntimeError("nan")
         return {"y": inputs["x"] + 1}
 
     arrays = [{"x": np.zeros((1, 2))}, {"x": np.full((1, 2), np.nan)}, {"x": np.ones((2, 2))}]
-    results = host.run_batched(run, arrays)
+    results = shared.run_batched(run, arrays, np.concatenate)
     assert isinstance(results[1], RuntimeError)
     np.testing.assert_array_equal(results[0]["y"], np.ones((1, 2)))
     np.testing.assert_array_equal(results[2]["y"], np.full((2, 2), 2.0))
@@ -155,7 +118,7 @@ def test_failed_group_falls_back_to_one_by_one(host):
 # ----------------------------------------------------------- the model
 
 
-def test_execute_batches_requests_and_matches_single_runs(unet):
+def test_execute_batches_requests_and_matches_single_runs(pb, unet):
     rng = np.random.default_rng(0)
     inputs = [
         _unet_inputs(rng, 1),
@@ -164,59 +127,60 @@ def test_execute_batches_requests_and_matches_single_runs(unet):
         _unet_inputs(rng, 1, t_shape=(1,)),  # timestep already reshaped by Triton
     ]
     runs = []
-    real_run = unet._run
-    unet._run = lambda feeds: runs.append(len(feeds["sample"])) or real_run(feeds)
+    real_run = unet.run
+    unet.run = lambda feeds: runs.append(len(feeds["sample"])) or real_run(feeds)
     try:
-        responses = unet.execute([FakeRequest(**i) for i in inputs])
+        responses = unet.execute([request(pb, **i) for i in inputs])
     finally:
-        unet._run = real_run
+        del unet.run
     assert sorted(runs) == [1, 4]
     assert len(responses) == len(inputs)
     for inp, resp in zip(inputs, responses, strict=True):
-        assert resp.error is None
-        np.testing.assert_allclose(resp.outputs["out_sample"], _direct(unet, inp), atol=1e-5)
+        assert not resp.has_error()
+        np.testing.assert_allclose(outputs(resp)["out_sample"], _direct(unet, inp), atol=1e-5)
 
 
-def test_bad_request_fails_alone(unet):
+def test_bad_request_fails_alone(pb, unet):
     rng = np.random.default_rng(1)
     good = _unet_inputs(rng, 2)
     wrong_dtype = dict(_unet_inputs(rng, 1), sample=np.zeros((1, 4, 8, 12), np.float64))
     missing = _unet_inputs(rng, 1)
     del missing["encoder_hidden_states"]
     wrong_shape = dict(_unet_inputs(rng, 1), encoder_hidden_states=np.zeros((1, 7, 32), np.float32))
-    responses = unet.execute([FakeRequest(**r) for r in (good, wrong_dtype, missing, wrong_shape)])
-    assert responses[0].error is None
-    np.testing.assert_allclose(responses[0].outputs["out_sample"], _direct(unet, good), atol=1e-5)
-    messages = [r.error.message() for r in responses[1:]]
-    assert "dtype" in messages[0]
+    responses = unet.execute([request(pb, **r) for r in (good, wrong_dtype, missing, wrong_shape)])
+    assert not responses[0].has_error()
+    np.testing.assert_allclose(outputs(responses[0])["out_sample"], _direct(unet, good), atol=1e-5)
+    messages = [r.error().message() for r in responses[1:]]
+    assert "has dtype float64, expected float32" in messages[0]
     assert "encoder_hidden_states" in messages[1] and "missing" in messages[1]
     assert "shape" in messages[2]
-    assert all(r.error.code == FakeError.INVALID_ARG for r in responses[1:])
+    assert all(r.error().code() == TritonError.INVALID_ARG for r in responses[1:])
 
 
-def test_runtime_failure_is_internal_and_isolated(unet):
+def test_runtime_failure_is_internal_and_isolated(pb, unet):
     rng = np.random.default_rng(2)
     good = _unet_inputs(rng, 1)
     odd = _unet_inputs(rng, 1, h=9)  # not a multiple of the UNet's downsampling
     odd2 = _unet_inputs(rng, 1, h=9)
-    responses = unet.execute([FakeRequest(**r) for r in (good, odd, odd2)])
-    assert responses[0].error is None
-    assert responses[1].error is not None and responses[1].error.code == FakeError.INTERNAL
-    assert responses[2].error is not None
+    responses = unet.execute([request(pb, **r) for r in (good, odd, odd2)])
+    assert not responses[0].has_error()
+    assert responses[1].error().code() == TritonError.INTERNAL
+    assert responses[2].has_error()
 
 
-def test_output_reshape_to_config_dims(host, tiny_repository):
+def test_output_reshape_to_config_dims(pb, host, tiny_repository):
     model = host.TritonPythonModel()
     model.initialize(_args(tiny_repository / "safety_checker"))
     rng = np.random.default_rng(3)
-    request = FakeRequest(
+    checker_request = request(
+        pb,
         clip_input=rng.standard_normal((2, 3, 224, 224), dtype=np.float32),
         images=rng.random((2, 8, 8, 3), dtype=np.float32),
     )
-    (response,) = model.execute([request])
-    assert response.error is None
-    assert response.outputs["has_nsfw_concepts"].shape == (2, 1)  # config dims [1]
-    assert response.outputs["out_images"].shape == (2, 8, 8, 3)
+    (response,) = model.execute([checker_request])
+    assert not response.has_error()
+    assert outputs(response)["has_nsfw_concepts"].shape == (2, 1)  # config dims [1]
+    assert outputs(response)["out_images"].shape == (2, 8, 8, 3)
 
 
 def _config(folder: Path) -> dict:
@@ -256,3 +220,67 @@ def test_threads_parameter_is_used(host, tiny_repository):
     model.initialize(_args(tiny_repository / "vae_decoder", config))
     assert model.session.get_session_options().intra_op_num_threads == 1
     assert model.session.get_providers() == ["CPUExecutionProvider"]
+
+
+# ----------------------------------------------------------- device: no silent CPU fallback
+
+
+@pytest.fixture
+def sessions(monkeypatch):
+    """onnxruntime as onnxruntime-gpu without its CUDA libraries: it lists the CUDA
+    provider, and a session asked for it quietly runs on the CPU. Records the
+    providers each session was asked for."""
+    asked = []
+    real = ort.InferenceSession
+
+    def session(path, options=None, providers=None, **kwargs):
+        asked.append([p[0] if isinstance(p, tuple) else p for p in providers or []])
+        return real(path, options, providers=["CPUExecutionProvider"], **kwargs)
+
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    return asked
+
+
+def _load(host, folder: Path, kind: str | None, device: str | None = None):
+    config = _config(folder)
+    if device is not None:
+        config["parameters"]["device"] = {"string_value": device}
+    args = _args(folder, config)
+    if kind is None:
+        del args["model_instance_kind"]
+    else:
+        args["model_instance_kind"] = kind
+    model = host.TritonPythonModel()
+    model.initialize(args)
+    return model
+
+
+def test_gpu_instance_without_cuda_session_fails_at_load(host, tiny_repository, sessions):
+    with pytest.raises(RuntimeError, match="CUDA asked for, but the onnxruntime session runs on"):
+        _load(host, tiny_repository / "vae_decoder", "GPU")
+    assert sessions == [["CUDAExecutionProvider", "CPUExecutionProvider"]]
+
+
+def test_gpu_instance_without_cuda_provider_fails_at_load(host, tiny_repository, monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match="KIND_GPU instance, but this runtime sees no CUDA"):
+        _load(host, tiny_repository / "vae_decoder", "GPU")
+    with pytest.raises(RuntimeError, match="device cuda asked for"):
+        _load(host, tiny_repository / "vae_decoder", "CPU", device="cuda")
+
+
+@pytest.mark.parametrize("kind", [None, "CPU", "MODEL", "KIND_GPU"])
+def test_other_instance_kinds_never_default_to_cuda(host, tiny_repository, sessions, kind):
+    model = _load(host, tiny_repository / "vae_decoder", kind)
+    assert model.device is None
+    assert sessions == [["CPUExecutionProvider"]]
+
+
+def test_device_cpu_runs_a_gpu_instance_on_the_cpu_on_purpose(host, tiny_repository, sessions):
+    model = _load(host, tiny_repository / "vae_decoder", "GPU", device="cpu")
+    assert model.device is None and sessions == [["CPUExecutionProvider"]]
+    with pytest.raises(ValueError, match="device must be one of auto, cuda, cpu"):
+        _load(host, tiny_repository / "vae_decoder", "GPU", device="tpu")
