@@ -12,6 +12,8 @@ REPOSITORY ?= $(BUILD)/model_repository
 HOST       ?= python
 HTTP_PORT  ?= 8000
 GRPC_PORT  ?= 8001
+# Address the server binds to: loopback; LISTEN=0.0.0.0 exposes it (docs/security.md).
+LISTEN     ?= 127.0.0.1
 METRICS_PORT ?= 8002
 PROMPT     ?= a photo of an astronaut riding a horse on the moon
 OUT        ?= $(BUILD)/out/demo.png
@@ -56,7 +58,7 @@ demo: $(REPOSITORY)/.exported
 	$(BIN)/python -m sd_triton.demo --repository $(REPOSITORY) --prompt "$(PROMPT)" --output $(OUT)
 
 serve: $(REPOSITORY)/.exported
-	$(BIN)/sd-triton-server $(REPOSITORY) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/sd-triton-server $(REPOSITORY) --listen $(LISTEN) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

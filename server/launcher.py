@@ -189,6 +189,8 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.extra_args = tuple(extra_args)
         self._workdir = Path(tempfile.mkdtemp(prefix="sd-triton-server-"))
+        # "-": the server writes to this process's stdout (a container's log).
+        self.log_to_stdout = str(log_file) == "-"
         self.log_path = Path(log_file) if log_file else self._workdir / "tritonserver.log"
         self._proc: subprocess.Popen | None = None
         self._log_handle = None
@@ -256,11 +258,12 @@ class TritonServer:
             raise ServerError(str(e)) from None
         log.info("starting %s", " ".join(_redact(cmd)))
         self._workdir.mkdir(parents=True, exist_ok=True)
-        self._log_handle = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        if not self.log_to_stdout:
+            self._log_handle = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self._proc = subprocess.Popen(
             cmd,
             stdout=self._log_handle,
-            stderr=subprocess.STDOUT,
+            stderr=None if self.log_to_stdout else subprocess.STDOUT,
             env=dict(os.environ) if self.tritonserver else server_env(),
             start_new_session=True,
             preexec_fn=_die_with_parent,
@@ -304,6 +307,8 @@ class TritonServer:
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 40) -> str:
+        if self.log_to_stdout:
+            return "(the server's log is this process's output)"
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
@@ -415,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="the server's log (default: a temporary file; '-': this process's output, for containers)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=300.0, help="seconds to wait for readiness"
     )
     parser.add_argument(
@@ -438,6 +448,7 @@ def server_from_args(args: argparse.Namespace, extra: Sequence[str]) -> TritonSe
         model_control=args.model_control,
         load_models=args.load_model,
         log_verbose=args.log_verbose,
+        log_file=args.log_file,
         extra_args=extra,
         listen=args.listen,
         grpc_tls=tls,
