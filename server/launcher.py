@@ -62,6 +62,7 @@ from .security import (
     listen_args,
     read_admin_key,
 )
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +170,12 @@ class TritonServer:
         grpc_tls: GrpcTls | None = None,
         tritonserver: str | os.PathLike | None = None,
     ) -> None:
-        self.repository = Path(repository).resolve()
-        if not self.repository.is_dir():
-            raise ServerError(f"model repository {self.repository} does not exist")
+        # Object storage (s3://, gs://, as://) is Triton's to read; a folder must exist here.
+        self.repository: Path | str = str(repository)
+        if "://" not in self.repository:
+            self.repository = Path(repository).resolve()
+            if not self.repository.is_dir():
+                raise ServerError(f"model repository {self.repository} does not exist")
         self.ports = ports or Ports.free()
         self.model_control = model_control
         self.listen = listen
@@ -480,6 +484,7 @@ def _serve_until_stopped(server: TritonServer) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     died = False
+    watchdog = Watchdog(server)  # restarts tritonserver when a backend stub dies
     try:
         while not stop.wait(0.5):
             if server._proc is None or server._proc.poll() is not None:
@@ -487,6 +492,9 @@ def _serve_until_stopped(server: TritonServer) -> int:
                 print(
                     f"sd-triton-server: tritonserver exited:\n{server.log_tail()}", file=sys.stderr
                 )
+                break
+            if not watchdog.check():
+                died = True
                 break
     finally:
         code = server.stop()

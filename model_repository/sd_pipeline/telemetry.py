@@ -60,12 +60,21 @@ def outcome_of(exc: BaseException | None) -> str:
     return "error"
 
 
-# What Triton says when a BLS call names a model that is not loaded (measured on 2.51).
-_UNAVAILABLE_COMPONENT = ("unknown model", "is not ready", "is not found", "has no available")
+# What Triton says when a BLS call names a model that is not loaded, or whose
+# Python-backend stub process died ("Stub process 'unet_0' is not healthy.": the
+# OOM killer, a crash; the node's watchdog restarts it, see server/watchdog.py)
+# (measured on 2.51).
+_UNAVAILABLE_COMPONENT = (
+    "unknown model",
+    "is not ready",
+    "is not found",
+    "has no available",
+    "is not healthy",
+)
 
 
 def component_unavailable(exc: ComponentError) -> bool:
-    """Whether a component failed because its model is not loaded (rather than broke)."""
+    """Whether a component failed because it is not loaded or its process died (a retry elsewhere can succeed)."""
     text = str(exc)
     return any(m in text for m in _UNAVAILABLE_COMPONENT)
 
