@@ -2,9 +2,10 @@
 
 The development machines have no Docker engine, so these tests check what
 can be checked: the file parses, names NVIDIA's image of the Triton release
-we test against, reserves a GPU, publishes the three ports, mounts the
-repository, has a readiness health check, and that the commands it runs are
-ones our tools accept.
+we test against, reserves a GPU, publishes the ports where it says, mounts the
+repository, has a readiness health check, takes the admin key from a secret,
+and that the commands it runs are ones our tools accept and build the
+tritonserver command they mean.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _defaults(text: str) -> str:
+    """``${VAR:-default}`` replaced by its default, as compose does with VAR unset."""
+    return re.sub(r"\$\{[^}:]*:-([^}]*)\}", r"\1", text)
 
 
 def _targets(volumes: list[str]) -> dict[str, str]:
@@ -47,14 +53,14 @@ def test_triton_service_uses_nvidia_image_of_our_release(compose):
 
 def test_triton_service_ports_gpu_mounts_healthcheck(compose):
     svc = compose["services"]["triton"]
-    published = {int(p.split(":")[-1]) for p in svc["ports"]}
-    assert published == {8000, 8001, 8002}
+    published = {int(p.split(":")[-1]): _defaults(p).split(":")[0] for p in svc["ports"]}
+    # gRPC for clients on every interface; plain-text HTTP and metrics on host loopback.
+    assert published == {8001: "0.0.0.0", 8000: "127.0.0.1", 8002: "127.0.0.1"}
     devices = svc["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     mounts = _targets(svc["volumes"])
     assert "/models" in mounts and mounts["/models"].endswith(":ro")
-    assert "--model-repository=/models" in svc["command"]
-    assert svc["command"][0] == "tritonserver"
+    assert svc["command"][:2] == ["sd-triton-server", "/models"]
     health = " ".join(svc["healthcheck"]["test"])
     assert "/v2/health/ready" in health and "8000" in health
     assert svc["shm_size"]  # Python backend needs more than Docker's 64 MB default
@@ -98,15 +104,81 @@ def _tritonserver_flags() -> set[str]:
     return set(re.findall(r"^\s+(--[a-z0-9-]+)", proc.stdout + proc.stderr, re.M))
 
 
-def test_triton_command_uses_flags_of_our_release(compose):
+def _compose_server(compose: dict, repository: Path, monkeypatch, *overlays: dict):
+    """The TritonServer the triton service's command describes, with its environment.
+
+    ``/models`` becomes ``repository`` and each /run/secrets file a file
+    under it, as Docker would mount them.
+    """
+    from sd_triton.server.launcher import build_parser, server_from_args
+
+    environment = dict(compose["services"]["triton"]["environment"])
+    for overlay in overlays:
+        environment.update(overlay["services"]["triton"]["environment"])
+    for name, value in environment.items():
+        if value.startswith("/run/secrets/"):
+            local = repository / Path(value).name
+            local.write_text("compose-test-admin-key-0123456789\n")
+            value = str(local)
+        monkeypatch.setenv(name, value)
+    cmd = compose["services"]["triton"]["command"]
+    assert cmd[0] == "sd-triton-server"
+    args, extra = build_parser().parse_known_args([str(repository), *cmd[2:]])
+    return args, server_from_args(args, extra)
+
+
+def test_triton_command_uses_flags_of_our_release(compose, tmp_path, monkeypatch):
+    from sd_pipeline.spec import ADMIN_KEY_ENV
+
     flags = _tritonserver_flags()
     assert "--model-repository" in flags  # the help text was read
-    cmd = compose["services"]["triton"]["command"]
+    monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)
+    args, server = _compose_server(compose, tmp_path, monkeypatch)
+    assert args.tritonserver == "/opt/tritonserver/bin/tritonserver"  # the image's own
+    cmd = server.command()
+    assert cmd[0] == "/opt/tritonserver/bin/tritonserver"
     used = {arg.split("=", 1)[0] for arg in cmd[1:]}
     assert used <= flags, f"flags tritonserver 2.51 does not know: {used - flags}"
     assert "--model-control-mode=explicit" in cmd and "--load-model=*" in cmd
     pool = next(a for a in cmd if a.startswith("--cuda-memory-pool-byte-size="))
     assert re.fullmatch(r"--cuda-memory-pool-byte-size=0:\d+", pool)
+    # No CPU-only flags of the pip-installed server on the GPU node.
+    assert not any(a.startswith(("--pinned-memory-pool", "--allow-gpu-metrics")) for a in cmd)
+
+
+def test_admin_key_comes_from_a_secret_and_guards_the_admin_apis(compose, tmp_path, monkeypatch):
+    from sd_pipeline.spec import ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV, ADMIN_KEY_HEADER
+
+    monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)
+    svc = compose["services"]["triton"]
+    assert ADMIN_KEY_ENV not in svc["environment"], "the key itself must not be in the file"
+    secret = Path(svc["environment"][ADMIN_KEY_FILE_ENV]).name
+    assert svc["secrets"] == [secret]
+    assert _defaults(compose["secrets"][secret]["file"]) == "./secrets/admin_key"
+    assert "secrets/" in (ROOT / ".gitignore").read_text().split()
+    assert "secrets" in (ROOT / "docker" / "Dockerfile.dockerignore").read_text().split()
+
+    args, server = _compose_server(compose, tmp_path, monkeypatch)
+    cmd = server.command()
+    key = "compose-test-admin-key-0123456789"
+    group = f"model-repository,shared-memory,logging,trace:{ADMIN_KEY_HEADER}={key}"
+    assert f"--http-restricted-api={group}" in cmd and f"--grpc-restricted-protocol={group}" in cmd
+    # Every interface inside the container; the host side is decided by ports:.
+    assert args.listen == "0.0.0.0" and "--grpc-address=0.0.0.0" in cmd
+    assert not any(key in a for a in svc["command"])
+
+
+def test_tls_overlay_turns_on_grpc_tls(compose, tmp_path, monkeypatch):
+    overlay = yaml.safe_load((ROOT / "docker" / "compose.tls.yml").read_text())
+    svc = overlay["services"]["triton"]
+    assert set(svc["secrets"]) <= set(overlay["secrets"])
+    for name in svc["secrets"]:
+        assert _defaults(overlay["secrets"][name]["file"]).startswith("./secrets/")
+    args, server = _compose_server(compose, tmp_path, monkeypatch, overlay)
+    cmd = server.command()
+    assert "--grpc-use-ssl=true" in cmd
+    assert f"--grpc-server-cert={tmp_path / 'sd_triton_grpc_cert'}" in cmd
+    assert f"--grpc-server-key={tmp_path / 'sd_triton_grpc_key'}" in cmd
 
 
 def test_trt_cache_is_mounted_where_the_exporter_points(compose):
