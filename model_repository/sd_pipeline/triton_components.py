@@ -19,9 +19,14 @@ pipeline version always calls the component weights it was exported with.
 Devices: a call's outputs come back on the device of its inputs. CPU tensors
 in, CPU tensors out. CUDA tensors in (a loop that keeps its latents on
 ``device``), CUDA tensors out: the inputs go as DLPack GPU tensors, the
-component is asked for GPU outputs (``preferred_memory``) and they are taken
-by DLPack, with no host round trip per step. Models with bool outputs (the
-safety checker) answer in CPU memory.
+outputs are taken by DLPack, with no host round trip per step. Models with
+bool outputs (the safety checker's ``has_nsfw_concepts``, read as numpy:
+DLPack has no portable bool) answer in CPU memory.
+
+Every call states where its outputs must land (``preferred_memory``: the
+memory they are consumed in). Unstated, Triton r24.10 puts them where the
+callee allocates them: GPU memory for a GPU onnxruntime instance, where
+``as_numpy()`` raises, even for a call whose inputs were on the CPU.
 """
 
 from __future__ import annotations
@@ -35,14 +40,6 @@ from .config import PipelineConfig
 from .errors import ComponentError
 
 __all__ = ["TritonComponents", "pipeline_device"]
-
-_TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
 
 
 def pipeline_device(kind: str, device_id: int, want: str = "auto") -> torch.device:
@@ -83,7 +80,7 @@ class TritonComponents:
         self.model_versions = dict(config.component_versions)
 
     def _to_triton(self, model: S.ModelSpec, tensor: S.TensorSpec, x: torch.Tensor):
-        dtype = _TORCH_DTYPES[self.config.tensor_dtype(model, tensor.name)]
+        dtype = getattr(torch, self.config.tensor_dtype(model, tensor.name))  # numpy's names
         x = x.detach().to(dtype)
         if tensor.reshape is not None:
             # The model sees the reshaped tensor (the timestep: [B]); callers send
@@ -105,15 +102,18 @@ class TritonComponents:
         out = torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).to(device)
         return out.float() if out.dtype == torch.float16 else out
 
-    def _preferred_memory(self, model: S.ModelSpec, device: torch.device) -> dict:
-        """``InferenceRequest`` keyword asking for outputs on ``device`` (GPU calls only)."""
-        if device.type != "cuda" or not hasattr(self._pb, "PreferredMemory"):
-            return {}
-        if any(self.config.tensor_dtype(model, t.name) == "bool" for t in model.outputs):
-            kind, index = self._pb.TRITONSERVER_MEMORY_CPU, 0
-        else:
-            kind, index = self._pb.TRITONSERVER_MEMORY_GPU, device.index or 0
-        return {"preferred_memory": self._pb.PreferredMemory(kind, index)}
+    def _preferred_memory(self, model: S.ModelSpec, device: torch.device):
+        """Where ``model``'s outputs must land for a call from ``device`` (one place per call).
+
+        GPU ``device`` when the loop runs there and every output is taken by
+        DLPack; CPU memory otherwise (CPU calls, and bool outputs, read as numpy).
+        """
+        on_gpu = device.type == "cuda" and not any(
+            self.config.tensor_dtype(model, t.name) == "bool" for t in model.outputs
+        )
+        if on_gpu:
+            return self._pb.PreferredMemory(self._pb.TRITONSERVER_MEMORY_GPU, device.index or 0)
+        return self._pb.PreferredMemory(self._pb.TRITONSERVER_MEMORY_CPU, 0)
 
     def _call(self, model: S.ModelSpec, *tensors: torch.Tensor) -> list[torch.Tensor]:
         name = self.model_names.get(model.name, model.name)
@@ -127,7 +127,7 @@ class TritonComponents:
             model_version=int(self.model_versions.get(model.name, -1)),
             inputs=inputs,
             requested_output_names=[t.name for t in model.outputs],
-            **self._preferred_memory(model, device),
+            preferred_memory=self._preferred_memory(model, device),
         )
         response = request.exec()
         if response.has_error():
