@@ -1,4 +1,4 @@
-"""The Triton glue (model.py + TritonComponents) in-process, over a small fake of triton_python_backend_utils.
+"""The Triton glue (model.py + TritonComponents) in-process, over tests/fake_pb_utils.py.
 
 The fake answers BLS calls by running the exported ONNX files, so these
 tests cover what the real server tests cover (parsing, error codes,
@@ -12,88 +12,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import threading
-import types
 
 import numpy as np
 import pytest
-import torch
+from fake_pb_utils import InferenceResponse, Tensor, TritonError, install, outputs
 from google.protobuf import json_format
 
 from sd_pipeline import OnnxComponents
 from sd_pipeline import spec as S
-
-# ---------------------------------------------------------------------------
-# A fake triton_python_backend_utils
-
-
-class TritonError:
-    (
-        UNKNOWN,
-        INTERNAL,
-        NOT_FOUND,
-        INVALID_ARG,
-        UNAVAILABLE,
-        UNSUPPORTED,
-        ALREADY_EXISTS,
-        CANCELLED,
-    ) = range(8)
-
-    def __init__(self, message: str, code: int = 1):
-        self._message, self._code = message, code
-
-    def message(self) -> str:
-        return self._message
-
-    def code(self) -> int:
-        return self._code
-
-
-class Tensor:
-    def __init__(self, name: str, array: np.ndarray):
-        self._name, self._array = name, np.asarray(array)
-
-    def name(self) -> str:
-        return self._name
-
-    def as_numpy(self) -> np.ndarray:
-        return self._array
-
-    def to_dlpack(self):
-        return torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(self._array)))
-
-    @staticmethod
-    def from_dlpack(name: str, capsule) -> Tensor:
-        return Tensor(name, torch.utils.dlpack.from_dlpack(capsule).numpy().copy())
-
-
-class InferenceResponse:
-    def __init__(self, output_tensors=(), error: TritonError | None = None):
-        self.output_tensors, self._error = list(output_tensors or ()), error
-
-    def has_error(self) -> bool:
-        return self._error is not None
-
-    def error(self) -> TritonError | None:
-        return self._error
-
-    def output(self, name: str) -> np.ndarray | None:
-        return next((t.as_numpy() for t in self.output_tensors if t.name() == name), None)
-
-
-class Sender:
-    def __init__(self):
-        self.sent: list[tuple[InferenceResponse | None, int]] = []
-        self.done = threading.Event()
-        self.cancelled = False
-
-    def send(self, response=None, flags: int = 0):
-        self.sent.append((response, flags))
-        if flags & 1:
-            self.done.set()
-
-    def is_cancelled(self) -> bool:
-        return self.cancelled
 
 
 class ComponentServer:
@@ -124,44 +50,6 @@ class ComponentServer:
         )
 
 
-def make_fake_pb_utils(server: ComponentServer) -> types.ModuleType:
-    pb = types.ModuleType("triton_python_backend_utils")
-    pb.TritonError, pb.Tensor, pb.InferenceResponse = TritonError, Tensor, InferenceResponse
-    pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
-    pb.Logger = types.SimpleNamespace(log_error=lambda msg: None, log_info=lambda msg: None)
-
-    class InferenceRequest:
-        def __init__(self, model_name=None, inputs=(), requested_output_names=(), **kwargs):
-            self.model_name, self.inputs_ = model_name, list(inputs)
-            self.requested_output_names = list(requested_output_names)
-            self.sender = Sender()
-            self.cancelled = False
-
-        def exec(self):
-            return server.infer(self.model_name, self.inputs_, self.requested_output_names)
-
-        def inputs(self):
-            return self.inputs_
-
-        def is_cancelled(self):
-            return self.cancelled
-
-        def get_response_sender(self):
-            return self.sender
-
-    pb.InferenceRequest = InferenceRequest
-    pb.get_input_tensor_by_name = lambda r, name: next(
-        (t for t in r.inputs() if t.name() == name), None
-    )
-    pb.get_output_tensor_by_name = lambda r, name: next(
-        (t for t in r.output_tensors if t.name() == name), None
-    )
-    pb.using_decoupled_model_transaction_policy = lambda config: bool(
-        config.get("model_transaction_policy", {}).get("decoupled", False)
-    )
-    return pb
-
-
 # ---------------------------------------------------------------------------
 # Fixtures
 
@@ -172,15 +60,13 @@ def server(tiny_repository):
 
 
 @pytest.fixture(scope="module")
-def pb(server):
-    fake = make_fake_pb_utils(server)
-    saved = sys.modules.get("triton_python_backend_utils")
-    sys.modules["triton_python_backend_utils"] = fake
-    yield fake
-    if saved is None:
-        sys.modules.pop("triton_python_backend_utils", None)
-    else:
-        sys.modules["triton_python_backend_utils"] = saved
+def pb(server, module_monkeypatch):
+    """tests/fake_pb_utils.py; BLS calls answered by ``server`` (component models on a GPU)."""
+
+    def answer(r):
+        return server.infer(r.model_name, r.inputs(), r.requested_output_names())
+
+    return install(module_monkeypatch, answer, callee_kind="GPU")
 
 
 @pytest.fixture(scope="module")
@@ -254,9 +140,9 @@ def test_one_response_per_request_with_errors_kept_apart(pb, model_module, tiny_
     assert len(responses) == 3
     ok, steps, empty = responses
     assert not ok.has_error(), ok.error().message()
-    assert ok.output("images").shape == (2, 32, 24, 3) and ok.output("images").dtype == np.uint8
-    assert ok.output("nsfw_content_detected").dtype == np.bool_
-    np.testing.assert_array_equal(ok.output("seeds"), [42, 42])
+    assert outputs(ok)["images"].shape == (2, 32, 24, 3) and outputs(ok)["images"].dtype == np.uint8
+    assert outputs(ok)["nsfw_content_detected"].dtype == np.bool_
+    np.testing.assert_array_equal(outputs(ok)["seeds"], [42, 42])
     assert steps.error().code() == TritonError.INVALID_ARG
     assert "num_inference_steps must be at least 1" in steps.error().message()
     assert (
@@ -302,7 +188,7 @@ def test_result_matches_the_in_process_loop(pb, model_module, tiny_repository):
         scheduler="euler_a",
     )
     expected = generate(req, OnnxComponents(tiny_repository), assets)
-    np.testing.assert_array_equal(response.output("images"), expected.images)
+    np.testing.assert_array_equal(outputs(response)["images"], expected.images)
 
 
 def test_component_error_is_internal_and_names_the_component(
@@ -357,7 +243,7 @@ def test_default_scheduler_parameter(pb, model_module, tiny_repository):
         scheduler="euler_a",
     )
     expected = generate(req, OnnxComponents(tiny_repository), assets)
-    np.testing.assert_array_equal(response.output("images"), expected.images)
+    np.testing.assert_array_equal(outputs(response)["images"], expected.images)
     with pytest.raises(ValueError, match="unknown scheduler 'nope'"):
         load(model_module, tiny_repository, parameters={"default_scheduler": "nope"})
 
@@ -384,12 +270,12 @@ def test_stream_sends_progress_then_images_with_the_final_flag(pb, model_module,
 
     *progress, (final, flags) = good.sender.sent
     assert flags == 1 and not final.has_error()
-    assert [int(p.output("step")[0]) for p, _ in progress] == [1, 2, 3]
-    assert {int(p.output("total_steps")[0]) for p, _ in progress} == {3}
+    assert [int(outputs(p)["step"][0]) for p, _ in progress] == [1, 2, 3]
+    assert {int(outputs(p)["total_steps"][0]) for p, _ in progress} == {3}
     assert all(f == 0 for _, f in progress)
-    assert progress[0][0].output("preview_images").shape == (2, 16, 12, 3)
-    assert final.output("images").shape == (2, 32, 24, 3)
-    assert final.output("elapsed_s")[0] >= progress[-1][0].output("elapsed_s")[0] > 0
+    assert outputs(progress[0][0])["preview_images"].shape == (2, 16, 12, 3)
+    assert outputs(final)["images"].shape == (2, 32, 24, 3)
+    assert outputs(final)["elapsed_s"][0] >= outputs(progress[-1][0])["elapsed_s"][0] > 0
 
 
 def test_stream_cancellation_ends_with_a_cancelled_final_response(
