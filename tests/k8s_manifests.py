@@ -31,6 +31,8 @@ import kubernetes_validate
 import yaml
 from referencing import Registry, Resource
 
+from sd_triton.server.watchdog import PROBE_COMMAND
+
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy" / "helm" / "sd-triton"
 SCHEMAS = ROOT / "deploy" / "schemas"
@@ -39,6 +41,7 @@ KSCHEMA_ROOT = Path(kubernetes_validate.__file__).parent / "kubernetes-json-sche
 K8S_DEFS = "https://kubernetes.io/api/_definitions.json"
 PIPELINE_MODEL = "stable_diffusion"
 QUEUE_METRIC = "nv_inference_pending_request_count"
+READY, LIVE = "/v2/health/ready", "/v2/health/live"
 
 
 def ensure_helm(dest: Path) -> Path:
@@ -231,16 +234,18 @@ def _port_errors(c: dict, args: list[str]) -> list[str]:
             errors.append(
                 f"container port {name}={ports.get(name)} but tritonserver {flag}={flags.get(flag)}"
             )
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        get = c.get(probe, {}).get("httpGet")
-        if get is None:
-            errors.append(f"{probe} is not an HTTP check")
-            continue
-        if get["port"] != "http" and get["port"] != ports.get("http"):
-            errors.append(f"{probe} probes port {get['port']!r}, not Triton's HTTP port")
-        expected = "/v2/health/live" if probe == "livenessProbe" else "/v2/health/ready"
-        if get["path"] != expected:
-            errors.append(f"{probe} checks {get['path']}, expected {expected}")
+    http = ports.get("http")
+    start = c.get("startupProbe", {}).get("httpGet", {})
+    if (start.get("port"), start.get("path")) not in (("http", READY), (http, READY)):
+        errors.append(f"startupProbe checks {start}, expected GET {READY} on the HTTP port")
+    for probe, path in (("readinessProbe", READY), ("livenessProbe", LIVE)):
+        command = c.get(probe, {}).get("exec", {}).get("command", [])
+        script = command[2] if command[:2] == ["sh", "-c"] and len(command) == 3 else ""
+        if PROBE_COMMAND[2] not in script:
+            errors.append(f"{probe} does not run server/watchdog.py's dead-stub check")
+        url = f"http://127.0.0.1:{http}{path}"
+        if url not in script:
+            errors.append(f"{probe} does not check {url}: {script!r}")
     return errors
 
 

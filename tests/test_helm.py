@@ -190,6 +190,9 @@ def test_kserve_example_validates_and_matches_the_chart(helm):
     )
     assert container["image"] == f"{chart['image']}"
     assert set(strip_for_local(container["args"])) == set(strip_for_local(chart["args"]))
+    for probe in ("readinessProbe", "livenessProbe"):
+        ours = [a.replace(":8000/", ":8080/") for a in chart[probe]["exec"]["command"]]
+        assert container[probe]["exec"]["command"] == ours, probe
     model = isvc["spec"]["predictor"]["model"]
     assert (model["runtime"], model["modelFormat"]["name"]) == (
         runtime["metadata"]["name"],
@@ -302,6 +305,11 @@ def _deploy_spec(d):
     return d["spec"]["template"]["spec"]
 
 
+def _probe(kinds, probe, old, new):
+    command = _deploy_spec(kinds["Deployment"][0])["containers"][0][probe]["exec"]["command"]
+    command[2] = command[2].replace(old, new)
+
+
 BROKEN = {
     "Service selector does not select": lambda k: k["Service"][0]["spec"]["selector"].update(
         {"app.kubernetes.io/component": "web"}
@@ -318,12 +326,18 @@ BROKEN = {
     "which no mounted Secret provides": lambda k: _deploy_spec(k["Deployment"][0])["containers"][0][
         "env"
     ][0].update(value="/var/run/secrets/sd-triton/admin/other"),
-    "readinessProbe probes port 8080": lambda k: _deploy_spec(k["Deployment"][0])["containers"][0][
-        "readinessProbe"
-    ]["httpGet"].update(port=8080),
-    "livenessProbe checks /v2/health/ready": lambda k: _deploy_spec(k["Deployment"][0])[
-        "containers"
-    ][0]["livenessProbe"]["httpGet"].update(path="/v2/health/ready"),
+    "readinessProbe does not check http://127.0.0.1:8000/v2/health/ready": lambda k: _probe(
+        k, "readinessProbe", ":8000/", ":8080/"
+    ),
+    "livenessProbe does not check http://127.0.0.1:8000/v2/health/live": lambda k: _probe(
+        k, "livenessProbe", "/live", "/ready"
+    ),
+    "livenessProbe does not run server/watchdog.py's dead-stub check": lambda k: _probe(
+        k, "livenessProbe", " Z ", " D "
+    ),
+    "startupProbe checks": lambda k: _deploy_spec(k["Deployment"][0])["containers"][0][
+        "startupProbe"
+    ]["httpGet"].update(port="metrics"),
     "in-flight requests would be killed": lambda k: _deploy_spec(k["Deployment"][0]).update(
         terminationGracePeriodSeconds=60
     ),
@@ -414,6 +428,15 @@ def _wait_ready(proc, base: str, timeout_s: float = 60.0) -> None:
         time.sleep(0.1)
 
 
+def _probe_rc(container: dict, probe: str, base: str) -> int:
+    """Exit status of the container's exec probe, pointed at the local server."""
+    command = [
+        a.replace("http://127.0.0.1:8000", base) for a in container[probe]["exec"]["command"]
+    ]
+    env = {**os.environ, "PATH": server_env()["PATH"]}  # python3 of this environment
+    return subprocess.run(command, env=env, capture_output=True, timeout=30).returncode
+
+
 def _stop(proc) -> None:
     proc.terminate()
     try:
@@ -440,9 +463,12 @@ def test_start_script_locks_the_admin_apis(helm, tmp_path):
         assert _status(index, "POST", {"sd-triton-admin-key": key}) == 200
         assert _status(f"{base}/v2/health/live") == 200  # probes need no key
         assert _status(f"{base}/v2/logging", "POST") == 403
+        assert _probe_rc(container, "readinessProbe", base) == 0
+        assert _probe_rc(container, "livenessProbe", base) == 0
     finally:
         _stop(proc)
     assert proc.returncode == 0
+    assert _probe_rc(container, "readinessProbe", base) != 0  # the server is gone
 
 
 @pytest.mark.server

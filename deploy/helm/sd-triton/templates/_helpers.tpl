@@ -100,3 +100,12 @@ same series per pod to an autoscaling/v2 HPA.
 {{- toYaml . | nindent 0 }}
 {{- end }}
 {{- end }}
+
+{{/*
+A probe: no dead Python-backend stub in the container (the test of
+server/watchdog.py's PROBE_COMMAND, verbatim) and Triton's health endpoint
+answers 200. The image has python3 (the Python backend needs it), not curl.
+*/}}
+{{- define "sd-triton.healthCheck" -}}
+{{- printf "! grep -qs '^[0-9]* (triton_python_b) Z ' /proc/[0-9]*/stat && exec python3 -c \"import urllib.request as r; r.urlopen('http://127.0.0.1:8000%s', timeout=4)\"" . }}
+{{- end }}
