@@ -198,8 +198,8 @@ def run_batched(
 class ComponentHost:
     """The ``TritonPythonModel`` of a component host, less what is particular to its runtime.
 
-    Subclasses implement :meth:`load` (make the runtime: ``self.device`` is
-    chosen by then), :meth:`read` (one request tensor -> an array),
+    Subclasses implement :meth:`load` (make the runtime on ``self.cuda_device``,
+    the CUDA device index, or the CPU where it is ``None``), :meth:`read` (one request tensor -> an array),
     :meth:`concat`, :meth:`run` (inputs by name -> outputs by name, in the
     model's shapes) and :meth:`output` (one output -> a ``pb_utils.Tensor``).
     ``cuda_available`` says whether the runtime can use CUDA here.
@@ -214,7 +214,7 @@ class ComponentHost:
         self.inputs = [TensorConfig.parse(e, batched) for e in config["input"]]
         self.outputs = [TensorConfig.parse(e, batched) for e in config["output"]]
         try:
-            self.device = instance_device(args, config, cuda=self.cuda_available())
+            self.cuda_device = instance_device(args, config, cuda=self.cuda_available())
         except (ValueError, RuntimeError) as e:
             raise type(e)(f"model '{self.name}': {e}") from None
         self.load(args)

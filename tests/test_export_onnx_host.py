@@ -275,12 +275,12 @@ def test_gpu_instance_without_cuda_provider_fails_at_load(host, tiny_repository,
 @pytest.mark.parametrize("kind", [None, "CPU", "MODEL", "KIND_GPU"])
 def test_other_instance_kinds_never_default_to_cuda(host, tiny_repository, sessions, kind):
     model = _load(host, tiny_repository / "vae_decoder", kind)
-    assert model.device is None
+    assert model.cuda_device is None
     assert sessions == [["CPUExecutionProvider"]]
 
 
 def test_device_cpu_runs_a_gpu_instance_on_the_cpu_on_purpose(host, tiny_repository, sessions):
     model = _load(host, tiny_repository / "vae_decoder", "GPU", device="cpu")
-    assert model.device is None and sessions == [["CPUExecutionProvider"]]
+    assert model.cuda_device is None and sessions == [["CPUExecutionProvider"]]
     with pytest.raises(ValueError, match="device must be one of auto, cuda, cpu"):
         _load(host, tiny_repository / "vae_decoder", "GPU", device="tpu")

@@ -61,10 +61,10 @@ class TritonPythonModel(ComponentHost):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         providers: list = ["CPUExecutionProvider"]
-        if self.device is not None:
-            providers.insert(0, (CUDA, {"device_id": self.device}))
+        if self.cuda_device is not None:
+            providers.insert(0, (CUDA, {"device_id": self.cuda_device}))
         self.session = ort.InferenceSession(str(path), options, providers=providers)
-        if self.device is not None and CUDA not in self.session.get_providers():
+        if self.cuda_device is not None and CUDA not in self.session.get_providers():
             raise RuntimeError(
                 f"model '{self.name}': CUDA asked for, but the onnxruntime session runs on "
                 f"{self.session.get_providers()} (CUDA or cuDNN libraries missing?); set "
