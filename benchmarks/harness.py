@@ -135,7 +135,7 @@ def full_size_build(
     replaces the previous repository (each is ~3.5 GB).
     """
     import sd_triton.export as export_pkg
-    from sd_triton.export import export_repository
+    from sd_triton.export import Contents, ExportOptions, Hosting, export_repository
     from sd_triton.export.tiny import SD15, build_pipeline, save_pipeline
 
     export_dir = Path(export_pkg.__file__).resolve().parent
@@ -156,9 +156,9 @@ def full_size_build(
         log.info(
             "exporting %s (%s, host %s): 1-2 min, ~5 GB of memory", FULL_SIZE_ARCH, dtype, host
         )
-        export_repository(
-            checkpoint, folder / "repository", host=host, fp16=dtype == "float16", overwrite=True
-        )
+        precision = "fp16-vae-fp32" if dtype == "float16" else "fp32"
+        options = ExportOptions(contents=Contents(precision=precision), hosting=Hosting(host=host))
+        export_repository(checkpoint, folder / "repository", options, overwrite=True)
 
     checkpoint = _cached(base / "checkpoint", ckpt_options, build_checkpoint) / "diffusers"
     repo_options = {

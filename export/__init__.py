@@ -2,7 +2,8 @@
 
 Public API::
 
-    export_repository(src, out, *, host="python", fp16=False, overwrite=False, ...)
+    export_repository(src, out, ExportOptions(...), *, overwrite=False)
+    ExportOptions(contents=Contents(precision="fp16"), hosting=Hosting(host="torch"), ...)
     build_pipeline(TINY | SD15, seed=0)   # random-weight SD 1.x pipelines (tiny / full size)
     save_pipeline(pipe, folder)           # diffusers folder with SD 1.x's tokenizer files
     write_clip_tokenizer(folder)          # SD 1.x's CLIP tokenizer, rebuilt offline
@@ -16,13 +17,18 @@ from __future__ import annotations
 from typing import Any
 
 from .checkpoint import ExportError
-from .repository import DEFAULT_PIPELINE_PARAMETERS, export_repository
+from .options import Contents, ExportOptions, Hosting, Naming, Precision
+from .repository import export_repository
 
 __all__ = [
-    "DEFAULT_PIPELINE_PARAMETERS",
     "SD15",
     "TINY",
+    "Contents",
     "ExportError",
+    "ExportOptions",
+    "Hosting",
+    "Naming",
+    "Precision",
     "build_pipeline",
     "export_repository",
     "save_pipeline",

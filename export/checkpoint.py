@@ -53,6 +53,8 @@ class Checkpoint:
     pipeline_class: str
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     tokenizer_files: list[Path] = field(default_factory=list)
+    # model_index.json says safety_checker: null (every SD 2.x, most community models).
+    ships_without_safety_checker: bool = False
 
     @property
     def has_safety_checker(self) -> bool:
@@ -80,8 +82,18 @@ def _check_tokenizer(folder: Path) -> list[Path]:
     return [folder / n for n in names if (folder / n).is_file()]
 
 
+def _is_null(entry: Any) -> bool:
+    """A model_index.json entry that names no component: absent, null or [null, null]."""
+    return not entry or (isinstance(entry, list) and entry[0] is None)
+
+
 def inspect_checkpoint(src: str | Path, *, safety_checker: bool = True) -> Checkpoint:
-    """Check that ``src`` is a diffusers SD folder with every component; read its configs."""
+    """Check that ``src`` is a diffusers SD folder with every component; read its configs.
+
+    The safety checker (and its feature extractor) is read when the checkpoint
+    has one and ``safety_checker`` is true; a checkpoint whose model_index.json
+    says ``safety_checker: null`` has none (``ships_without_safety_checker``).
+    """
     src = Path(src)
     if not src.is_dir():
         raise ExportError(f"{src} is not a folder")
@@ -98,12 +110,13 @@ def inspect_checkpoint(src: str | Path, *, safety_checker: bool = True) -> Check
         raise ExportError(
             f"{src} holds a {pipeline_class or 'unknown'} pipeline, not Stable Diffusion 1.x/2.x"
         )
-    wanted = REQUIRED + (SAFETY if safety_checker else ())
     ckpt = Checkpoint(path=src, pipeline_class=pipeline_class)
-    for name in wanted:
+    ckpt.ships_without_safety_checker = _is_null(index.get("safety_checker"))
+    keep_safety = safety_checker and not ckpt.ships_without_safety_checker
+    for name in REQUIRED + (SAFETY if keep_safety else ()):
         entry = index.get(name)
         folder = src / name
-        if not entry or entry[0] is None or not folder.is_dir():
+        if _is_null(entry) or not folder.is_dir():
             hint = " (export with --no-safety-checker to leave it out)" if name in SAFETY else ""
             raise ExportError(f"missing component '{name}' in {src}{hint}")
         config_file = CONFIG_FILES[name]

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from .checkpoint import ExportError
-from .repository import HOSTS, export_repository
+from .options import HOSTS, PRECISIONS, Contents, ExportOptions, Hosting, Naming, Precision
+from .repository import export_repository
 
 PROG = "sd-triton-export"
 
@@ -40,11 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(NVIDIA's container); torch: a Python-backend model runs the diffusers module with "
         "torch (fp16 on CUDA, fp32 on CPU; no ONNX step)",
     )
-    p.add_argument("--fp16", action="store_true", help="float16 weights (timestep stays fp32)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="fp32; fp16 (float16 weights and tensors; the UNet timestep stays fp32); "
+        "fp16-vae-fp32 (fp16, but the VAE decoder stays fp32: SD 1.x's overflows in fp16). "
+        "Default: fp16-vae-fp32 with --tensorrt, else fp32",
+    )
+    p.add_argument("--fp16", action="store_true", help="same as --precision fp16-vae-fp32")
     p.add_argument(
         "--fp16-vae-decoder",
         action="store_true",
-        help="with --fp16, make the VAE decoder float16 too (SD 1.x's overflows)",
+        help="with --fp16: --precision fp16 (the VAE decoder float16 too)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing repository")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
@@ -87,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument(
         "--tensorrt",
         action="store_true",
-        help="with --host onnxruntime: TensorRT execution provider (FP16 where the weights are; "
-        "implies --gpu)",
+        help="with --host onnxruntime: TensorRT execution provider (implies --gpu; precision "
+        "fp16-vae-fp32 unless --precision says otherwise; engines FP16 where the weights are)",
     )
     gpu.add_argument(
         "--trt-cache",
@@ -101,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="PX",
-        help="largest side in pixels the TensorRT profiles cover (default: twice the native size)",
+        help="same as --parameter max_side=PX: the largest height or width a request may ask "
+        "for, where the TensorRT profiles end (default: twice the native size)",
     )
     gpu.add_argument(
         "--component-instances",
@@ -134,42 +144,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _precision(args: argparse.Namespace) -> Precision:
+    """``--precision``, or what ``--fp16`` / ``--fp16-vae-decoder`` / ``--tensorrt`` imply."""
+    implied: Precision = "fp32"
+    if args.fp16 or args.tensorrt:
+        implied = "fp16" if args.fp16_vae_decoder else "fp16-vae-fp32"
+    if args.precision is None:
+        return implied
+    if (args.fp16 or args.fp16_vae_decoder) and args.precision != implied:
+        raise ExportError(
+            f"--precision {args.precision} contradicts --fp16/--fp16-vae-decoder: give one"
+        )
+    return args.precision
+
+
+def options_from_args(args: argparse.Namespace) -> ExportOptions:
+    """The :class:`ExportOptions` the command line asks for."""
+    parameters: dict[str, str] = dict(args.parameter)
+    size = args.trt_max_size
+    if size is not None and parameters.setdefault("max_side", str(size)) != str(size):
+        raise ExportError("--trt-max-size and --parameter max_side=... disagree: give one")
+    contents = Contents(
+        precision=_precision(args),
+        safety_checker=not args.no_safety_checker,
+        stream_model=not args.no_stream_model,
+        opset=max(args.opset, 18) if args.dynamo else args.opset,
+        dynamo=args.dynamo,
+        name=args.name,
+    )
+    hosting = Hosting(
+        host=args.host,
+        gpu=args.gpu,
+        tensorrt=args.tensorrt,
+        trt_cache=args.trt_cache,
+        component_instances=args.component_instances,
+        pipeline_instances=args.pipeline_instances,
+        intra_op_threads=args.intra_op_threads,
+        unet_max_batch_size=args.unet_max_batch_size,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us,
+        preferred_batch_sizes=tuple(args.preferred_batch_size),
+    )
+    naming = Naming(
+        model_prefix=args.model_prefix,
+        new_version=args.new_version,
+        keep_versions=args.keep_versions,
+    )
+    return ExportOptions(contents, hosting, naming, parameters)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # Our progress lines only; libraries' INFO chatter stays off.
     logging.getLogger("sd_triton").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    if args.dynamo and args.opset < 18:
-        args.opset = 18
     try:
-        export_repository(
-            args.src,
-            args.out,
-            host=args.host,
-            fp16=args.fp16,
-            fp16_vae_decoder=args.fp16_vae_decoder,
-            overwrite=args.overwrite,
-            opset=args.opset,
-            dynamo=args.dynamo,
-            unet_max_batch_size=args.unet_max_batch_size,
-            max_batch_size=args.max_batch_size,
-            max_queue_delay_us=args.max_queue_delay_us,
-            preferred_batch_sizes=tuple(args.preferred_batch_size),
-            intra_op_threads=args.intra_op_threads,
-            safety_checker=not args.no_safety_checker,
-            pipeline_instances=args.pipeline_instances,
-            pipeline_parameters=dict(args.parameter),
-            name=args.name,
-            stream_model=not args.no_stream_model,
-            gpu=args.gpu,
-            tensorrt=args.tensorrt,
-            trt_cache=args.trt_cache,
-            trt_max_size=args.trt_max_size,
-            component_instances=args.component_instances,
-            model_prefix=args.model_prefix,
-            new_version=args.new_version,
-            keep_versions=args.keep_versions,
-        )
+        export_repository(args.src, args.out, options_from_args(args), overwrite=args.overwrite)
     except ExportError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -43,7 +43,7 @@ def tiny_repository(build_dir, tiny_checkpoint) -> Path:
     from sd_triton.export import export_repository
 
     path = build_dir / "model_repository"
-    export_repository(tiny_checkpoint, path, host="python", overwrite=True)
+    export_repository(tiny_checkpoint, path, overwrite=True)  # the Python-backend ONNX host
     return path
 
 

@@ -17,7 +17,8 @@ from sd_pipeline import spec as S
 from sd_triton.export import components as C
 from sd_triton.export import triton_config as T
 from sd_triton.export.checkpoint import inspect_checkpoint, load_modules
-from sd_triton.export.repository import PIPELINE_MODELS, pipeline_constants
+from sd_triton.export.options import PIPELINE_MODELS
+from sd_triton.export.pipeline_models import pipeline_constants
 
 TOL = 1e-4  # max abs error relative to the reference's max abs value
 
@@ -184,7 +185,7 @@ def test_export_copies_no_bytecode(tiny_checkpoint, tmp_path):
     # the server's own imports write __pycache__ there.
     from sd_triton.export import export_repository
 
-    export_repository(tiny_checkpoint, tmp_path / "repo", host="python")
+    export_repository(tiny_checkpoint, tmp_path / "repo")
     assert not list((tmp_path / "repo").rglob("__pycache__"))
 
 
@@ -209,6 +210,8 @@ def test_pipeline_model(model, tiny_repository):
 
 
 def test_pipeline_json(tiny_repository, tiny_checkpoint):
+    from transformers import CLIPTokenizer
+
     assets = tiny_repository / "stable_diffusion" / "1" / "assets"
     constants = json.loads((assets / "pipeline.json").read_text())
     assert constants["latent_channels"] == 4
@@ -218,7 +221,8 @@ def test_pipeline_json(tiny_repository, tiny_checkpoint):
     assert constants["native_height"] == constants["native_width"] == 64
     assert constants["size_step"] == 4
     assert constants["text_width"] == 32
-    assert constants["tokenizer_max_length"] == 77
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_checkpoint / "tokenizer")
+    assert constants["tokenizer_max_length"] == tokenizer.model_max_length
     assert constants["unet_max_batch_size"] == 16
     assert constants["dtype"] == "float32"
     assert constants["source"] == str(tiny_checkpoint.resolve())

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from sd_triton.export import ExportError, export_repository
+from sd_triton.export import Contents, ExportError, ExportOptions, Hosting, export_repository
 from sd_triton.export import components as C
 from sd_triton.export import triton_config as T
 
@@ -99,16 +99,12 @@ def test_bad_argument_values(tiny_checkpoint, tmp_path):
 @pytest.fixture(scope="module")
 def fp16_repository(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("fp16") / "repo"
-    export_repository(
-        tiny_checkpoint,
-        out,
-        host="onnxruntime",
-        fp16=True,
-        unet_max_batch_size=4,
-        preferred_batch_sizes=(2, 4),
-        pipeline_parameters={"max_steps": 60, "scheduler_default": "euler"},
-        name="tiny-sd1",
+    options = ExportOptions(
+        contents=Contents(precision="fp16-vae-fp32", name="tiny-sd1"),
+        hosting=Hosting(host="onnxruntime", unet_max_batch_size=4, preferred_batch_sizes=(2, 4)),
+        parameters={"max_steps": 60, "scheduler_default": "euler"},
     )
+    export_repository(tiny_checkpoint, out, options)
     return out
 
 
@@ -159,10 +155,12 @@ def test_fp16_configs_and_dtypes(fp16_repository):
     assert params["max_images"].string_value == "8"
 
 
-def test_fp16_unet_runs_close_to_fp32(fp16_repository, tiny_repository):
+def test_fp16_unet_runs_close_to_fp32(fp16_repository, tiny_repository, tiny_checkpoint):
+    from sd_triton.export.checkpoint import inspect_checkpoint
+
     comp = C.COMPONENTS["unet"]
-    sizes = {"B": 2, "latent_height": 8, "latent_width": 8, "in_channels": 4}
-    sizes.update(sequence=77, text_width=32)
+    sizes = {"B": 2, "latent_height": 8, "latent_width": 8}
+    sizes.update(C.fixed_sizes(inspect_checkpoint(tiny_checkpoint).configs))
     feeds32 = {k: v.numpy() for k, v in C.sample_inputs(comp, sizes).items()}
     feeds16 = {k: v.astype(np.float16) if k != "timestep" else v for k, v in feeds32.items()}
     ref = ort.InferenceSession(str(tiny_repository / "unet" / "1" / "model.onnx"))
@@ -192,16 +190,16 @@ def test_failed_export_leaves_output_untouched(tiny_checkpoint, tmp_path, monkey
 
     out = tmp_path / "out"
     out.mkdir()
-    write_component = repository._write_component
+    write_component = repository.write_component
 
     def fail_at_unet(name, *args, **kwargs):
         if name == "unet":  # after the text encoder was staged
             raise RuntimeError("disk full")
         return write_component(name, *args, **kwargs)
 
-    monkeypatch.setattr(repository, "_write_component", fail_at_unet)
+    monkeypatch.setattr(repository, "write_component", fail_at_unet)
     with pytest.raises(RuntimeError, match="disk full"):
-        export_repository(tiny_checkpoint, out, safety_checker=False)
+        export_repository(tiny_checkpoint, out, ExportOptions(Contents(safety_checker=False)))
     assert list(out.iterdir()) == []  # no staging folder, no half-written model
 
 
@@ -209,7 +207,7 @@ def test_tokenizer_json_only_is_accepted(configs_only, tmp_path):
     from transformers import CLIPTokenizer
 
     from sd_triton.export.checkpoint import inspect_checkpoint
-    from sd_triton.export.repository import _write_assets
+    from sd_triton.export.pipeline_models import _write_assets
 
     folder = configs_only / "tokenizer"
     CLIPTokenizer.from_pretrained(folder).save_pretrained(tmp_path / "saved")

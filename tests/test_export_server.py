@@ -19,21 +19,31 @@ from sd_triton.export import triton_config as T
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
-def _unet_inputs(rng, b, h=8, w=12):
-    return {
-        "sample": rng.standard_normal((b, 4, h, w), dtype=np.float32),
-        "timestep": (rng.random((b, 1), dtype=np.float32) * 999),
-        "encoder_hidden_states": rng.standard_normal((b, 77, 32), dtype=np.float32),
-    }
+@pytest.fixture(scope="module")
+def unet_inputs(tiny_repository):
+    """``make(rng, b, h, w)``: random UNet inputs whose fixed dims (latent channels, the
+    tokenizer's model_max_length, the text width) are read from the written config."""
+    dims = {i.name: list(i.dims) for i in T.read_config(tiny_repository / "unet").input}
+    channels = dims["sample"][0]
+    sequence, width = dims["encoder_hidden_states"]
+
+    def make(rng, b, h=8, w=12):
+        return {
+            "sample": rng.standard_normal((b, channels, h, w), dtype=np.float32),
+            "timestep": (rng.random((b, 1), dtype=np.float32) * 999),
+            "encoder_hidden_states": rng.standard_normal((b, sequence, width), dtype=np.float32),
+        }
+
+    return make
 
 
 def _infer_inputs(arrays):
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
 
-    dtypes = {np.float32: "FP32", np.int32: "INT32"}
     inputs = []
     for name, a in arrays.items():
-        x = grpcclient.InferInput(name, list(a.shape), dtypes[a.dtype.type])
+        x = grpcclient.InferInput(name, list(a.shape), np_to_triton_dtype(a.dtype))
         x.set_data_from_numpy(a)
         inputs.append(x)
     return inputs
@@ -57,11 +67,13 @@ def test_component_loaded_with_its_config(grpc_client, tiny_repository, name):
     assert served.max_batch_size == written.max_batch_size
 
 
-def test_concurrent_unet_requests_batch_and_match(grpc_client, unet_session, triton_url):
+def test_concurrent_unet_requests_batch_and_match(
+    grpc_client, unet_session, unet_inputs, triton_url
+):
     import tritonclient.grpc as grpcclient
 
     rng = np.random.default_rng(0)
-    requests = [_unet_inputs(rng, b, h) for b, h in [(1, 8), (2, 8), (1, 16), (1, 8)] * 3]
+    requests = [unet_inputs(rng, b, h) for b, h in [(1, 8), (2, 8), (1, 16), (1, 8)] * 3]
     before = grpc_client.get_inference_statistics("unet").model_stats[0]
 
     results: dict[int, object] = {}
@@ -105,13 +117,13 @@ def test_per_sample_scalar_outputs(grpc_client):
     assert result.as_numpy("out_images").shape == (3, 8, 12, 3)
 
 
-def test_bad_request_does_not_disturb_others(grpc_client, unet_session):
+def test_bad_request_does_not_disturb_others(grpc_client, unet_session, unet_inputs):
     from tritonclient.utils import InferenceServerException
 
     rng = np.random.default_rng(2)
-    bad = _unet_inputs(rng, 1, h=9)  # the UNet needs multiples of its downsampling
+    bad = unet_inputs(rng, 1, h=9)  # the UNet needs multiples of its downsampling
     with pytest.raises(InferenceServerException):
         grpc_client.infer("unet", _infer_inputs(bad))
-    good = _unet_inputs(rng, 2)
+    good = unet_inputs(rng, 2)
     out = grpc_client.infer("unet", _infer_inputs(good)).as_numpy("out_sample")
     np.testing.assert_allclose(out, _direct(unet_session, good), atol=1e-5)

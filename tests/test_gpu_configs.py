@@ -2,11 +2,12 @@
 
 - the GPU repository (Triton's onnxruntime backend, TensorRT, KIND_GPU) parses
   into ``ModelConfig``s that agree with the ONNX files, with TensorRT profiles
-  that name the ONNX inputs and cover the pipeline's sizes;
-- fp16 TensorRT precision follows the weights (the VAE decoder stays fp32);
-- the pipeline's BLS calls name the component models and versions of its
-  pipeline.json, keep CPU calls as they were, and ask for GPU outputs when
-  their inputs are CUDA tensors (the device logic runs with a faked CUDA).
+  that name the ONNX inputs and cover every request the pipeline accepts;
+- TensorRT keys are ones the onnxruntime backend documents;
+- fp16 TensorRT precision follows the weights (the VAE decoder stays fp32).
+
+The pipeline's BLS calls are tested in tests/test_bls_memory.py, the device
+rule and the torch host in tests/test_gpu_torch_host.py.
 
 The exports here copy the session repository's ONNX files instead of tracing
 again (:func:`copy_onnx_export`): only the configs differ between flavours.
@@ -16,33 +17,97 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from sd_pipeline import spec as S
-from sd_triton.export import ExportError, export_repository
+from sd_pipeline.config import Limits, PipelineConfig
+from sd_pipeline.errors import InvalidRequest
+from sd_pipeline.request import make_request
+from sd_triton.export import (
+    Contents,
+    ExportError,
+    ExportOptions,
+    Hosting,
+    Naming,
+    export_repository,
+)
+from sd_triton.export import component_models as CM
 from sd_triton.export import components as C
-from sd_triton.export import repository as R
 from sd_triton.export import triton_config as T
 from sd_triton.export.checkpoint import inspect_checkpoint
+from sd_triton.export.cli import build_parser, options_from_args
+from sd_triton.export.pipeline_models import pipeline_constants, request_limits
+from sd_triton.export.tensorrt import TRT_COMPONENTS
 
-TRT_MAX_SIZE = 96  # pixels a side (the tiny model's native size is 64)
+TRT_MAX_SIDE = 96  # pixels a side (the tiny model's native size is 64)
+
+# The TensorRT keys Triton's onnxruntime backend accepts in a
+# gpu_execution_accelerator "tensorrt" (it refuses to load a model with any
+# other): its README, "ONNX Runtime with TensorRT optimization" and the
+# "Parameter mapping" table, triton-inference-server/onnxruntime_backend at
+# 013d274504599ff36f0a9518322adb5b760c03d1 (2024; the profile keys since
+# onnxruntime_backend#237, February 2024, before r24.10). Written out here,
+# not imported from the exporter, so a misspelt key fails this test.
+ONNXRUNTIME_BACKEND_TRT_KEYS = frozenset(
+    [
+        "precision_mode",
+        "max_workspace_size_bytes",
+        "int8_calibration_table_name",
+        "int8_use_native_calibration_table",
+        "trt_max_partition_iterations",
+        "trt_min_subgraph_size",
+        "trt_dla_enable",
+        "trt_dla_core",
+        "trt_engine_cache_enable",
+        "trt_engine_cache_path",
+        "trt_engine_cache_prefix",
+        "trt_dump_subgraphs",
+        "trt_force_sequential_engine_build",
+        "trt_context_memory_sharing_enable",
+        "trt_layer_norm_fp32_fallback",
+        "trt_timing_cache_enable",
+        "trt_timing_cache_path",
+        "trt_force_timing_cache",
+        "trt_detailed_build_log",
+        "trt_build_heuristics_enable",
+        "trt_sparsity_enable",
+        "trt_builder_optimization_level",
+        "trt_auxiliary_streams",
+        "trt_tactic_sources",
+        "trt_extra_plugin_lib_paths",
+        "trt_profile_min_shapes",
+        "trt_profile_max_shapes",
+        "trt_profile_opt_shapes",
+        "trt_cuda_graph_enable",
+        "trt_dump_ep_context_model",
+        "trt_ep_context_file_path",
+        "trt_ep_context_embed_mode",
+    ]
+)
 
 
 def copy_onnx_export(monkeypatch, source: Path) -> None:
     """Make the exporter copy ``source``'s ONNX files (same checkpoint) instead of tracing."""
 
-    def copy(component, modules, sizes, trace_sizes, dtype, version_dir, opset, dynamo):
+    def copy(component, modules, sizes, trace_sizes, dtype, version_dir, opts):
         version_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / component.name / "1" / R.ONNX_NAME, version_dir / R.ONNX_NAME)
-        return version_dir / R.ONNX_NAME
+        shutil.copyfile(source / component.name / "1" / CM.ONNX_NAME, version_dir / CM.ONNX_NAME)
+        return version_dir / CM.ONNX_NAME
 
-    monkeypatch.setattr(R, "_export_component", copy)
+    monkeypatch.setattr(CM, "_export_onnx", copy)
+
+
+GPU_OPTIONS = ExportOptions(
+    hosting=Hosting(
+        host="onnxruntime",
+        tensorrt=True,
+        pipeline_instances=2,
+        component_instances=2,
+        unet_max_batch_size=8,
+    ),
+    parameters={"max_side": TRT_MAX_SIDE},
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,23 +115,19 @@ def gpu_repository(tiny_checkpoint, tiny_repository, tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu") / "repo"
     with pytest.MonkeyPatch.context() as mp:
         copy_onnx_export(mp, tiny_repository)
-        export_repository(
-            tiny_checkpoint,
-            out,
-            host="onnxruntime",
-            tensorrt=True,
-            trt_max_size=TRT_MAX_SIZE,
-            pipeline_instances=2,
-            component_instances=2,
-            unet_max_batch_size=8,
-        )
+        export_repository(tiny_checkpoint, out, GPU_OPTIONS)
     return out
 
 
 @pytest.fixture(scope="module")
 def tiny_configs(tiny_checkpoint):
     ckpt = inspect_checkpoint(tiny_checkpoint)
-    return C.fixed_sizes(ckpt.configs), R.pipeline_constants(ckpt.configs)
+    return C.fixed_sizes(ckpt.configs), pipeline_constants(ckpt.configs)
+
+
+def _component_config(name, opts, tiny_configs):
+    sizes, constants = tiny_configs
+    return CM.component_config(name, opts, sizes, constants, request_limits(opts, constants))
 
 
 def _profiles(config) -> dict[str, dict[str, list[int]]]:
@@ -92,14 +153,14 @@ def test_gpu_component_configs_agree_with_onnx(gpu_repository, name):
     config = T.read_config(gpu_repository / name)
     assert config.name == name and config.backend == "onnxruntime"
     assert not (gpu_repository / name / "1" / "model.py").exists()
-    assert_config_matches_onnx(config, gpu_repository / name / "1" / R.ONNX_NAME)
+    assert_config_matches_onnx(config, gpu_repository / name / "1" / CM.ONNX_NAME)
     [group] = config.instance_group
     assert group.kind == T.pb.ModelInstanceGroup.KIND_GPU and group.count == 2
     assert config.version_policy.latest.num_versions == 2
 
 
-@pytest.mark.parametrize("name", R.TRT_COMPONENTS)
-def test_tensorrt_profiles_cover_the_pipeline_sizes(gpu_repository, tiny_configs, name):
+@pytest.mark.parametrize("name", TRT_COMPONENTS)
+def test_tensorrt_profiles_name_the_onnx_inputs(gpu_repository, tiny_configs, name):
     import onnx
 
     _, constants = tiny_configs
@@ -107,11 +168,11 @@ def test_tensorrt_profiles_cover_the_pipeline_sizes(gpu_repository, tiny_configs
     [accelerator] = config.optimization.execution_accelerators.gpu_execution_accelerator
     assert accelerator.name == "tensorrt"
     params = accelerator.parameters
-    assert set(params) == set(R.TRT_PARAMETERS)  # an unknown key fails the model's load
+    assert set(params) <= ONNXRUNTIME_BACKEND_TRT_KEYS, set(params) - ONNXRUNTIME_BACKEND_TRT_KEYS
     assert params["precision_mode"] == "FP32"  # fp32 weights
     assert params["trt_engine_cache_enable"] == "1"
     assert params["trt_engine_cache_path"] == "/trt_cache"
-    graph = onnx.load(str(gpu_repository / name / "1" / R.ONNX_NAME)).graph
+    graph = onnx.load(str(gpu_repository / name / "1" / CM.ONNX_NAME)).graph
     onnx_inputs = {
         i.name: [
             d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim
@@ -133,8 +194,51 @@ def test_tensorrt_profiles_cover_the_pipeline_sizes(gpu_repository, tiny_configs
         assert batch["opt"] == 2  # one request with classifier-free guidance
         assert profiles["min"]["sample"][2:] == [step // f] * 2
         assert profiles["opt"]["sample"][2:] == [native] * 2
-        assert profiles["max"]["sample"][2:] == [TRT_MAX_SIZE // f] * 2
+        assert profiles["max"]["sample"][2:] == [TRT_MAX_SIDE // f] * 2
         assert profiles["opt"]["timestep"] == [2]  # [B]: the model sees the reshaped timestep
+
+
+def _served_limits(repository: Path) -> tuple[PipelineConfig, Limits]:
+    """The pipeline's config and limits as the served model reads them."""
+    assets = repository / "stable_diffusion" / "1" / "assets" / "pipeline.json"
+    config = PipelineConfig.load(assets)
+    parameters = T.read_config(repository / "stable_diffusion").parameters
+    return config, Limits.from_parameters(
+        {k: v.string_value for k, v in parameters.items()}, config
+    )
+
+
+def test_every_request_the_pipeline_accepts_fits_the_profiles(gpu_repository):
+    config, limits = _served_limits(gpu_repository)
+    f, step = config.vae_scale_factor, config.size_step
+    unet = _profiles(T.read_config(gpu_repository / "unet"))
+    decoder = _profiles(T.read_config(gpu_repository / "vae_decoder"))
+    accepted = 0
+    for height in range(step, 5 * config.native_height + 1, step):
+        for width in range(step, 5 * config.native_width + 1, step):
+            try:
+                make_request(config, "x", height=height, width=width, seed=0, limits=limits)
+            except InvalidRequest as e:
+                assert "limit" in str(e), str(e)
+                continue
+            accepted += 1
+            for profiles, name, side in ((unet, "sample", f), (decoder, "latent_sample", f)):
+                low, high = profiles["min"][name][2:], profiles["max"][name][2:]
+                assert low[0] <= height // side <= high[0], (height, width)
+                assert low[1] <= width // side <= high[1], (height, width)
+    assert accepted >= (TRT_MAX_SIDE // step) ** 2
+
+
+def test_a_request_beyond_the_profiles_is_refused_naming_the_limit(gpu_repository):
+    config, limits = _served_limits(gpu_repository)
+    assert limits.max_side == TRT_MAX_SIDE
+    # 4x the native area is within max_pixels's default, but the long side is not.
+    wide = 4 * config.native_width
+    assert config.native_height * wide <= 4 * config.native_height * config.native_width
+    with pytest.raises(
+        InvalidRequest, match=rf"width {wide} .* limit of {TRT_MAX_SIDE} .*max_side"
+    ):
+        make_request(config, "x", height=config.native_height, width=wide, seed=0, limits=limits)
 
 
 def test_safety_checker_stays_on_cuda(gpu_repository):
@@ -154,14 +258,20 @@ def test_gpu_pipeline_models(gpu_repository):
     assert constants["component_versions"] == {n: 1 for n in C.COMPONENTS}
 
 
-def test_fp16_tensorrt_precision_follows_the_weights(tiny_configs):
-    sizes, constants = tiny_configs
-    opts = R.ExportOptions(host="onnxruntime", fp16=True, tensorrt=True)
-    precision = {}
-    for name in R.TRT_COMPONENTS:
-        config, dtypes = R._component_config(name, opts, sizes, constants)
+def _precision_modes(opts, tiny_configs) -> dict[str, str]:
+    modes = {}
+    for name in TRT_COMPONENTS:
+        config, _ = _component_config(name, opts, tiny_configs)
         [accelerator] = config.optimization.execution_accelerators.gpu_execution_accelerator
-        precision[name] = accelerator.parameters["precision_mode"]
+        modes[name] = accelerator.parameters["precision_mode"]
+    return modes
+
+
+def test_fp16_tensorrt_precision_follows_the_weights(tiny_configs):
+    hosting = Hosting(host="onnxruntime", tensorrt=True)
+    opts = ExportOptions(contents=Contents(precision="fp16-vae-fp32"), hosting=hosting)
+    for name in ("unet", "vae_decoder"):
+        config, dtypes = _component_config(name, opts, tiny_configs)
         inputs = {i.name: T.pb.DataType.Name(i.data_type) for i in config.input}
         if name == "unet":
             assert inputs == {
@@ -169,181 +279,70 @@ def test_fp16_tensorrt_precision_follows_the_weights(tiny_configs):
                 "timestep": "TYPE_FP32",
                 "encoder_hidden_states": "TYPE_FP16",
             }
-        if name == "vae_decoder":
+        else:
             assert inputs == {"latent_sample": "TYPE_FP32"} and dtypes["sample"] == "float32"
-    assert precision == {
+    assert _precision_modes(opts, tiny_configs) == {
         "text_encoder": "FP16",
         "unet": "FP16",
         "vae_encoder": "FP16",
         "vae_decoder": "FP32",  # SD 1.x's decoder overflows in fp16
     }
+    all_fp16 = ExportOptions(contents=Contents(precision="fp16"), hosting=hosting)
+    assert set(_precision_modes(all_fp16, tiny_configs).values()) == {"FP16"}
+
+
+@pytest.mark.parametrize(
+    "argv,precision",
+    [
+        (["--tensorrt"], "fp16-vae-fp32"),  # what the README promises: fp16 engines
+        (["--tensorrt", "--precision", "fp32"], "fp32"),
+        (["--fp16"], "fp16-vae-fp32"),
+        (["--fp16", "--fp16-vae-decoder"], "fp16"),
+        ([], "fp32"),
+    ],
+)
+def test_command_line_precision(argv, precision):
+    args = build_parser().parse_args(["src", "out", "--host", "onnxruntime", *argv])
+    assert options_from_args(args).contents.precision == precision
+
+
+def test_trt_max_size_is_the_max_side_limit():
+    args = build_parser().parse_args(["src", "out", "--tensorrt", "--trt-max-size", "768"])
+    assert options_from_args(args).parameters["max_side"] == "768"
+    args = build_parser().parse_args(
+        ["src", "out", "--trt-max-size", "768", "--parameter", "max_side=512"]
+    )
+    with pytest.raises(ExportError, match="disagree"):
+        options_from_args(args)
 
 
 def test_gpu_option_errors(tiny_configs):
-    sizes, constants = tiny_configs
     with pytest.raises(ExportError, match="--host onnxruntime"):
-        R.ExportOptions(host="python", tensorrt=True).check()
+        ExportOptions(hosting=Hosting(host="python", tensorrt=True)).check()
     with pytest.raises(ExportError, match="model prefix"):
-        R.ExportOptions(model_prefix="sd 1.5/").check()
+        ExportOptions(naming=Naming(model_prefix="sd 1.5/")).check()
     with pytest.raises(ExportError, match="component_instances"):
-        R.ExportOptions(component_instances=0).check()
-    opts = R.ExportOptions(host="onnxruntime", tensorrt=True, trt_max_size=70)
-    with pytest.raises(ExportError, match="trt-max-size 70"):
-        R._component_config("unet", opts, sizes, constants)
+        ExportOptions(hosting=Hosting(component_instances=0)).check()
+    opts = ExportOptions(
+        hosting=Hosting(host="onnxruntime", tensorrt=True), parameters={"max_side": 3}
+    )
+    with pytest.raises(ExportError, match="max_side 3 is below this model's size step"):
+        _component_config("unet", opts, tiny_configs)
 
 
 def test_torch_host_config(tiny_configs):
-    sizes, constants = tiny_configs
-    opts = R.ExportOptions(host="torch", gpu=True, fp16=True, model_prefix="t_")
-    config, _ = R._component_config("vae_decoder", opts, sizes, constants)
+    opts = ExportOptions(
+        contents=Contents(precision="fp16-vae-fp32"),
+        hosting=Hosting(host="torch", gpu=True),
+        naming=Naming(model_prefix="t_"),
+    )
+    config, _ = _component_config("vae_decoder", opts, tiny_configs)
     assert config.name == "t_vae_decoder" and config.backend == "python"
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params["component"] == "vae_decoder"
     assert params["dtype"] == "float32"  # fp32 even on CUDA
     assert params["FORCE_CPU_ONLY_INPUT_TENSORS"] == "no"
-    config, _ = R._component_config("unet", opts, sizes, constants)
+    config, _ = _component_config("unet", opts, tiny_configs)
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params["dtype"] == "auto"  # fp16 on CUDA, fp32 on CPU
     assert config.instance_group[0].kind == T.pb.ModelInstanceGroup.KIND_GPU
-
-
-# ------------------------------------------------ the pipeline's BLS calls, GPU logic
-
-
-class _Tensor:
-    def __init__(self, name, array):
-        self._name, self._array = name, np.asarray(array)
-
-    def name(self):
-        return self._name
-
-    def as_numpy(self):
-        return self._array
-
-    def to_dlpack(self):
-        return torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(self._array)))
-
-    @staticmethod
-    def from_dlpack(name, capsule):
-        return _Tensor(name, torch.utils.dlpack.from_dlpack(capsule).numpy().copy())
-
-
-class _Response:
-    def __init__(self, tensors):
-        self.tensors = tensors
-
-    def has_error(self):
-        return False
-
-
-@pytest.fixture
-def bls(monkeypatch):
-    """A fake triton_python_backend_utils that records every BLS request's keywords."""
-    calls = []
-    pb = types.ModuleType("triton_python_backend_utils")
-    pb.Tensor = _Tensor
-    pb.TRITONSERVER_MEMORY_CPU, pb.TRITONSERVER_MEMORY_GPU = 0, 2
-    pb.PreferredMemory = lambda kind, device=0: ("preferred", kind, device)
-
-    class InferenceRequest:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
-
-        def exec(self):
-            calls.append(self.kwargs)
-            batch = self.kwargs["inputs"][0].as_numpy().shape[0]
-            names = self.kwargs["requested_output_names"]
-            return _Response({n: _Tensor(n, np.zeros((batch, 4, 2, 2), np.float16)) for n in names})
-
-    pb.InferenceRequest = InferenceRequest
-    pb.get_output_tensor_by_name = lambda response, name: response.tensors.get(name)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    return calls
-
-
-def _config(**extra):
-    from sd_pipeline.config import PipelineConfig
-
-    base = dict(
-        latent_channels=4,
-        unet_in_channels=4,
-        vae_scaling_factor=0.18215,
-        vae_scale_factor=8,
-        native_height=512,
-        native_width=512,
-        size_step=64,
-        text_width=32,
-        tokenizer_max_length=77,
-        unet_max_batch_size=8,
-        dtype="float16",
-        tensor_dtypes={"unet": {"sample": "float16", "timestep": "float32"}},
-    )
-    return PipelineConfig.from_dict({**base, **extra})
-
-
-def test_bls_calls_the_models_and_versions_of_pipeline_json(bls):
-    from sd_pipeline.triton_components import TritonComponents
-
-    config = _config(
-        component_models={"unet": "sd21_unet"}, component_versions={"unet": 3, "text_encoder": 3}
-    )
-    components = TritonComponents(config)
-    out = components.unet(torch.zeros(2, 4, 2, 2), torch.ones(2), torch.zeros(2, 77, 32))
-    [call] = bls
-    assert call["model_name"] == "sd21_unet" and call["model_version"] == 3
-    assert "preferred_memory" not in call  # CPU in, CPU out: as before
-    assert out.device.type == "cpu" and out.dtype == torch.float32
-    sample = call["inputs"][0].as_numpy()
-    assert sample.dtype == np.float16  # the export's dtype
-    assert call["inputs"][1].as_numpy().shape == (2, 1)  # the config's timestep dims
-
-    plain = TritonComponents(_config())
-    plain.unet(torch.zeros(1, 4, 2, 2), torch.ones(1), torch.zeros(1, 77, 32))
-    assert bls[-1]["model_name"] == "unet" and bls[-1]["model_version"] == -1
-
-
-def test_gpu_calls_ask_for_outputs_on_their_device(bls):
-    from sd_pipeline.triton_components import TritonComponents
-
-    components = TritonComponents(_config(), device="cuda:1")
-    assert components.device == torch.device("cuda", 1)
-    unet = components._preferred_memory(S.UNET, torch.device("cuda", 1))
-    assert unet == {"preferred_memory": ("preferred", 2, 1)}
-    # bool outputs (the safety checker's flags) are read as numpy: CPU memory.
-    checker = components._preferred_memory(S.SAFETY_CHECKER, torch.device("cuda", 1))
-    assert checker == {"preferred_memory": ("preferred", 0, 0)}
-    assert components._preferred_memory(S.UNET, torch.device("cpu")) == {}
-
-
-@pytest.mark.parametrize("host", ["pipeline", "torch_host"])
-def test_device_choice(monkeypatch, host):
-    if host == "pipeline":
-        from sd_pipeline.triton_components import pipeline_device as choose
-    else:
-        choose = _torch_host_module(monkeypatch).choose_device
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert choose("GPU", 0) == torch.device("cpu")
-    with pytest.raises(RuntimeError, match="no CUDA"):
-        choose("GPU", 0, "cuda")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert choose("GPU", 1) == torch.device("cuda", 1)
-    assert choose("CPU", 0) == torch.device("cpu")  # a KIND_CPU instance stays on the CPU
-    assert choose("CPU", 0, "cuda") == torch.device("cuda", 0)
-    assert choose("GPU", 1, "cpu") == torch.device("cpu")
-    with pytest.raises(ValueError):
-        choose("GPU", 0, "tpu")
-
-
-def _torch_host_module(monkeypatch):
-    """model_repository/torch_host/model.py imported with a stub pb_utils and the wrappers."""
-    import importlib.util
-
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.ModuleType("pb"))
-    from sd_triton.export import wrappers
-
-    monkeypatch.setitem(sys.modules, "wrappers", wrappers)
-    spec = importlib.util.spec_from_file_location("torch_host_model", R.TORCH_HOST_TEMPLATE)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module

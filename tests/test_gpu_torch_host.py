@@ -20,8 +20,8 @@ import torch
 from google.protobuf import json_format
 
 from sd_pipeline import spec as S
+from sd_triton.export import Contents, ExportOptions, Hosting, export_repository
 from sd_triton.export import components as C
-from sd_triton.export import export_repository
 from sd_triton.export import triton_config as T
 from sd_triton.export.checkpoint import inspect_checkpoint
 
@@ -70,14 +70,17 @@ class Request:
 @pytest.fixture(scope="module")
 def torch_repository(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("torch-host") / "repo"
-    export_repository(tiny_checkpoint, out, host="torch", stream_model=False, pipeline_instances=1)
+    options = ExportOptions(
+        contents=Contents(stream_model=False), hosting=Hosting(host="torch", pipeline_instances=1)
+    )
+    export_repository(tiny_checkpoint, out, options)
     return out
 
 
 @pytest.fixture(scope="module")
 def host():
     """model.py imported as Triton's stub would: fake pb_utils, wrappers.py beside it."""
-    from sd_triton.export import repository as R
+    from sd_triton.export import component_models as R
     from sd_triton.export import wrappers
 
     pb = types.ModuleType("triton_python_backend_utils")

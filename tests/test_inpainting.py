@@ -151,13 +151,14 @@ def checkpoint9(build_dir):
 
 @pytest.fixture(scope="module")
 def repository9(build_dir, checkpoint9):
-    from sd_triton.export import export_repository
+    from sd_triton.export import Contents, ExportOptions, Hosting, export_repository
 
     path = build_dir / "model_repository_inpainting"
     # Lean: one pipeline instance, no streaming twin.
-    export_repository(
-        checkpoint9, path, host="python", overwrite=True, pipeline_instances=1, stream_model=False
+    options = ExportOptions(
+        contents=Contents(stream_model=False), hosting=Hosting(host="python", pipeline_instances=1)
     )
+    export_repository(checkpoint9, path, options, overwrite=True)
     return path
 
 

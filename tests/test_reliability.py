@@ -39,7 +39,7 @@ SMALL = {"height": 32, "width": 32, "num_inference_steps": 2}
 
 def test_limits_and_queue_policy_are_written_by_the_exporter(tiny_repository):
     from sd_triton.export import triton_config as T
-    from sd_triton.export.repository import DEFAULT_PIPELINE_PARAMETERS
+    from sd_triton.export.pipeline_models import ADMISSION_DEFAULTS
 
     unary = T.read_config(tiny_repository / MODEL)
     params = {k: v.string_value for k, v in unary.parameters.items()}
@@ -47,11 +47,8 @@ def test_limits_and_queue_policy_are_written_by_the_exporter(tiny_repository):
         assert int(params[name]) > 0, name
     assert int(params["max_work"]) == 400 * 64 * 64  # 400x the tiny model's native area
     policy = unary.dynamic_batching.default_queue_policy
-    assert policy.max_queue_size == DEFAULT_PIPELINE_PARAMETERS["max_queue_size"]
-    assert (
-        policy.default_timeout_microseconds
-        == DEFAULT_PIPELINE_PARAMETERS["queue_timeout_s"] * 10**6
-    )
+    assert policy.max_queue_size == ADMISSION_DEFAULTS["max_queue_size"]
+    assert policy.default_timeout_microseconds == ADMISSION_DEFAULTS["queue_timeout_s"] * 10**6
     assert policy.allow_timeout_override
     stream = T.read_config(tiny_repository / f"{MODEL}_stream")
     assert not stream.HasField("dynamic_batching")  # it admits requests itself

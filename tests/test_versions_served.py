@@ -28,7 +28,14 @@ import tritonclient.grpc as grpcclient
 from test_gpu_configs import copy_onnx_export
 
 from sd_triton.client import Client
-from sd_triton.export import ExportError, export_repository
+from sd_triton.export import (
+    Contents,
+    ExportError,
+    ExportOptions,
+    Hosting,
+    Naming,
+    export_repository,
+)
 from sd_triton.export import components as C
 from sd_triton.export import triton_config as T
 
@@ -42,19 +49,15 @@ EXPORTED = [n for n in C.COMPONENTS if n != "safety_checker"]  # exported withou
 REQUEST = dict(prompt="a red bicycle", num_inference_steps=2, height=32, width=24, seed=7)
 
 
-def _export(checkpoint, out, onnx_source, **options):
+def _export(checkpoint, out, onnx_source, *, new_version=False, precision="fp32"):
+    options = ExportOptions(
+        contents=Contents(precision=precision, safety_checker=False, stream_model=False),
+        hosting=Hosting(host="python", pipeline_instances=1),
+        naming=Naming(model_prefix=PREFIX, new_version=new_version),
+    )
     with pytest.MonkeyPatch.context() as mp:
         copy_onnx_export(mp, onnx_source)
-        export_repository(
-            checkpoint,
-            out,
-            host="python",
-            model_prefix=PREFIX,
-            safety_checker=False,
-            stream_model=False,
-            pipeline_instances=1,
-            **options,
-        )
+        export_repository(checkpoint, out, options)
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +82,12 @@ def repository(tiny_checkpoint, tiny_repository, tmp_path_factory):
     out = tmp_path_factory.mktemp("versions") / "repo"
     _export(tiny_checkpoint, out, tiny_repository)
     # A second namespace beside the first: no --overwrite needed, nothing of v_ touched.
-    export_repository(
-        tiny_checkpoint,
-        out,
-        host="torch",
-        model_prefix="torch_",
-        safety_checker=False,
-        stream_model=False,
-        pipeline_instances=1,
+    options = ExportOptions(
+        contents=Contents(safety_checker=False, stream_model=False),
+        hosting=Hosting(host="torch", pipeline_instances=1),
+        naming=Naming(model_prefix="torch_"),
     )
+    export_repository(tiny_checkpoint, out, options)
     return out
 
 
@@ -230,8 +230,11 @@ def test_served_version_is_reported_and_rolled_back(version_2, server, grpc):
 def test_new_version_must_keep_the_contract(tiny_checkpoint, version_2, tiny_repository):
     before = sorted(p.name for p in (version_2 / f"{PREFIX}unet").iterdir())
     with pytest.raises(ExportError, match="would change its (input|output)"):
-        _export(tiny_checkpoint, version_2, tiny_repository, new_version=True, fp16=True)
+        _export(
+            tiny_checkpoint, version_2, tiny_repository, new_version=True, precision="fp16-vae-fp32"
+        )
     with pytest.raises(ExportError, match="choose one"):
-        export_repository(tiny_checkpoint, version_2, new_version=True, overwrite=True)
+        options = ExportOptions(naming=Naming(new_version=True))
+        export_repository(tiny_checkpoint, version_2, options, overwrite=True)
     assert sorted(p.name for p in (version_2 / f"{PREFIX}unet").iterdir()) == before
     assert not [p for p in version_2.iterdir() if p.name.startswith(".")]  # no staging left

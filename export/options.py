@@ -1,0 +1,179 @@
+"""What to export and how to host it: :class:`ExportOptions`, typed, in small groups.
+
+- :class:`Contents`: what goes into the repository (precision, the safety
+  checker, the streaming model, how the ONNX files are traced);
+- :class:`Hosting`: how Triton runs it (host, GPU / TensorRT, instances,
+  batching);
+- :class:`Naming`: model names and versions (prefix, new version, versions
+  kept);
+- ``parameters``: the pipeline models' config parameters over the defaults
+  (request limits: ``sd_pipeline.config.Limits``; admission:
+  :data:`sd_triton.export.pipeline_models.ADMISSION_DEFAULTS`).
+
+The command line maps its flags onto these (``sd-triton-export --help``).
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from sd_pipeline import spec as S
+
+from .checkpoint import ExportError
+from .components import COMPONENTS
+
+__all__ = [
+    "HOSTS",
+    "PRECISIONS",
+    "Contents",
+    "ExportOptions",
+    "Host",
+    "Hosting",
+    "Naming",
+    "Precision",
+]
+
+# fp32: float32 everywhere. fp16: float16 weights and tensors (the UNet
+# timestep and the safety checker's pass-through images stay float32).
+# fp16-vae-fp32: fp16, but the VAE decoder stays float32 (SD 1.x's overflows).
+Precision = Literal["fp32", "fp16", "fp16-vae-fp32"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+# python: a Python-backend model runs each ONNX file with onnxruntime (any
+# Triton, also the pip-installed one); onnxruntime: Triton's own backend
+# (NVIDIA's container); torch: a Python-backend model runs the diffusers
+# module itself (fp16 on CUDA, fp32 on CPU; no ONNX step).
+Host = Literal["python", "onnxruntime", "torch"]
+HOSTS: tuple[str, ...] = get_args(Host)
+
+MODEL_PREFIX_CHARS = frozenset(string.ascii_letters + string.digits + "_-.")
+
+# The public pipeline models (stable_diffusion and its decoupled streaming
+# twin): same code and assets, own config.
+PIPELINE_MODELS: dict[str, S.ModelSpec] = dict(S.PIPELINES)
+
+
+@dataclass(frozen=True)
+class Contents:
+    """What the repository holds.
+
+    ``safety_checker=False`` drops the checkpoint's safety checker; a
+    checkpoint without one (``model_index.json``: null) exports without it
+    either way. ``name``: recorded as ``source`` in pipeline.json (default:
+    the source path).
+    """
+
+    precision: Precision = "fp32"
+    safety_checker: bool = True
+    stream_model: bool = True
+    opset: int = 17
+    dynamo: bool = False
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Hosting:
+    """How Triton runs it.
+
+    ``gpu``: ``KIND_GPU`` instance groups (``component_instances`` per GPU
+    for each component, ``pipeline_instances`` for the pipeline).
+    ``tensorrt`` (host onnxruntime, implies ``gpu``): the TensorRT execution
+    provider, engines cached in ``trt_cache``, shape profiles up to the
+    request limits (:mod:`.tensorrt`). ``unet_max_batch_size``: the UNet's
+    ``max_batch_size`` (dynamic batching across requests); ``max_batch_size``:
+    the other components'.
+    """
+
+    host: Host = "python"
+    gpu: bool = False
+    tensorrt: bool = False
+    trt_cache: str = "/trt_cache"
+    component_instances: int = 1
+    pipeline_instances: int = 4
+    intra_op_threads: int | None = None
+    unet_max_batch_size: int = 16
+    max_batch_size: int = 8
+    max_queue_delay_us: int = 2000
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.gpu or self.tensorrt
+
+
+@dataclass(frozen=True)
+class Naming:
+    """Model names and versions.
+
+    ``model_prefix``: a namespace for every model name (several checkpoints
+    in one repository). ``new_version``: add version N+1 next to the old ones
+    (components keep their ``keep_versions`` latest versions loaded).
+    """
+
+    model_prefix: str = ""
+    new_version: bool = False
+    keep_versions: int = 2
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Everything :func:`sd_triton.export.export_repository` can be told."""
+
+    contents: Contents = field(default_factory=Contents)
+    hosting: Hosting = field(default_factory=Hosting)
+    naming: Naming = field(default_factory=Naming)
+    parameters: Mapping[str, int | float | str] = field(default_factory=dict)
+
+    def check(self) -> None:
+        """Raise :class:`ExportError` for a value no export can use."""
+        c, h, n = self.contents, self.hosting, self.naming
+        if c.precision not in PRECISIONS:
+            raise ExportError(f"unknown precision {c.precision!r}; choose one of {PRECISIONS}")
+        if h.host not in HOSTS:
+            raise ExportError(f"unknown host {h.host!r}; choose one of {', '.join(HOSTS)}")
+        counts = {
+            "unet_max_batch_size": h.unet_max_batch_size,
+            "max_batch_size": h.max_batch_size,
+            "pipeline_instances": h.pipeline_instances,
+            "component_instances": h.component_instances,
+            "keep_versions": n.keep_versions,
+        }
+        for label, value in counts.items():
+            if value < 1:
+                raise ExportError(f"{label} must be at least 1, got {value}")
+        if h.tensorrt and h.host != "onnxruntime":
+            raise ExportError("--tensorrt needs --host onnxruntime (Triton's onnxruntime backend)")
+        if h.tensorrt and not h.trt_cache:
+            raise ExportError("--tensorrt needs an engine cache folder (--trt-cache)")
+        if not set(n.model_prefix) <= MODEL_PREFIX_CHARS:
+            raise ExportError(
+                f"model prefix {n.model_prefix!r} may hold only letters, digits, '_', '-', '.'"
+            )
+
+    def model_name(self, name: str) -> str:
+        """The served name of component or pipeline model ``name``."""
+        return f"{self.naming.model_prefix}{name}"
+
+    def pipeline_models(self) -> dict[str, S.ModelSpec]:
+        """The pipeline models this export writes (the streaming twin unless left out)."""
+        return {
+            n: m
+            for n, m in PIPELINE_MODELS.items()
+            if self.contents.stream_model or not m.extra.get("decoupled")
+        }
+
+    def model_names(self) -> list[str]:
+        """Every model name this export may own (all components, both pipeline models)."""
+        return [self.model_name(n) for n in (*COMPONENTS, *PIPELINE_MODELS)]
+
+    def keeps_fp32(self, name: str) -> bool:
+        """Whether component ``name`` stays float32 whatever the precision."""
+        return name == "vae_decoder" and self.contents.precision != "fp16"
+
+    def component_dtype(self, name: str) -> str:
+        """Numpy dtype name of component ``name``'s float weights."""
+        fp16 = self.contents.precision != "fp32"
+        return "float16" if fp16 and not self.keeps_fp32(name) else "float32"

@@ -1,0 +1,151 @@
+"""The public pipeline models: ``stable_diffusion`` (and its streaming twin).
+
+Each is the same code (``model.py`` and the ``sd_pipeline`` package) and the
+same ``assets/`` (tokenizer, scheduler and CLIP preprocessor configs,
+``pipeline.json``), with its own ``config.pbtxt``. Every constant the
+pipeline needs (latent channels, VAE scaling, native size, size step, text
+width, dtypes) is read from the checkpoint's configs into ``pipeline.json``.
+
+Config parameters: the request limits (``sd_pipeline.config.Limits``, the
+one table of their defaults) and admission (:data:`ADMISSION_DEFAULTS`),
+overridden by ``ExportOptions.parameters``.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import shutil
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from sd_pipeline import spec as S
+from sd_pipeline.config import Limits, PipelineConfig
+
+from . import triton_config as T
+from .checkpoint import Checkpoint, ExportError
+from .options import ExportOptions
+
+__all__ = [
+    "ADMISSION_DEFAULTS",
+    "PIPELINE_MODEL_TEMPLATE",
+    "pipeline_constants",
+    "pipeline_parameters",
+    "request_limits",
+    "write_pipeline_models",
+]
+
+PIPELINE_MODEL_TEMPLATE = Path(
+    str(importlib.resources.files("sd_triton.model_repository") / "stable_diffusion" / "model.py")
+)
+
+# Admission (docs/reliability.md): ``max_queue_size`` requests may wait (the
+# unary model: Triton's queue policy; the streaming model: its own counter),
+# for at most ``queue_timeout_s`` seconds (0: no limit).
+ADMISSION_DEFAULTS: Mapping[str, int] = {"max_queue_size": 32, "queue_timeout_s": 120}
+
+
+def _native_side(sample_size: Any) -> tuple[int, int]:
+    if isinstance(sample_size, list | tuple):
+        return int(sample_size[0]), int(sample_size[1])
+    return int(sample_size), int(sample_size)
+
+
+def pipeline_constants(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The model constants of ``pipeline.json``, read from a checkpoint's configs."""
+    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    unet_downsamplings = len(unet["down_block_types"]) - 1
+    height, width = _native_side(unet["sample_size"])
+    constants = {
+        "latent_channels": int(vae["latent_channels"]),
+        "unet_in_channels": int(unet["in_channels"]),
+        "vae_scaling_factor": float(vae["scaling_factor"]),
+        "vae_shift_factor": vae.get("shift_factor"),
+        "vae_scale_factor": vae_scale_factor,
+        "native_height": height * vae_scale_factor,
+        "native_width": width * vae_scale_factor,
+        "size_step": vae_scale_factor * 2**unet_downsamplings,
+        "text_width": int(text["hidden_size"]),
+        "tokenizer_max_length": int(configs["tokenizer"]["model_max_length"]),
+        "prediction_type": configs["scheduler"].get("prediction_type", "epsilon"),
+    }
+    if "safety_checker" in configs:
+        side = int(configs["safety_checker"]["vision_config"]["image_size"])
+        constants["clip_image_size"] = side
+    return constants
+
+
+def request_limits(opts: ExportOptions, constants: Mapping[str, Any]) -> Limits:
+    """The request limits the exported pipeline enforces: the defaults, then ``opts.parameters``."""
+    names = {f.name for f in fields(Limits)}
+    given = {k: str(v) for k, v in opts.parameters.items() if k in names}
+    try:
+        config = PipelineConfig.from_dict({**constants, "unet_max_batch_size": 1})
+        return Limits.from_parameters(given, config)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+
+
+def pipeline_parameters(opts: ExportOptions, limits: Limits) -> dict[str, Any]:
+    """The pipeline models' config parameters: limits, admission, then anything else given."""
+    return {**ADMISSION_DEFAULTS, **opts.parameters, **limits.parameters()}
+
+
+def _write_assets(ckpt: Checkpoint, assets: Path, pipeline_json: Mapping[str, Any]) -> None:
+    tokenizer = assets / "tokenizer"
+    tokenizer.mkdir(parents=True)
+    for f in ckpt.tokenizer_files:
+        shutil.copyfile(f, tokenizer / f.name)
+    for folder, name in (
+        ("scheduler", "scheduler_config.json"),
+        ("feature_extractor", "preprocessor_config.json"),
+    ):
+        src = ckpt.path / folder / name
+        if src.is_file():
+            (assets / folder).mkdir(parents=True)
+            shutil.copyfile(src, assets / folder / name)
+    (assets / "pipeline.json").write_text(json.dumps(pipeline_json, indent=2) + "\n")
+
+
+def _copy_pipeline_code(version_dir: Path) -> None:
+    """The pipeline model: its ``model.py`` and the installed ``sd_pipeline`` package."""
+    package = Path(S.__file__).resolve().parent
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(package, version_dir / "sd_pipeline", ignore=ignore)
+    shutil.copyfile(PIPELINE_MODEL_TEMPLATE, version_dir / "model.py")
+
+
+def write_pipeline_models(
+    ckpt: Checkpoint,
+    pipeline_json: Mapping[str, Any],
+    parameters: Mapping[str, Any],
+    opts: ExportOptions,
+    staging: Path,
+    version: str,
+) -> None:
+    """Write every pipeline model of ``opts`` to ``staging``: code, assets, config."""
+    for base_name, model_spec in opts.pipeline_models().items():
+        model_name = opts.model_name(base_name)
+        version_dir = staging / model_name / version
+        version_dir.mkdir(parents=True)
+        _copy_pipeline_code(version_dir)
+        _write_assets(ckpt, version_dir / "assets", pipeline_json)
+        # A decoupled model runs requests on its own threads: one instance.
+        decoupled = bool(model_spec.extra.get("decoupled"))
+        instances = 1 if decoupled else opts.hosting.pipeline_instances
+        config = T.pipeline_config(
+            model_spec,
+            parameters=parameters,
+            instance_count=instances,
+            max_queue_size=int(parameters.get("max_queue_size") or 0),
+            queue_timeout_s=float(parameters.get("queue_timeout_s") or 0),
+        )
+        config.name = model_name
+        if opts.hosting.on_gpu:
+            T.set_instance_group(config, gpu=True, count=instances)
+        # The served pipeline version picks the component versions (pipeline.json).
+        T.set_version_policy(config, 1)
+        T.write_config(config, staging / model_name)

@@ -1,0 +1,94 @@
+"""TensorRT on Triton's onnxruntime backend (``--tensorrt``): precision and shape profiles.
+
+The profiles end where the request limits end (``sd_pipeline.config.Limits``:
+``max_side`` a side, so also ``max_pixels``, which is at most
+``max_side``\\ ² for the default limits), at the batch the model config
+allows. So every request the pipeline accepts fits an engine, and one that
+would not fit is refused by the pipeline with a sentence naming the limit,
+instead of failing inside TensorRT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sd_pipeline import spec as S
+from sd_pipeline.config import Limits
+
+from . import components as C
+from .checkpoint import ExportError
+
+__all__ = ["TRT_COMPONENTS", "TRT_WORKSPACE_BYTES", "tensorrt_parameters"]
+
+# The components TensorRT builds engines for (the safety checker runs once
+# per request and stays on CUDA), and the workspace it may use while building.
+TRT_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+TRT_WORKSPACE_BYTES = 4 << 30
+
+
+def tensorrt_parameters(
+    component: C.Component,
+    dtype: str,
+    *,
+    sizes: Mapping[str, int],
+    constants: Mapping[str, Any],
+    limits: Limits,
+    max_batch: int,
+    cache: str,
+) -> dict[str, str | int]:
+    """The onnxruntime backend's TensorRT keys for ``component`` (``dtype``: its weights').
+
+    Keys as the backend documents them (its README's parameter table): an
+    unknown key fails the model's load.
+    """
+    return {
+        "precision_mode": "FP16" if dtype == "float16" else "FP32",
+        "max_workspace_size_bytes": TRT_WORKSPACE_BYTES,
+        "trt_engine_cache_enable": 1,
+        "trt_engine_cache_path": cache,
+        **_profiles(component, sizes, constants, limits, max_batch),
+    }
+
+
+def profile_points(
+    component: C.Component, constants: Mapping[str, Any], limits: Limits, max_batch: int
+) -> dict[str, tuple[int, int, int]]:
+    """``(batch, height, width)`` of the min / opt / max profiles.
+
+    min: one image at the smallest size; opt: the typical call at the native
+    size (the UNet: 2 samples, classifier-free guidance); max: the model
+    config's batch at ``max_side`` (rounded down to the size step) a side.
+    """
+    step = constants["size_step"]
+    top = limits.max_side - limits.max_side % step
+    if top < step:
+        raise ExportError(
+            f"request limit max_side {limits.max_side} is below this model's size step {step}: "
+            "no image size is possible"
+        )
+    typical = min(2, max_batch) if component.name == S.UNET.name else 1
+    native = (min(constants["native_height"], top), min(constants["native_width"], top))
+    return {"min": (1, step, step), "opt": (typical, *native), "max": (max_batch, top, top)}
+
+
+def _profiles(
+    component: C.Component,
+    sizes: Mapping[str, int],
+    constants: Mapping[str, Any],
+    limits: Limits,
+    max_batch: int,
+) -> dict[str, str]:
+    f = constants["vae_scale_factor"]
+    profiles = {}
+    for label, (batch, height, width) in profile_points(
+        component, constants, limits, max_batch
+    ).items():
+        dynamic = {S.BATCH: batch, "height": height, "width": width}
+        dynamic.update(latent_height=height // f, latent_width=width // f)
+        shapes = [
+            f"{t.name}:" + "x".join(map(str, C.resolve(C.model_dims(t), {**sizes, **dynamic})))
+            for t in component.spec.inputs
+        ]
+        profiles[f"trt_profile_{label}_shapes"] = ",".join(shapes)
+    return profiles
