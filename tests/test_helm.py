@@ -493,5 +493,9 @@ def test_start_script_refuses_a_bad_key_file(helm, tmp_path, key):
     proc, _ = _run_start_script(
         container, tmp_path, {"SD_TRITON_ADMIN_KEY_FILE": str(tmp_path / "admin-key")}
     )
-    out, _ = proc.communicate(timeout=30)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:  # the script started a server it should have refused
+            _stop(proc)
     assert proc.returncode == 1 and "must be 16 or more" in out
