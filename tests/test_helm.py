@@ -96,13 +96,26 @@ SCENARIOS = {
         (KEDA,),
         {"ScaledObject"},
     ),
-    "export-job": (
+    "export-job-and-every-option": (
         {
             "exportJob": {
                 "enabled": True,
                 "checkpoint": {"claimName": "checkpoints", "path": "sd15"},
             },
             "modelRepository": {"pvc": {"subPath": "sd15-v1"}},
+            "imagePullSecrets": [{"name": "registry"}],
+            "podAnnotations": {"example.com/team": "imaging"},
+            "podLabels": {"tier": "gpu"},
+            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            "priorityClassName": "inference",
+            "readinessGates": [{"conditionType": "target-health.example.com/sd"}],
+            "serviceAccount": {
+                "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/sd"}
+            },
+            "service": {"type": "LoadBalancer", "annotations": {"example.com/lb": "internal"}},
+            "monitoring": {"labels": {"release": "prometheus"}},
+            "extraArgs": ["--log-info=true"],
+            "extraEnv": [{"name": "CUDA_MODULE_LOADING", "value": "LAZY"}],
         },
         (MONITORING,),
         {"Job", "Deployment"},
@@ -173,6 +186,32 @@ def test_lock_and_storage_reach_the_pod(helm):
         "--grpc-use-ssl-mutual=true",
         "--grpc-root-cert=/var/run/secrets/sd-triton/tls/ca.crt",
     } <= set(tls["args"])
+
+
+def test_every_option_reaches_the_manifests(helm):
+    values, apis, _ = SCENARIOS["export-job-and-every-option"]
+    kinds = by_kind(render(helm, values, kube_version="1.32.0", api_versions=apis))
+    pod = kinds["Deployment"][0]["spec"]["template"]
+    for key in ("imagePullSecrets", "nodeSelector", "priorityClassName", "readinessGates"):
+        assert pod["spec"][key] == values[key], key
+    assert pod["metadata"]["annotations"] == values["podAnnotations"]
+    assert pod["metadata"]["labels"]["tier"] == "gpu"
+    container = pod["spec"]["containers"][0]
+    assert "--log-info=true" in container["args"]
+    assert values["extraEnv"][0] in container["env"]
+    assert "--model-repository=/models/sd15-v1" in container["args"]
+    (job,) = kinds["Job"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"][1:4] == [
+        "/checkpoint/sd15",
+        "/models/sd15-v1",
+        "--overwrite",
+    ]
+    assert (
+        kinds["ServiceAccount"][0]["metadata"]["annotations"]
+        == values["serviceAccount"]["annotations"]
+    )
+    assert kinds["Service"][0]["spec"]["type"] == "LoadBalancer"
+    assert kinds["PodMonitor"][0]["metadata"]["labels"]["release"] == "prometheus"
 
 
 def test_kserve_example_validates_and_matches_the_chart(helm):
