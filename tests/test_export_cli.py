@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 
 from sd_triton.export import Contents, ExportError, ExportOptions, Hosting, export_repository
 from sd_triton.export import components as C
@@ -219,3 +221,51 @@ def test_tokenizer_json_only_is_accepted(configs_only, tmp_path):
     _write_assets(ckpt, tmp_path / "assets", {})
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "assets" / "tokenizer")
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+# ------------------------------------------------- checkpoints without a safety checker
+
+
+@pytest.fixture(scope="module")
+def no_checker_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint as SD 2.x and most community models ship: model_index.json
+    says ``safety_checker: null`` (and ``feature_extractor: null``), no folders."""
+    dest = tmp_path_factory.mktemp("no-checker") / "ckpt"
+    skip = shutil.ignore_patterns("safety_checker", "feature_extractor")
+    shutil.copytree(tiny_checkpoint, dest, ignore=skip)
+    index = json.loads((dest / "model_index.json").read_text())
+    index.update(safety_checker=[None, None], feature_extractor=[None, None])
+    index["requires_safety_checker"] = False
+    (dest / "model_index.json").write_text(json.dumps(index))
+    return dest
+
+
+def test_checkpoint_without_safety_checker_exports_as_is(
+    no_checker_checkpoint, tiny_repository, tmp_path, monkeypatch, caplog
+):
+    from diffusers import StableDiffusionPipeline
+    from test_gpu_configs import copy_onnx_export
+    from test_pipeline import max_diff
+
+    from sd_pipeline import Assets, OnnxComponents, generate, make_request
+    from sd_triton.export.cli import main
+
+    copy_onnx_export(monkeypatch, tiny_repository)  # same weights: no tracing again
+    out = tmp_path / "repo"
+    with caplog.at_level(logging.INFO, logger="sd_triton.export"):
+        assert main([str(no_checker_checkpoint), str(out)]) == 0  # no --no-safety-checker
+    assert "has no safety checker (model_index.json: null): exporting without one" in caplog.text
+    assert not (out / "safety_checker").exists()
+    assets = Assets.load(out / "stable_diffusion" / "1" / "assets")
+    assert assets.config.safety_checker is False
+    assert "safety_checker" not in assets.config.component_models
+
+    # The exported pipeline runs without it and equals diffusers' pipeline without one.
+    settings = dict(prompt="a red bicycle", height=32, width=32, num_inference_steps=2)
+    result = generate(make_request(assets.config, seed=5, **settings), OnnxComponents(out), assets)
+    pipe = StableDiffusionPipeline.from_pretrained(no_checker_checkpoint)
+    assert pipe.safety_checker is None
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(generator=torch.Generator().manual_seed(5), output_type="np", **settings)
+    assert max_diff(result.images, (expected.images * 255).round().astype(np.uint8)) <= 1
+    assert not result.nsfw_content_detected.any()

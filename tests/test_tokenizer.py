@@ -1,7 +1,8 @@
 """SD 1.x's CLIP tokenizer, rebuilt offline from open-clip-torch's BPE file.
 
 Golden ids depend on transformers' tokenizer (no ftfy clean-up in v5), so the
-major version is pinned here as in pyproject.
+major version is pinned in pyproject (``transformers>=5,<6``) and asserted
+here: another major version fails this file loudly instead of skipping it.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import transformers
 
 from sd_triton.export import tokenizer as tok
 
-pytestmark = pytest.mark.skipif(
-    int(transformers.__version__.split(".")[0]) != 5,
-    reason="golden token ids are for transformers 5",
-)
-
 CAT = [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_transformers_major_version_is_the_pinned_one():
+    assert transformers.__version__.split(".")[0] == "5", (
+        f"golden token ids are for transformers 5 (pyproject pins >=5,<6), "
+        f"found {transformers.__version__}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,27 +65,26 @@ def test_known_ids(clip_tokenizer):
 
 
 def test_special_tokens_and_length(clip_tokenizer):
-    assert clip_tokenizer.model_max_length == 77
+    assert clip_tokenizer.model_max_length == tok.MAX_LENGTH == 77  # SD 1.x's CLIP context
     assert clip_tokenizer.bos_token_id == 49406
     assert clip_tokenizer.eos_token_id == 49407
     assert clip_tokenizer.pad_token_id == 49407
 
 
-def test_long_prompt_truncated_to_77(clip_tokenizer):
+def test_long_prompt_truncated_to_model_max_length(clip_tokenizer):
+    length = clip_tokenizer.model_max_length
     ids = clip_tokenizer(
-        "a very long prompt " * 40,
-        padding="max_length",
-        truncation=True,
-        max_length=clip_tokenizer.model_max_length,
+        "a very long prompt " * 40, padding="max_length", truncation=True, max_length=length
     ).input_ids
-    assert len(ids) == 77
+    assert len(ids) == length
     assert ids[0] == 49406 and ids[-1] == 49407
 
 
 def test_short_prompt_padded_with_eos(clip_tokenizer):
-    ids = clip_tokenizer("a photo of a cat", padding="max_length", max_length=77).input_ids
+    length = clip_tokenizer.model_max_length
+    ids = clip_tokenizer("a photo of a cat", padding="max_length", max_length=length).input_ids
     assert ids[:7] == CAT
-    assert ids[7:] == [49407] * 70
+    assert ids[7:] == [49407] * (length - 7)
 
 
 def test_missing_bpe_file_is_a_clear_error(tmp_path):
