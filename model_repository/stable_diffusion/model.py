@@ -18,9 +18,10 @@ errors into responses. One file serves two configs:
   ``max_concurrency`` requests at once (config parameter, default 8).
 
 Config parameters (string values, all optional; the exporter writes them,
-defaults in ``export/repository.py``, documented in docs/reliability.md):
-``max_steps``, ``max_pixels``, ``max_images``, ``max_prompt_bytes``,
-``max_work`` (request limits), ``default_scheduler`` (an alias for requests
+documented in docs/reliability.md):
+``max_steps``, ``max_pixels``, ``max_side``, ``max_images``,
+``max_prompt_bytes``, ``max_work`` (request limits, defaults:
+``sd_pipeline.config.Limits``), ``default_scheduler`` (an alias for requests
 that name none; default: the model's own scheduler config),
 ``max_concurrency``, ``max_queue_size``, ``queue_timeout_s`` (streaming
 model: its own admission control; the unary model's queue is Triton's
