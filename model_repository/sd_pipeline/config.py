@@ -47,8 +47,6 @@ class PipelineConfig:
     # Per-component, per-tensor numpy dtype names of the export (fp16 exports
     # keep some tensors float32); tensors not listed follow spec.py.
     tensor_dtypes: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
-    # Optional [latent_channels][3] matrix for cheap latent -> RGB previews.
-    latent_rgb_factors: tuple[tuple[float, ...], ...] | None = None
     source: str = ""
     # The component models the pipeline calls: their names (the exporter's
     # --model-prefix) and the version of each exported with this pipeline.
@@ -67,8 +65,6 @@ class PipelineConfig:
         if missing:
             raise ValueError(f"pipeline.json lacks {', '.join(missing)}")
         values = {k: v for k, v in data.items() if k in known}
-        if values.get("latent_rgb_factors") is not None:
-            values["latent_rgb_factors"] = tuple(tuple(row) for row in values["latent_rgb_factors"])
         config = cls(**values)
         config._check()
         return config

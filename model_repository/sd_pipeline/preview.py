@@ -1,11 +1,8 @@
 """Cheap RGB previews of latents, for streaming progress (no VAE call).
 
-With ``latent_rgb_factors`` in ``pipeline.json`` (a ``[latent_channels][3]``
-matrix fitted for the model's VAE), each latent pixel maps linearly to RGB.
-Without it the first three latent channels are stretched to [0, 255] per
-image: a rough picture of the composition, good enough to show progress.
-Either way the preview has the latents' resolution (1/vae_scale_factor of
-the image).
+The first three latent channels are stretched to [0, 255] per image: a
+rough picture of the composition, good enough to show progress. The preview
+has the latents' resolution (1/vae_scale_factor of the image).
 """
 
 from __future__ import annotations
@@ -21,15 +18,10 @@ __all__ = ["latents_to_preview"]
 def latents_to_preview(latents: torch.Tensor, config: PipelineConfig) -> np.ndarray:
     """``[N, C, h, w]`` latents -> uint8 ``[N, h, w, 3]``."""
     x = latents.detach().float().cpu()
-    if config.latent_rgb_factors is not None:
-        factors = torch.tensor(config.latent_rgb_factors, dtype=torch.float32)  # [C, 3]
-        rgb = torch.einsum("nchw,ck->nhwk", x, factors)
-        rgb = (rgb + 1) / 2
-    else:
-        rgb = x[:, :3].permute(0, 2, 3, 1)
-        if rgb.shape[-1] < 3:
-            rgb = rgb.mean(-1, keepdim=True).expand(*rgb.shape[:-1], 3)
-        low = rgb.amin(dim=(1, 2, 3), keepdim=True)
-        high = rgb.amax(dim=(1, 2, 3), keepdim=True)
-        rgb = (rgb - low) / (high - low).clamp_min(1e-6)
+    rgb = x[:, :3].permute(0, 2, 3, 1)
+    if rgb.shape[-1] < 3:
+        rgb = rgb.mean(-1, keepdim=True).expand(*rgb.shape[:-1], 3)
+    low = rgb.amin(dim=(1, 2, 3), keepdim=True)
+    high = rgb.amax(dim=(1, 2, 3), keepdim=True)
+    rgb = (rgb - low) / (high - low).clamp_min(1e-6)
     return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
