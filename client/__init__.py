@@ -11,10 +11,11 @@
         for event in client.stream("a photo of a dog", seed=1):
             print(event)                    # ProgressEvent(step=1, total_steps=50, ...) ..., GenerationResult
 
-``Client(url, retries=3)`` retries a unary call that failed with
-UnavailableError (server busy, restarting, model not loaded) with
-exponential backoff and jitter; nothing else is retried (see
-docs/reliability.md).
+``Client(url, retries=3)`` retries a unary call that the server answered
+UNAVAILABLE (server down, restarting or busy) with exponential backoff and
+jitter, all within the call's ``timeout_s``; nothing else is retried (see
+docs/client.md). ``AsyncClient`` has the same options and methods, awaited;
+both are thin transports over one core (``_core.py``).
 
 Options are keyword-only and named as in the server contract (and diffusers);
 an omitted option is not sent and the server applies its default. The result
@@ -27,17 +28,20 @@ Exceptions (every error is one of these; the server's message is kept intact)::
     ├── InvalidRequestError       the request was rejected (INVALID_ARGUMENT); also a ValueError
     ├── UnavailableError          no server, model not loaded / not ready, overloaded
     │                             (UNAVAILABLE, NOT_FOUND, RESOURCE_EXHAUSTED)
+    ├── PermissionDeniedError     an admin call without the right admin key; also a PermissionError
     ├── DeadlineExceededError     the call's timeout_s expired (DEADLINE_EXCEEDED); also a TimeoutError
     ├── CancelledError            cancelled through a stream or a submit() handle (CANCELLED)
     └── ServerError               anything else (INTERNAL, a failure inside the model, ...)
 """
 
 from ._async import AsyncClient, AsyncGenerationStream, AsyncPendingGeneration
+from ._core import Health, ModelStatus
 from ._edit import outpaint_canvas
 from ._errors import (
     CancelledError,
     DeadlineExceededError,
     InvalidRequestError,
+    PermissionDeniedError,
     SDTritonError,
     ServerError,
     UnavailableError,
@@ -49,9 +53,11 @@ from ._infotext import (
     read_infotext,
     sampler_name,
     save_png,
+    schedule_type,
+    scheduler_alias,
 )
 from ._request import GenerationRequest
-from ._sync import Client, GenerationStream, Health, ModelStatus, PendingGeneration
+from ._sync import Client, GenerationStream, PendingGeneration
 from ._types import GenerationResult, GenerationSettings, ProgressEvent
 
 __all__ = [
@@ -70,6 +76,7 @@ __all__ = [
     "InvalidRequestError",
     "ModelStatus",
     "PendingGeneration",
+    "PermissionDeniedError",
     "ProgressEvent",
     "SDTritonError",
     "ServerError",
@@ -80,4 +87,6 @@ __all__ = [
     "read_infotext",
     "sampler_name",
     "save_png",
+    "schedule_type",
+    "scheduler_alias",
 ]

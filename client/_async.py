@@ -1,4 +1,4 @@
-"""The asyncio client, over ``tritonclient.grpc.aio``; it mirrors :class:`~._sync.Client`.
+"""The asyncio client: a transport over ``tritonclient.grpc.aio`` for :class:`~._core.ClientCore`.
 
 Cancellation follows asyncio's rules: cancelling the task that awaits a call
 cancels the gRPC call (the server stops at its next step) and raises
@@ -10,8 +10,7 @@ instead cancels through a handle: :meth:`AsyncClient.submit` or the stream.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Awaitable, Generator, Sequence
 from typing import Any
 
 import grpc
@@ -20,9 +19,9 @@ from tritonclient.utils import InferenceServerException
 
 from sd_pipeline import spec as S
 
-from ._errors import CancelledError, SDTritonError, ServerError, UnavailableError, translate
-from ._request import GenerationRequest, StreamDecoder, decode_result, model_defaults
-from ._sync import DEFAULT_URL, Health, ModelStatus, backoff_delay, default_stream_model
+from ._core import ClientCore, Health, ModelStatus, pinned_config
+from ._errors import CancelledError, SDTritonError, ServerError, translate
+from ._request import GenerationRequest, StreamDecoder, decode_result
 from ._types import GenerationResult, ProgressEvent
 
 __all__ = ["AsyncClient", "AsyncGenerationStream", "AsyncPendingGeneration"]
@@ -31,36 +30,18 @@ __all__ = ["AsyncClient", "AsyncGenerationStream", "AsyncPendingGeneration"]
 _TRANSPORT_ERRORS = (InferenceServerException, grpc.RpcError)
 
 
-class AsyncClient:
+class AsyncClient(
+    ClientCore[Awaitable[GenerationResult], "AsyncPendingGeneration", "AsyncGenerationStream"]
+):
     """An asyncio Stable Diffusion client for one server and model; an async context manager.
 
-    Same options and results as :class:`Client`; create it inside the event
-    loop that uses it.
+    The same options, methods and results as :class:`~._sync.Client`
+    (:class:`~._core.ClientCore`), awaited; create it inside the event loop
+    that uses it.
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        model: str = S.STABLE_DIFFUSION.name,
-        stream_model: str | None = None,
-        timeout_s: float | None = None,
-        retries: int = 0,
-        backoff_s: float = 0.5,
-        max_backoff_s: float = 10.0,
-    ) -> None:
-        if retries < 0 or backoff_s < 0 or max_backoff_s < 0:
-            raise ValueError("retries, backoff_s and max_backoff_s must be >= 0")
-        self.url = url
-        self.model = model
-        self.stream_model = stream_model or default_stream_model(model)
-        self.timeout_s = timeout_s
-        # As Client: retry generate/run after UnavailableError only, with jittered backoff.
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self._client = aioclient.InferenceServerClient(url)
-        self._defaults: dict[str, dict[str, Any]] = {}
+    def _connect(self) -> aioclient.InferenceServerClient:
+        return aioclient.InferenceServerClient(self.url, **self._tls)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -71,14 +52,17 @@ class AsyncClient:
     async def close(self) -> None:
         await self._client.close()
 
-    def _timeout(self, timeout_s: float | None) -> float | None:
-        return self.timeout_s if timeout_s is None else timeout_s
-
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return await fn(*args, **kwargs)
         except _TRANSPORT_ERRORS as e:
             raise translate(e, context=self.url) from e
+
+    async def _admin(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await self._call(fn, *args, headers=self._admin_headers(), **kwargs)
+        except SDTritonError as e:
+            raise self._admin_error(e) from e
 
     # ---------------------------------------------------------------- health
 
@@ -95,21 +79,14 @@ class AsyncClient:
 
     async def wait_until_ready(self, timeout_s: float = 60.0, *, poll_s: float = 0.25) -> None:
         """Wait until the server and the model are ready; UnavailableError after ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if await self.is_ready(timeout_s=max(0.05, min(remaining, 2.0))):
+        for probe_s, wait_s in self._ready_polls(timeout_s, poll_s):
+            if await self.is_ready(timeout_s=probe_s):
                 return
-            if remaining <= 0:
-                raise UnavailableError(
-                    f"{self.url}: server or model {self.model!r} not ready after {timeout_s:g} s"
-                )
-            await asyncio.sleep(min(poll_s, max(remaining, 0.0)))
+            await asyncio.sleep(wait_s)
 
     async def health(self, *, timeout_s: float | None = None) -> Health:
         """Liveness and readiness of the server and of ``model`` and ``stream_model``."""
-        timeout = self._timeout(timeout_s)
-        c = self._client
+        timeout, c = self._timeout(timeout_s), self._client
         live = await self._call(c.is_server_live, client_timeout=timeout)
         ready = await self._call(c.is_server_ready, client_timeout=timeout)
         models = {
@@ -118,131 +95,75 @@ class AsyncClient:
         }
         return Health(live=live, ready=ready, models=models)
 
+    # ---------------------------------------------------------------- admin
+
     async def list_models(self, *, timeout_s: float | None = None) -> list[ModelStatus]:
-        """The server's model repository index."""
-        index = await self._call(
-            self._client.get_model_repository_index, client_timeout=self._timeout(timeout_s)
+        """The server's model repository index (an admin call)."""
+        c = self._client
+        index = await self._admin(
+            c.get_model_repository_index, client_timeout=self._timeout(timeout_s)
         )
-        return [ModelStatus(m.name, m.version, m.state, m.reason) for m in index.models]
+        return self._model_statuses(index)
+
+    async def load_model(
+        self,
+        name: str,
+        *,
+        versions: Sequence[int] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """As :meth:`Client.load_model`: load model ``name``, ``versions`` pins its versions."""
+        timeout, config = self._timeout(timeout_s), None
+        if versions is not None:
+            c = self._client
+            served = await self._call(
+                c.get_model_config, name, as_json=True, client_timeout=timeout
+            )
+            config = pinned_config(served["config"], versions)
+        await self._admin(self._client.load_model, name, config=config, client_timeout=timeout)
+
+    async def unload_model(self, name: str, *, timeout_s: float | None = None) -> None:
+        """Unload model ``name`` (an admin call; explicit model control)."""
+        c = self._client
+        await self._admin(c.unload_model, name, client_timeout=self._timeout(timeout_s))
 
     async def _model_defaults(self, model: str, request: GenerationRequest) -> dict[str, Any]:
-        if request.scheduler is not None:
-            return {}
-        if model not in self._defaults:
+        defaults = self._cached_defaults(model, request)
+        if defaults is None:
             try:
                 response = await self._client.get_model_config(model, client_timeout=self.timeout_s)
             except _TRANSPORT_ERRORS:
                 return {}  # the call that follows reports the problem
-            params = {k: v.string_value for k, v in response.config.parameters.items()}
-            self._defaults[model] = model_defaults(params)
-        return self._defaults[model]
+            defaults = self._remember_defaults(model, response.config)
+        return defaults
 
     # ------------------------------------------------------------- generation
-
-    async def generate(
-        self,
-        prompt: str,
-        *,
-        negative_prompt: str | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        seed: int | None = None,
-        scheduler: str | None = None,
-        num_images_per_prompt: int | None = None,
-        timeout_s: float | None = None,
-    ) -> GenerationResult:
-        """Generate images for ``prompt``; omitted options take the server's defaults."""
-        request = GenerationRequest(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            seed=seed,
-            scheduler=scheduler,
-            num_images_per_prompt=num_images_per_prompt,
-        )
-        return await self.run(request, timeout_s=timeout_s)
 
     async def run(
         self, request: GenerationRequest, *, timeout_s: float | None = None
     ) -> GenerationResult:
-        """Send a prepared :class:`GenerationRequest` to the unary model."""
+        """Send a prepared :class:`GenerationRequest` to the unary model (with retries)."""
         inputs = request.to_inputs(S.STABLE_DIFFUSION)
         defaults = await self._model_defaults(self.model, request)
-        for attempt in range(self.retries + 1):
+        attempts = self._attempts(timeout_s)
+        while True:
             try:
                 result = await self._call(
-                    self._client.infer, self.model, inputs, client_timeout=self._timeout(timeout_s)
+                    self._client.infer, self.model, inputs, **self._infer_options(attempts)
                 )
                 break
-            except UnavailableError:
-                if attempt >= self.retries:
-                    raise
-                await asyncio.sleep(backoff_delay(attempt, self.backoff_s, self.max_backoff_s))
+            except SDTritonError as e:
+                await asyncio.sleep(attempts.delay_after(e))
         return decode_result(result, request, defaults)
 
-    def submit(
-        self,
-        prompt: str,
-        *,
-        negative_prompt: str | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        seed: int | None = None,
-        scheduler: str | None = None,
-        num_images_per_prompt: int | None = None,
-        timeout_s: float | None = None,
+    def _submit(
+        self, request: GenerationRequest, timeout_s: float | None
     ) -> AsyncPendingGeneration:
-        """Start :meth:`generate` as a task; await the handle for the result, or cancel it."""
-        request = GenerationRequest(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            seed=seed,
-            scheduler=scheduler,
-            num_images_per_prompt=num_images_per_prompt,
-        )
         request.to_inputs(S.STABLE_DIFFUSION)  # raise InvalidRequestError here, not when awaited
         return AsyncPendingGeneration(self.run(request, timeout_s=timeout_s))
 
-    def stream(
-        self,
-        prompt: str,
-        *,
-        negative_prompt: str | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        seed: int | None = None,
-        scheduler: str | None = None,
-        num_images_per_prompt: int | None = None,
-        preview: bool = False,
-        timeout_s: float | None = None,
-    ) -> AsyncGenerationStream:
-        """Generate through the streaming model: ``async for`` ProgressEvents, then the GenerationResult."""
-        request = GenerationRequest(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            seed=seed,
-            scheduler=scheduler,
-            num_images_per_prompt=num_images_per_prompt,
-            preview=preview or None,
-        )
-        return AsyncGenerationStream(self, request, self._timeout(timeout_s))
+    def _stream(self, request: GenerationRequest, timeout_s: float | None) -> AsyncGenerationStream:
+        return AsyncGenerationStream(self, request, timeout_s)
 
 
 class AsyncPendingGeneration:

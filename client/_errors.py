@@ -13,6 +13,7 @@ __all__ = [
     "CancelledError",
     "DeadlineExceededError",
     "InvalidRequestError",
+    "PermissionDeniedError",
     "SDTritonError",
     "ServerError",
     "UnavailableError",
@@ -38,6 +39,10 @@ class InvalidRequestError(SDTritonError, ValueError):
 
 class UnavailableError(SDTritonError):
     """No server at the address, the model is not loaded or not ready, or it is overloaded."""
+
+
+class PermissionDeniedError(SDTritonError, PermissionError):
+    """The server refused an admin call: the admin key was missing or wrong."""
 
 
 class DeadlineExceededError(SDTritonError, TimeoutError):
@@ -79,6 +84,9 @@ _UNAVAILABLE_MESSAGES = (
     "server busy:",
     "is unavailable:",
 )
+# Triton's answer (status UNAVAILABLE) to a restricted gRPC protocol called without the
+# right key header, measured on tritonserver 2.51: the same for a missing and a wrong key.
+_RESTRICTED_MESSAGES = ("This protocol is restricted",)
 # Triton's own words for a full queue (queue policy max_queue_size), said plainly.
 _QUEUE_FULL = "Exceeds maximum queue size"
 # Failures inside the model, as the pipeline's glue (model.py: "internal error: ...")
@@ -115,7 +123,9 @@ def translate(
     if isinstance(exc, SDTritonError):
         return exc
     status, message = _status_and_message(exc)
-    if status is not None:
+    if message.startswith(_RESTRICTED_MESSAGES):
+        cls = PermissionDeniedError
+    elif status is not None:
         cls = _BY_STATUS.get(status, ServerError)
     elif any(m in message for m in _UNAVAILABLE_MESSAGES):
         cls = UnavailableError

@@ -1,103 +1,44 @@
-"""The blocking client, over ``tritonclient.grpc``."""
+"""The blocking client: a transport over ``tritonclient.grpc`` for :class:`~._core.ClientCore`."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
 import queue
-import random
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import tritonclient.grpc as grpcclient
-from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from sd_pipeline import spec as S
 
-from ._edit import img2img_request, inpaint_request, outpaint_request
-from ._errors import CancelledError, SDTritonError, UnavailableError, translate
-from ._request import GenerationRequest, StreamDecoder, decode_result, model_defaults
+from ._core import DEFAULT_URL, ClientCore, Health, ModelStatus, pinned_config
+from ._errors import CancelledError, SDTritonError, translate
+from ._request import GenerationRequest, StreamDecoder, decode_result
 from ._types import GenerationResult, ProgressEvent
 
-__all__ = ["Client", "GenerationStream", "Health", "ModelStatus", "PendingGeneration"]
-
-DEFAULT_URL = "localhost:8001"
-
-
-@dataclass(frozen=True)
-class ModelStatus:
-    """One entry of the server's model repository index."""
-
-    name: str
-    version: str
-    state: str
-    reason: str = ""
+__all__ = [
+    "DEFAULT_URL",
+    "Client",
+    "GenerationStream",
+    "Health",
+    "ModelStatus",
+    "PendingGeneration",
+]
 
 
-@dataclass(frozen=True)
-class Health:
-    """Server liveness and readiness, and readiness of the client's two models."""
-
-    live: bool
-    ready: bool
-    models: dict[str, bool]
-
-
-def backoff_delay(attempt: int, backoff_s: float, max_backoff_s: float) -> float:
-    """Exponential backoff from ``backoff_s``, capped at ``max_backoff_s``, times a random 50-100 %."""
-    ceiling = min(max_backoff_s, backoff_s * 2**attempt)
-    return ceiling * random.uniform(0.5, 1.0)
-
-
-def default_stream_model(model: str) -> str:
-    return S.STABLE_DIFFUSION_STREAM.name if model == S.STABLE_DIFFUSION.name else f"{model}_stream"
-
-
-class Client:
+class Client(ClientCore[GenerationResult, "PendingGeneration", "GenerationStream"]):
     """A blocking Stable Diffusion client for one server and model; a context manager.
 
-    ``timeout_s`` is the default end-to-end limit of every call (None: no
-    limit); each call can set its own. ``stream_model`` is the decoupled
-    variant used by :meth:`stream` (default ``<model>_stream``). Thread-safe,
-    except :meth:`close`.
-
-    ``retries``: how many times :meth:`generate` / :meth:`run` send a request
-    again after an :class:`UnavailableError` (server down or restarting,
-    model not loaded, queue full, queue timeout); never after any other
-    error, which would fail the same way again. Waits between attempts grow
-    exponentially from ``backoff_s`` up to ``max_backoff_s``, each with full
-    jitter (a random share of 50-100 %) so that refused clients do not come
-    back in step. Default 0: fail at once. Streams and :meth:`submit` are not
-    retried (a stream may already have delivered events).
+    Thread-safe, except :meth:`close`. The options (timeouts, retries, admin
+    key, TLS) are :class:`~._core.ClientCore`'s.
     """
 
-    def __init__(
-        self,
-        url: str = DEFAULT_URL,
-        *,
-        model: str = S.STABLE_DIFFUSION.name,
-        stream_model: str | None = None,
-        timeout_s: float | None = None,
-        retries: int = 0,
-        backoff_s: float = 0.5,
-        max_backoff_s: float = 10.0,
-    ) -> None:
-        if retries < 0 or backoff_s < 0 or max_backoff_s < 0:
-            raise ValueError("retries, backoff_s and max_backoff_s must be >= 0")
-        self.url = url
-        self.model = model
-        self.stream_model = stream_model or default_stream_model(model)
-        self.timeout_s = timeout_s
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
-        self._client = grpcclient.InferenceServerClient(url)
-        self._defaults: dict[str, dict[str, Any]] = {}
+    def _connect(self) -> grpcclient.InferenceServerClient:
+        return grpcclient.InferenceServerClient(self.url, **self._tls)
 
     def __enter__(self) -> Client:
         return self
@@ -108,14 +49,17 @@ class Client:
     def close(self) -> None:
         self._client.close()
 
-    def _timeout(self, timeout_s: float | None) -> float | None:
-        return self.timeout_s if timeout_s is None else timeout_s
-
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except InferenceServerException as e:
             raise translate(e, context=self.url) from e
+
+    def _admin(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._call(fn, *args, headers=self._admin_headers(), **kwargs)
+        except SDTritonError as e:
+            raise self._admin_error(e) from e
 
     # ---------------------------------------------------------------- health
 
@@ -132,226 +76,87 @@ class Client:
 
     def wait_until_ready(self, timeout_s: float = 60.0, *, poll_s: float = 0.25) -> None:
         """Block until the server and the model are ready; UnavailableError after ``timeout_s``."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            if self.is_ready(timeout_s=max(0.05, min(remaining, 2.0))):
+        for probe_s, wait_s in self._ready_polls(timeout_s, poll_s):
+            if self.is_ready(timeout_s=probe_s):
                 return
-            if remaining <= 0:
-                raise UnavailableError(
-                    f"{self.url}: server or model {self.model!r} not ready after {timeout_s:g} s"
-                )
-            time.sleep(min(poll_s, max(remaining, 0.0)))
+            time.sleep(wait_s)
 
     def health(self, *, timeout_s: float | None = None) -> Health:
         """Liveness and readiness of the server and of ``model`` and ``stream_model``."""
-        timeout = self._timeout(timeout_s)
-        try:
-            live = self._client.is_server_live(client_timeout=timeout)
-            ready = self._client.is_server_ready(client_timeout=timeout)
-            models = {
-                m: self._client.is_model_ready(m, client_timeout=timeout)
-                for m in (self.model, self.stream_model)
-            }
-        except InferenceServerException as e:
-            raise translate(e, context=self.url) from e
+        timeout, c = self._timeout(timeout_s), self._client
+        live = self._call(c.is_server_live, client_timeout=timeout)
+        ready = self._call(c.is_server_ready, client_timeout=timeout)
+        models = {
+            m: self._call(c.is_model_ready, m, client_timeout=timeout)
+            for m in (self.model, self.stream_model)
+        }
         return Health(live=live, ready=ready, models=models)
 
+    # ---------------------------------------------------------------- admin
+
     def list_models(self, *, timeout_s: float | None = None) -> list[ModelStatus]:
-        """The server's model repository index."""
-        index = self._call(
-            self._client.get_model_repository_index, client_timeout=self._timeout(timeout_s)
-        )
-        return [ModelStatus(m.name, m.version, m.state, m.reason) for m in index.models]
+        """The server's model repository index (an admin call)."""
+        c = self._client
+        index = self._admin(c.get_model_repository_index, client_timeout=self._timeout(timeout_s))
+        return self._model_statuses(index)
+
+    def load_model(
+        self,
+        name: str,
+        *,
+        versions: Sequence[int] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Load (or reload) model ``name`` (an admin call; explicit model control).
+
+        ``versions``: serve exactly these versions (a rollback), overriding the
+        config's version policy until the next plain load.
+        """
+        timeout, config = self._timeout(timeout_s), None
+        if versions is not None:
+            c = self._client
+            served = self._call(c.get_model_config, name, as_json=True, client_timeout=timeout)
+            config = pinned_config(served["config"], versions)
+        self._admin(self._client.load_model, name, config=config, client_timeout=timeout)
+
+    def unload_model(self, name: str, *, timeout_s: float | None = None) -> None:
+        """Unload model ``name`` (an admin call; explicit model control)."""
+        self._admin(self._client.unload_model, name, client_timeout=self._timeout(timeout_s))
 
     def _model_defaults(self, model: str, request: GenerationRequest) -> dict[str, Any]:
-        """Defaults the model publishes (read once); only needed when the scheduler is omitted."""
-        if request.scheduler is not None:
-            return {}
-        if model not in self._defaults:
+        defaults = self._cached_defaults(model, request)
+        if defaults is None:
             try:
                 config = self._client.get_model_config(model, client_timeout=self.timeout_s).config
             except InferenceServerException:
                 return {}  # the call that follows reports the problem
-            params = {k: v.string_value for k, v in config.parameters.items()}
-            self._defaults[model] = model_defaults(params)
-        return self._defaults[model]
+            defaults = self._remember_defaults(model, config)
+        return defaults
 
     # ------------------------------------------------------------- generation
-
-    def generate(
-        self,
-        prompt: str,
-        *,
-        negative_prompt: str | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        seed: int | None = None,
-        scheduler: str | None = None,
-        num_images_per_prompt: int | None = None,
-        timeout_s: float | None = None,
-    ) -> GenerationResult:
-        """Generate images for ``prompt``; omitted options take the server's defaults."""
-        request = GenerationRequest(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            seed=seed,
-            scheduler=scheduler,
-            num_images_per_prompt=num_images_per_prompt,
-        )
-        return self.run(request, timeout_s=timeout_s)
 
     def run(
         self, request: GenerationRequest, *, timeout_s: float | None = None
     ) -> GenerationResult:
-        """Send a prepared :class:`GenerationRequest` to the unary model."""
+        """Send a prepared :class:`GenerationRequest` to the unary model (with retries)."""
         inputs = request.to_inputs(S.STABLE_DIFFUSION)
         defaults = self._model_defaults(self.model, request)
-        for attempt in range(self.retries + 1):
+        attempts = self._attempts(timeout_s)
+        while True:
             try:
                 result = self._call(
-                    self._client.infer, self.model, inputs, client_timeout=self._timeout(timeout_s)
+                    self._client.infer, self.model, inputs, **self._infer_options(attempts)
                 )
                 break
-            except UnavailableError:
-                if attempt >= self.retries:
-                    raise
-                time.sleep(self.backoff_delay(attempt))
+            except SDTritonError as e:
+                time.sleep(attempts.delay_after(e))
         return decode_result(result, request, defaults)
 
-    def backoff_delay(self, attempt: int) -> float:
-        """Seconds to wait before retry ``attempt + 1``: exponential, capped, jittered."""
-        return backoff_delay(attempt, self.backoff_s, self.max_backoff_s)
+    def _submit(self, request: GenerationRequest, timeout_s: float | None) -> PendingGeneration:
+        return PendingGeneration(self, request, timeout_s)
 
-    def submit(
-        self,
-        prompt: str,
-        *,
-        negative_prompt: str | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        seed: int | None = None,
-        scheduler: str | None = None,
-        num_images_per_prompt: int | None = None,
-        timeout_s: float | None = None,
-    ) -> PendingGeneration:
-        """Start :meth:`generate` in the background; the handle can be cancelled."""
-        request = GenerationRequest(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            seed=seed,
-            scheduler=scheduler,
-            num_images_per_prompt=num_images_per_prompt,
-        )
-        return PendingGeneration(self, request, self._timeout(timeout_s))
-
-    def stream(
-        self,
-        prompt: str,
-        *,
-        negative_prompt: str | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        seed: int | None = None,
-        scheduler: str | None = None,
-        num_images_per_prompt: int | None = None,
-        preview: bool = False,
-        timeout_s: float | None = None,
-    ) -> GenerationStream:
-        """Generate through the streaming model: iterate for ProgressEvents, then the GenerationResult.
-
-        ``preview=True`` adds small previews of the latents to each event.
-        """
-        request = GenerationRequest(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            seed=seed,
-            scheduler=scheduler,
-            num_images_per_prompt=num_images_per_prompt,
-            preview=preview or None,
-        )
-        return GenerationStream(self, request, self._timeout(timeout_s))
-
-    # ---------------------------------------------- img2img, inpainting, outpainting
-
-    def img2img(
-        self,
-        prompt: str,
-        image: Image.Image | np.ndarray,
-        *,
-        strength: float | None = None,
-        timeout_s: float | None = None,
-        **options: Any,
-    ) -> GenerationResult:
-        """Generate from ``image`` (RGB), keeping its size; ``strength`` in (0, 1], default 0.8.
-
-        ``options`` are :meth:`generate`'s (``negative_prompt``, ``seed``, ...).
-        """
-        request = img2img_request(prompt, image, strength=strength, **options)
-        return self.run(request, timeout_s=timeout_s)
-
-    def inpaint(
-        self,
-        prompt: str,
-        image: Image.Image | np.ndarray,
-        mask_image: Image.Image | np.ndarray,
-        *,
-        strength: float | None = None,
-        timeout_s: float | None = None,
-        **options: Any,
-    ) -> GenerationResult:
-        """Repaint ``image`` where ``mask_image`` (same size, grey levels) is white (>= 128).
-
-        ``strength`` in (0, 1], default 1.0 (diffusers' inpainting default).
-        """
-        request = inpaint_request(prompt, image, mask_image, strength=strength, **options)
-        return self.run(request, timeout_s=timeout_s)
-
-    def outpaint(
-        self,
-        prompt: str,
-        image: Image.Image | np.ndarray,
-        *,
-        left: int = 0,
-        right: int = 0,
-        top: int = 0,
-        bottom: int = 0,
-        overlap: int = 0,
-        strength: float | None = None,
-        timeout_s: float | None = None,
-        **options: Any,
-    ) -> GenerationResult:
-        """Extend ``image`` by the margins (pixels) and paint them in (see ``outpaint_canvas``)."""
-        request = outpaint_request(
-            prompt,
-            image,
-            left=left,
-            right=right,
-            top=top,
-            bottom=bottom,
-            overlap=overlap,
-            strength=strength,
-            **options,
-        )
-        return self.run(request, timeout_s=timeout_s)
+    def _stream(self, request: GenerationRequest, timeout_s: float | None) -> GenerationStream:
+        return GenerationStream(self, request, timeout_s)
 
 
 class PendingGeneration:
@@ -380,6 +185,7 @@ class PendingGeneration:
             client.model,
             inputs,
             callback=on_done,
+            model_version=client.model_version,
             client_timeout=timeout_s,
         )
 
@@ -418,7 +224,7 @@ class GenerationStream(Iterator["ProgressEvent | GenerationResult"]):
         self._cancelled = self._done = self._closed = False
         inputs = request.to_inputs(S.STABLE_DIFFUSION_STREAM)
         # One gRPC stream per request: tritonclient allows one stream per client object.
-        self._client = grpcclient.InferenceServerClient(client.url)
+        self._client = client._connect()
         try:
             self._client.start_stream(
                 callback=lambda result, error: self._queue.put((result, error)),

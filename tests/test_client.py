@@ -6,11 +6,13 @@ messages, so decoding is tested against the library's own parsing.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 import subprocess
 import sys
 import textwrap
+import time
 import zlib
 from pathlib import Path
 
@@ -367,7 +369,8 @@ def test_infotext_omits_an_empty_negative_prompt_and_quotes_like_the_web_ui():
     text = format_infotext(settings_for(scheduler="dpmpp_2m_karras", model="sd: v1, tiny"))
     assert text.splitlines() == [
         "a photo of a cat",
-        'Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 123, Size: 768x512, Model: "sd: v1, tiny"',
+        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 123, "
+        'Size: 768x512, Model: "sd: v1, tiny"',
     ]
 
 
@@ -479,3 +482,107 @@ def test_client_imports_without_torch_or_diffusers():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+# --------------------------------------------------------------------------- one core, two transports
+
+
+def public_methods(cls) -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(getattr(cls, name))
+        for name in dir(cls)
+        if not name.startswith("_") and callable(getattr(cls, name))
+    }
+
+
+def test_async_client_mirrors_every_method_of_the_client():
+    sync, aio = public_methods(Client), public_methods(AsyncClient)
+    assert set(aio) == set(sync)
+    assert {"img2img", "inpaint", "outpaint", "load_model", "unload_model"} <= set(aio)
+    for name, signature in sync.items():
+        assert list(aio[name].parameters.values()) == list(signature.parameters.values()), name
+    assert inspect.signature(AsyncClient) == inspect.signature(Client)
+
+
+# --------------------------------------------------------------------------- retries and deadlines
+
+
+def call_with_fake_infer(cls, error_status: str, *, timeout_s: float | None, **options):
+    """Run ``generate`` on ``cls`` whose every attempt fails with ``error_status``.
+
+    Returns (the error raised, each attempt's client_timeout, seconds the call took).
+    """
+    timeouts: list[float | None] = []
+
+    def infer(model, inputs, **kwargs):
+        timeouts.append(kwargs["client_timeout"])
+        raise InferenceServerException("refused", status=error_status)
+
+    async def ainfer(model, inputs, **kwargs):
+        return infer(model, inputs, **kwargs)
+
+    async def run_async():
+        async with AsyncClient("127.0.0.1:1", **options) as client:
+            client._client.infer = ainfer
+            return await client.generate("a cat", scheduler="ddim", timeout_s=timeout_s)
+
+    t0 = time.monotonic()
+    with pytest.raises(SDTritonError) as info:
+        if cls is Client:
+            with Client("127.0.0.1:1", **options) as client:
+                client._client.infer = infer
+                client.generate("a cat", scheduler="ddim", timeout_s=timeout_s)
+        else:
+            asyncio.run(run_async())
+    return info.value, timeouts, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("cls", [Client, AsyncClient])
+@pytest.mark.parametrize(
+    "status",
+    [
+        "StatusCode.NOT_FOUND",
+        "StatusCode.RESOURCE_EXHAUSTED",
+        "StatusCode.INTERNAL",
+        "StatusCode.INVALID_ARGUMENT",
+        "StatusCode.DEADLINE_EXCEEDED",
+    ],
+)
+def test_only_unavailable_is_retried(cls, status):
+    error, timeouts, _ = call_with_fake_infer(
+        cls, status, timeout_s=None, retries=3, backoff_s=0.01
+    )
+    assert error.status == status
+    assert len(timeouts) == 1, f"{status} was sent {len(timeouts)} times"
+    error, timeouts, _ = call_with_fake_infer(
+        cls, "StatusCode.UNAVAILABLE", timeout_s=None, retries=3, backoff_s=0.01
+    )
+    assert isinstance(error, UnavailableError) and len(timeouts) == 4
+
+
+@pytest.mark.parametrize("cls", [Client, AsyncClient])
+def test_timeout_s_bounds_all_attempts_and_backoff_together(cls):
+    limit = 0.8
+    error, timeouts, took = call_with_fake_infer(
+        cls,
+        "StatusCode.UNAVAILABLE",
+        timeout_s=limit,
+        retries=100,
+        backoff_s=0.1,
+        max_backoff_s=0.1,
+    )
+    assert isinstance(error, UnavailableError)
+    assert took <= limit + 0.3, f"the call took {took:.2f} s with timeout_s={limit}"
+    assert 2 <= len(timeouts) < 100
+    # Each attempt gets the time left, which shrinks by at least the wait before it.
+    assert timeouts[0] <= limit
+    assert all(
+        later <= earlier - 0.04 for earlier, later in zip(timeouts, timeouts[1:], strict=False)
+    )
+
+
+def test_a_retry_whose_wait_would_pass_the_deadline_is_not_made():
+    error, timeouts, took = call_with_fake_infer(
+        Client, "StatusCode.UNAVAILABLE", timeout_s=1.0, retries=3, backoff_s=5.0
+    )
+    assert isinstance(error, UnavailableError) and len(timeouts) == 1 and took < 1.0
