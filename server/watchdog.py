@@ -66,11 +66,11 @@ def stub_processes(server_pid: int) -> dict[int, str]:
     return stubs
 
 
-def stub_model(pid: int) -> str | None:
-    """The model a live stub serves, from its command line (``.../<model>/<version>/model.py``)."""
+def stub_instance(pid: int) -> str | None:
+    """The model instance a live stub runs (``unet_0``, the name in Triton's errors), from its argv."""
     with contextlib.suppress(OSError, IndexError):
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        return Path(argv[1].decode()).parent.parent.name
+        # stub, model.py, shm region, shm sizes (2), parent pid, lib dir, ipc handle, instance name
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[8].decode()
     return None
 
 
@@ -100,33 +100,33 @@ class Watchdog:
         self.drain_s = drain_s
         self.start_timeout_s = start_timeout_s
         self.restarts = 0
-        self._models: dict[int, str] = {}
+        self._instances: dict[int, str] = {}
         self._suspects: set[int] = set()
         self._clock = clock
 
-    def dead_models(self) -> dict[int, str]:
-        """Dead stubs seen on this check and the previous one: pid -> model name."""
+    def dead_instances(self) -> dict[int, str]:
+        """Dead stubs seen on this check and the previous one: pid -> instance name."""
         pid = self.server.pid
         if pid is None:
             return {}
         stubs = stub_processes(pid)
         for stub, state in stubs.items():
-            if state != "Z" and stub not in self._models:
-                self._models[stub] = stub_model(stub) or "?"
+            if state != "Z" and stub not in self._instances:
+                self._instances[stub] = stub_instance(stub) or "?"
         dead = {p for p, state in stubs.items() if state == "Z"}
         confirmed, self._suspects = dead & self._suspects, dead
-        return {p: self._models.get(p, "?") for p in sorted(confirmed)}
+        return {p: self._instances.get(p, "?") for p in sorted(confirmed)}
 
     def check(self) -> bool:
         """Heal the server if a stub died; False when the restarted server did not come up."""
-        dead = self.dead_models()
+        dead = self.dead_instances()
         if not dead:
             return True
-        names = ", ".join(f"{model} (pid {pid})" for pid, model in dead.items())
+        names = ", ".join(f"{name} (pid {pid})" for pid, name in dead.items())
         log.error("watchdog: stub process of %s died; restarting tritonserver", names)
         start = self._clock()
         self.server.stop(timeout_s=self.drain_s)
-        self._models.clear()
+        self._instances.clear()
         self._suspects.clear()
         try:
             self.server.start(timeout_s=self.start_timeout_s)

@@ -60,16 +60,18 @@ def outcome_of(exc: BaseException | None) -> str:
     return "error"
 
 
-# What Triton says when a BLS call names a model that is not loaded, or whose
+# What Triton says when a BLS call names a model that is not loaded, whose
 # Python-backend stub process died ("Stub process 'unet_0' is not healthy.": the
-# OOM killer, a crash; the node's watchdog restarts it, see server/watchdog.py)
-# (measured on 2.51).
+# OOM killer, a crash; the node's watchdog restarts it, see server/watchdog.py),
+# or while the server shuts down ("Server not ready": after SIGTERM Triton
+# refuses new calls, BLS calls of requests in flight too) (measured on 2.51).
 _UNAVAILABLE_COMPONENT = (
     "unknown model",
     "is not ready",
     "is not found",
     "has no available",
     "is not healthy",
+    "Server not ready",
 )
 
 
