@@ -97,6 +97,19 @@ def model_stats(url: str, model: str):
         client.close()
 
 
+def unet_executions(url: str) -> int:
+    return model_stats(url, "unet").execution_count
+
+
+def wait_until_denoising(url: str, before: int, timeout_s: float = 60.0) -> None:
+    """Return once the UNet has run since ``before`` (a request is in its denoising loop)."""
+    deadline = time.monotonic() + timeout_s
+    while unet_executions(url) <= before:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no UNet execution within {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
 def test_burst_beyond_the_queue_is_refused_at_once(box):
     def one(i):
         start = time.perf_counter()
@@ -108,8 +121,11 @@ def test_burst_beyond_the_queue_is_refused_at_once(box):
                 return "busy", time.perf_counter() - start, str(e)
 
     with ThreadPoolExecutor(5) as pool:
+        steps = unet_executions(box.url)
         first = pool.submit(one, 0)
-        time.sleep(0.5)  # the long one is running: one more may wait, the rest are refused
+        wait_until_denoising(
+            box.url, steps
+        )  # the long one runs: one more may wait, the rest are refused
         rest = list(pool.map(one, range(1, 5)))
         outcomes = [first.result(timeout=120), *rest]
     busy = [o for o in outcomes if o[0] == "busy"]
@@ -131,8 +147,9 @@ def test_stream_burst_beyond_its_queue_is_refused_at_once(box):
                 return "busy", str(e)
 
     with ThreadPoolExecutor(4) as pool:
+        steps = unet_executions(box.url)
         first = pool.submit(one, 0)
-        time.sleep(0.5)
+        wait_until_denoising(box.url, steps)
         rest = list(pool.map(one, range(1, 4)))
         outcomes = [first.result(timeout=120), *rest]
     busy = [o for o in outcomes if o[0] == "busy"]
@@ -143,21 +160,27 @@ def test_stream_burst_beyond_its_queue_is_refused_at_once(box):
 def test_deadline_passed_in_the_queue_is_not_computed(box):
     before = model_stats(box.url, MODEL).execution_count
     with Client(box.url) as client:
+        steps = unet_executions(box.url)
         running = client.submit("a cat", seed=1, **LONG)
-        time.sleep(0.5)
+        wait_until_denoising(box.url, steps)
         with pytest.raises(DeadlineExceededError):
             client.generate("a dog", seed=2, timeout_s=0.5, **SMALL)
         running.result(timeout_s=120)
-    time.sleep(0.5)
-    assert model_stats(box.url, MODEL).execution_count - before == 1  # the long one only
+    # One instance, first come first served: once a request sent after them is done,
+    # the expired one has left the queue (run or dropped). It may still hold the
+    # queue's one place for a moment: the probe retries "server busy".
+    with Client(box.url, retries=20, backoff_s=0.1, max_backoff_s=0.5) as probe:
+        probe.generate("a probe", seed=3, **SMALL)
+    assert model_stats(box.url, MODEL).execution_count - before == 2  # the long one, the probe
 
 
 def test_component_unloaded_in_flight_fails_clearly_then_recovers(box):
     control = grpcclient.InferenceServerClient(box.url)
     try:
         with Client(box.url) as client:
+            steps = unet_executions(box.url)
             in_flight = client.submit("a cat", seed=1, **LONG)
-            time.sleep(0.5)
+            wait_until_denoising(box.url, steps)
             control.unload_model("unet", headers=box.server.grpc_admin_headers)
             with pytest.raises(UnavailableError, match="unet"):
                 in_flight.result(timeout_s=120)
@@ -185,9 +208,10 @@ def test_server_death_gives_unavailable_and_a_retry_reaches_the_restarted_server
             except Exception as e:  # noqa: BLE001 - the test inspects it
                 errors.append(e)
 
+    steps = unet_executions(old.grpc_url)
     waiter = threading.Thread(target=wait_for_long)
     waiter.start()
-    time.sleep(1.0)
+    wait_until_denoising(old.grpc_url, steps)
     os.killpg(old.pid, signal.SIGKILL)  # a crash, not a graceful stop
     waiter.join(timeout=60)
     assert not waiter.is_alive()
