@@ -1,4 +1,4 @@
-"""The torch host (model_repository/torch_host/model.py) in-process, over a fake pb_utils.
+"""The torch host (model_repository/torch_host/model.py) in-process, over tests/fake_pb_utils.py.
 
 Every component exported with ``--host torch`` answers batched requests with
 the same tensors as the ONNX file of the same checkpoint (fp32 on the CPU),
@@ -8,15 +8,13 @@ runs it in tests/test_versions_served.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import types
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from fake_pb_utils import TritonError, import_model, install, outputs
 from google.protobuf import json_format
 
 from sd_pipeline import spec as S
@@ -26,45 +24,6 @@ from sd_triton.export import triton_config as T
 from sd_triton.export.checkpoint import inspect_checkpoint
 
 TOL = 1e-4  # max abs error relative to the ONNX output's max abs value
-
-
-class Tensor:
-    def __init__(self, name, array):
-        self._name, self._array = name, np.asarray(array)
-
-    def name(self):
-        return self._name
-
-    def as_numpy(self):
-        return self._array
-
-    def to_dlpack(self):
-        return torch.utils.dlpack.to_dlpack(torch.from_numpy(np.ascontiguousarray(self._array)))
-
-    @staticmethod
-    def from_dlpack(name, capsule):
-        return Tensor(name, torch.utils.dlpack.from_dlpack(capsule).numpy().copy())
-
-
-class TritonError:
-    INTERNAL, INVALID_ARG = "INTERNAL", "INVALID_ARG"
-
-    def __init__(self, message, code=None):
-        self._message, self.code = message, code
-
-    def message(self):
-        return self._message
-
-
-class Response:
-    def __init__(self, output_tensors=(), error=None):
-        self.outputs = {t.name(): t.as_numpy() for t in output_tensors}
-        self.error = error
-
-
-class Request:
-    def __init__(self, **arrays):
-        self.inputs = {k: Tensor(k, v) for k, v in arrays.items()}
 
 
 @pytest.fixture(scope="module")
@@ -78,34 +37,23 @@ def torch_repository(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def host():
-    """model.py imported as Triton's stub would: fake pb_utils, wrappers.py beside it."""
-    from sd_triton.export import component_models as R
-    from sd_triton.export import wrappers
-
-    pb = types.ModuleType("triton_python_backend_utils")
-    pb.Tensor, pb.TritonError, pb.InferenceResponse = Tensor, TritonError, Response
-    pb.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
-    saved = {k: sys.modules.get(k) for k in ("triton_python_backend_utils", "wrappers")}
-    sys.modules.update(triton_python_backend_utils=pb, wrappers=wrappers)
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "torch_host_under_test", R.TORCH_HOST_TEMPLATE
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("torch_host_under_test", None)
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
+def pb(module_monkeypatch):
+    return install(module_monkeypatch)
 
 
-def load(host, repository, name, **parameters):
+@pytest.fixture(scope="module")
+def host(pb, module_monkeypatch, torch_repository):
+    """The exported model.py, imported as Triton's stub would (component_host.py and
+    wrappers.py beside it)."""
+    model_py = torch_repository / "unet" / "1" / "model.py"
+    return import_model(module_monkeypatch, model_py, name="torch_host_under_test")
+
+
+def request(pb, **arrays):
+    return pb.InferenceRequest(inputs=[pb.Tensor(k, v) for k, v in arrays.items()])
+
+
+def load(host, repository, name, kind="CPU", **parameters):
     config = json_format.MessageToDict(
         T.read_config(repository / name), preserving_proto_field_name=True
     )
@@ -117,7 +65,7 @@ def load(host, repository, name, **parameters):
             "model_config": json.dumps(config),
             "model_repository": str(repository / name),
             "model_version": "1",
-            "model_instance_kind": "CPU",
+            "model_instance_kind": kind,
             "model_instance_device_id": "0",
         }
     )
@@ -145,9 +93,9 @@ def _triton_form(name, arrays):
 
 
 @pytest.mark.parametrize("name", list(C.COMPONENTS))
-def test_torch_host_matches_the_onnx_host(host, torch_repository, tiny_repository, sizes, name):
+def test_torch_host_matches_the_onnx_host(pb, host, torch_repository, tiny_repository, sizes, name):
     model = load(host, torch_repository, name)
-    assert model.device.type == "cpu" and model.dtype == torch.float32
+    assert model.device == torch.device("cpu") and model.dtype == torch.float32
     session = ort.InferenceSession(str(tiny_repository / name / "1" / "model.onnx"))
     # Two requests batched together (same shapes), one alone (other shapes).
     batches = [
@@ -155,14 +103,14 @@ def test_torch_host_matches_the_onnx_host(host, torch_repository, tiny_repositor
         _inputs(name, sizes, 2, (4, 6), seed=2),
         _inputs(name, sizes, 1, (8, 4), seed=3),
     ]
-    responses = model.execute([Request(**_triton_form(name, b)) for b in batches])
+    responses = model.execute([request(pb, **_triton_form(name, b)) for b in batches])
     assert len(responses) == 3
     config = T.read_config(torch_repository / name)
     for batch, response in zip(batches, responses, strict=True):
-        assert response.error is None, response.error.message()
+        assert not response.has_error(), response.error().message()
         want = session.run(None, batch)
         for entry, expected in zip(config.output, want, strict=True):
-            got = response.outputs[entry.name]
+            got = outputs(response)[entry.name]
             assert got.shape[0] == len(expected) and len(got.shape) == len(entry.dims) + 1
             assert all(d in (-1, n) for d, n in zip(entry.dims, got.shape[1:], strict=True))
             expected = expected.reshape(got.shape)
@@ -174,27 +122,27 @@ def test_torch_host_matches_the_onnx_host(host, torch_repository, tiny_repositor
                 assert err < TOL, f"{name}.{entry.name}: relative error {err:.2e}"
 
 
-def test_bad_requests_fail_alone(host, torch_repository, sizes):
+def test_bad_requests_fail_alone(pb, host, torch_repository, sizes):
     model = load(host, torch_repository, "unet")
     good = _triton_form("unet", _inputs("unet", sizes, 1, (4, 4), seed=0))
     wrong_dtype = {**good, "sample": good["sample"].astype(np.float64)}
     missing = {k: v for k, v in good.items() if k != "encoder_hidden_states"}
     wrong_shape = {**good, "encoder_hidden_states": good["encoder_hidden_states"][:, :5]}
-    responses = model.execute(
-        [Request(**good), Request(**wrong_dtype), Request(**missing), Request(**wrong_shape)]
-    )
-    assert responses[0].error is None
-    messages = [r.error.message() for r in responses[1:]]
-    assert all(r.error.code == TritonError.INVALID_ARG for r in responses[1:])
+    responses = model.execute([request(pb, **r) for r in (good, wrong_dtype, missing, wrong_shape)])
+    assert not responses[0].has_error()
+    messages = [r.error().message() for r in responses[1:]]
+    assert all(r.error().code() == TritonError.INVALID_ARG for r in responses[1:])
     assert "dtype" in messages[0] and "missing" in messages[1] and "shape" in messages[2]
 
 
-def test_timestep_in_model_form_is_accepted(host, torch_repository, sizes):
+def test_timestep_in_model_form_is_accepted(pb, host, torch_repository, sizes):
     """Whether Triton applies the config's reshape ([B]) or not ([B, 1])."""
     model = load(host, torch_repository, "unet")
     arrays = _inputs("unet", sizes, 2, (4, 4), seed=5)
-    flat, column = model.execute([Request(**arrays), Request(**_triton_form("unet", arrays))])
-    np.testing.assert_array_equal(flat.outputs["out_sample"], column.outputs["out_sample"])
+    flat, column = model.execute(
+        [request(pb, **arrays), request(pb, **_triton_form("unet", arrays))]
+    )
+    np.testing.assert_array_equal(outputs(flat)["out_sample"], outputs(column)["out_sample"])
 
 
 def test_dtype_and_component_parameters(host, torch_repository):
@@ -211,10 +159,40 @@ def test_torch_export_has_no_onnx(torch_repository):
     for name in C.COMPONENTS:
         version = torch_repository / name / "1"
         assert not list(version.glob("*.onnx"))
-        assert (version / "model.py").is_file() and (version / "wrappers.py").is_file()
+        assert {"model.py", "component_host.py", "wrappers.py"} <= {
+            p.name for p in version.iterdir()
+        }
         assert T.read_config(torch_repository / name).backend == "python"
     constants = json.loads(
         (torch_repository / "stable_diffusion" / "1" / "assets" / "pipeline.json").read_text()
     )
     assert constants["host"] == "torch"
     assert not (torch_repository / "stable_diffusion_stream").exists()
+
+
+# ----------------------------------------------------------- the device rule (component_host.py)
+
+
+def test_device_rule(host):
+    """One rule for every Python-backend model: the hosts and the pipeline."""
+    from component_host import choose_device
+
+    assert choose_device("GPU", 1, cuda=True) == 1
+    assert choose_device("GPU", 1, "cpu", cuda=True) is None  # on purpose
+    assert choose_device("CPU", 0, "cuda", cuda=True) == 0
+    for kind in ("CPU", "MODEL", "", "KIND_GPU"):  # only GPU means GPU
+        assert choose_device(kind, 0, cuda=True) is None
+    with pytest.raises(RuntimeError, match="KIND_GPU instance, but this runtime sees no CUDA"):
+        choose_device("GPU", 0, cuda=False)
+    with pytest.raises(RuntimeError, match="device cuda asked for"):
+        choose_device("CPU", 0, "cuda", cuda=False)
+    with pytest.raises(ValueError, match="device must be one of"):
+        choose_device("GPU", 0, "tpu", cuda=True)
+
+
+def test_gpu_instance_without_cuda_fails_at_load(host, torch_repository, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="model 'vae_decoder': a KIND_GPU instance"):
+        load(host, torch_repository, "vae_decoder", kind="GPU")
+    model = load(host, torch_repository, "vae_decoder", kind="GPU", device="cpu")
+    assert model.device == torch.device("cpu")
