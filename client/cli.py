@@ -7,10 +7,14 @@
     sd-triton inpaint "a red armchair" --image in.png --mask mask.png -o out.png
     sd-triton outpaint "a beach" --image in.png --left 64 --right 64 -o wide.png
     sd-triton health
-    sd-triton models
+    sd-triton models                    # admin calls: models, load, unload
+    sd-triton load stable_diffusion --versions 1
+    sd-triton verify --golden golden/   # golden-set check; --write-golden, --against
 
 Errors are one line on stderr, no traceback; the exit code says what kind
-(see :data:`EXIT_CODES`).
+(see :data:`EXIT_CODES`). The admin key is read from ``--admin-key-file``,
+``$SD_TRITON_ADMIN_KEY_FILE`` or ``$SD_TRITON_ADMIN_KEY``, never from the
+command line.
 """
 
 from __future__ import annotations
@@ -22,16 +26,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from sd_pipeline import spec as S
+
+from ._core import DEFAULT_URL
 from ._edit import img2img_request, inpaint_request, outpaint_request
 from ._errors import (
     CancelledError,
     DeadlineExceededError,
     InvalidRequestError,
+    PermissionDeniedError,
     SDTritonError,
     UnavailableError,
 )
 from ._infotext import output_paths
-from ._sync import DEFAULT_URL, Client, PendingGeneration
+from ._sync import Client, PendingGeneration
 from ._types import GenerationResult, ProgressEvent
 
 __all__ = ["EXIT_CODES", "main"]
@@ -44,13 +52,19 @@ EXIT_SERVER_ERROR = 1
 EXIT_INVALID = 2  # also argparse's code for a bad command line
 EXIT_UNAVAILABLE = 3
 EXIT_TIMEOUT = 4
+EXIT_PERMISSION = 5  # an admin call without the right admin key
+EXIT_VERIFY_FAILED = 1  # verify: an image differs by more than the thresholds
 EXIT_CANCELLED = 130  # as a shell reports Ctrl-C
+
+# The commands that make admin calls, and so send the admin key.
+ADMIN_COMMANDS = ("models", "load", "unload")
 
 # Most specific first.
 EXIT_CODES: dict[type[SDTritonError], int] = {
     InvalidRequestError: EXIT_INVALID,
     UnavailableError: EXIT_UNAVAILABLE,
     DeadlineExceededError: EXIT_TIMEOUT,
+    PermissionDeniedError: EXIT_PERMISSION,
     CancelledError: EXIT_CANCELLED,
     SDTritonError: EXIT_SERVER_ERROR,
 }
@@ -82,11 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"server gRPC address (default: ${URL_ENV} or {DEFAULT_URL})",
     )
     common.add_argument(
-        "--model", default="stable_diffusion", help="model name (default: %(default)s)"
+        "--model",
+        default="stable_diffusion",
+        metavar="MODEL[:VERSION]",
+        help="model name, and version (default: %(default)s, its latest version)",
     )
     common.add_argument(
         "--timeout", type=float, default=None, metavar="SECONDS", help="give up after this long"
     )
+    _add_connection_options(common)
 
     parser = argparse.ArgumentParser(prog=PROG, description="Stable Diffusion on a Triton server.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -133,9 +151,67 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.set_defaults(func=cmd_health)
 
-    models = sub.add_parser("models", parents=[common], help="list the server's models")
+    models = sub.add_parser("models", parents=[common], help="list the server's models (admin)")
     models.set_defaults(func=cmd_models)
+    load = sub.add_parser("load", parents=[common], help="load or reload a model (admin)")
+    load.add_argument("name", help="model to load")
+    load.add_argument(
+        "--versions", type=int, nargs="+", metavar="N", help="serve exactly these versions"
+    )
+    load.set_defaults(func=cmd_load)
+    unload = sub.add_parser("unload", parents=[common], help="unload a model (admin)")
+    unload.add_argument("name", help="model to unload")
+    unload.set_defaults(func=cmd_unload)
+    _add_verify_command(sub, [common])
+    for command in sub.choices.values():
+        # No abbreviations: "--admin-key VALUE" must not pass as --admin-key-file.
+        command.allow_abbrev = False
     return parser
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
+    """The admin key (from a file or the environment) and gRPC TLS."""
+    parser.add_argument(
+        "--admin-key-file",
+        type=Path,
+        metavar="PATH",
+        help=f"file holding the admin key for admin calls (default: ${S.ADMIN_KEY_FILE_ENV}, "
+        f"else ${S.ADMIN_KEY_ENV})",
+    )
+    parser.add_argument("--ssl", action="store_true", help="speak TLS to the gRPC port")
+    for flag, what in (
+        ("--root-certificates", "CA certificates to trust (PEM; default: the system's)"),
+        ("--private-key", "client private key (PEM), for servers that want client certificates"),
+        ("--certificate-chain", "client certificate chain (PEM)"),
+    ):
+        parser.add_argument(flag, type=Path, metavar="PEM", help=f"with --ssl: {what}")
+
+
+def _admin_key(args: argparse.Namespace) -> str | None:
+    """--admin-key-file, else the file $SD_TRITON_ADMIN_KEY_FILE names, else $SD_TRITON_ADMIN_KEY."""
+    path = args.admin_key_file or os.environ.get(S.ADMIN_KEY_FILE_ENV)
+    if not path:
+        return os.environ.get(S.ADMIN_KEY_ENV) or None
+    try:
+        key = Path(path).read_text().strip()
+    except OSError as e:
+        raise InvalidRequestError(f"cannot read the admin key file {path}: {e.strerror}") from None
+    if not key:
+        raise InvalidRequestError(f"the admin key file {path} is empty")
+    return key
+
+
+def _client(args: argparse.Namespace, **options) -> Client:
+    """A Client for the common options: address, model, admin key, TLS."""
+    tls = {k: getattr(args, k) for k in ("root_certificates", "private_key", "certificate_chain")}
+    if not args.ssl and any(tls.values()):
+        raise InvalidRequestError(
+            "--root-certificates, --private-key and --certificate-chain need --ssl"
+        )
+    model, _, version = options.pop("model", args.model).partition(":")
+    options = {"model": model, "model_version": version, **options}
+    admin_key = _admin_key(args) if args.command in ADMIN_COMMANDS else None
+    return Client(args.url, admin_key=admin_key, ssl=args.ssl, **tls, **options)
 
 
 def _add_edit_commands(sub, parents: list[argparse.ArgumentParser]) -> None:
@@ -241,7 +317,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.size:
         options["width"], options["height"] = args.size
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    with Client(args.url, model=args.model, stream_model=args.stream_model) as client:
+    with _client(args, stream_model=args.stream_model) as client:
         if progress and not client.health(timeout_s=args.timeout).models[client.stream_model]:
             print(
                 f"{PROG}: note: no streaming model {client.stream_model!r}; no progress bar",
@@ -275,7 +351,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     else:
         margins = {k: getattr(args, k) for k in ("left", "right", "top", "bottom", "overlap")}
         request = outpaint_request(args.prompt, image, **margins, **options)
-    with Client(args.url, model=args.model) as client:
+    with _client(args) as client:
         pending = PendingGeneration(client, request, args.timeout)
         try:
             result = pending.result()
@@ -296,22 +372,108 @@ def _save(result: GenerationResult, output: Path) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    with Client(args.url, model=args.model) as client:
+    with _client(args) as client:
         health = client.health(timeout_s=args.timeout if args.timeout is not None else 5.0)
     state = lambda ok: "ready" if ok else "NOT ready"  # noqa: E731
     print(f"server {args.url}: {'live' if health.live else 'NOT live'}, {state(health.ready)}")
     for name, ready in health.models.items():
         print(f"model {name}: {state(ready)}")
-    ok = health.live and health.ready and health.models[args.model]
+    ok = health.live and health.ready and health.models[client.model]
     return EXIT_OK if ok else EXIT_UNAVAILABLE
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    with Client(args.url, model=args.model) as client:
+    with _client(args) as client:
         models = client.list_models(timeout_s=args.timeout if args.timeout is not None else 5.0)
     for m in models:
         line = f"{m.name}\t{m.version or '-'}\t{m.state or '-'}"
         print(f"{line}\t{m.reason}" if m.reason else line)
+    return EXIT_OK
+
+
+def _add_verify_command(sub, parents: list[argparse.ArgumentParser]) -> None:
+    verify = sub.add_parser(
+        "verify",
+        parents=parents,
+        help="golden-set check: render fixed prompts and seeds and compare (exit 1 if any differ)",
+        description="Render the golden set's cases with --model at --url and compare every image "
+        "with the golden PNGs (--golden), or with another model/version or server (--against, "
+        "--against-url); --write-golden stores the renders instead. Prints each image's largest "
+        "difference (uint8 levels) and PSNR; exit 0 when all are within the thresholds, 1 if not.",
+    )
+    verify.add_argument(
+        "--cases", type=Path, metavar="JSON", help="golden set (default: the one shipped)"
+    )
+    mode = verify.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--golden", type=Path, metavar="DIR", help="compare with these golden PNGs")
+    mode.add_argument("--write-golden", type=Path, metavar="DIR", help="store the renders here")
+    mode.add_argument(
+        "--against", metavar="MODEL[:VERSION]", help="compare with this model (and version)"
+    )
+    mode.add_argument("--against-url", metavar="URL", help="compare with the model at this server")
+    verify.add_argument(
+        "--max-diff",
+        type=int,
+        default=1,
+        metavar="LEVELS",
+        help="largest allowed difference, uint8 levels (default: %(default)s)",
+    )
+    verify.add_argument(
+        "--min-psnr", type=float, default=0.0, metavar="DB", help="smallest allowed PSNR (dB)"
+    )
+    verify.set_defaults(func=cmd_verify)
+
+
+def _reference_client(args: argparse.Namespace) -> Client:
+    if args.against_url:
+        args = argparse.Namespace(**{**vars(args), "url": args.against_url})
+        return _client(args)
+    return _client(args, model=args.against)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from . import verify
+
+    cases = verify.load_cases(args.cases)
+    with _client(args) as client:
+        rendered = verify.render(client, cases, timeout_s=args.timeout)
+    if args.write_golden:
+        for path in verify.write_golden(rendered, args.write_golden):
+            print(path)
+        return EXIT_OK
+    if args.golden:
+        expected = verify.read_golden(args.golden, cases)
+    else:
+        with _reference_client(args) as reference:
+            rendered_again = verify.render(reference, cases, timeout_s=args.timeout)
+        expected = {name: verify.pixels(r) for name, r in rendered_again.items()}
+    actual = {name: verify.pixels(r) for name, r in rendered.items()}
+    checks = verify.compare(expected, actual, max_diff=args.max_diff, min_psnr=args.min_psnr)
+    for c in checks:
+        verdict = "ok" if c.passed else "FAIL"
+        note = f"  ({c.note})" if c.note else ""
+        print(f"{c.image}\tmax_diff={c.max_diff}\tpsnr={c.psnr:.2f} dB\t{verdict}{note}")
+    failed = [c.image for c in checks if not c.passed]
+    if failed:
+        print(
+            f"{PROG}: verify: {len(failed)} of {len(checks)} images differ: {', '.join(failed)}",
+            file=sys.stderr,
+        )
+        return EXIT_VERIFY_FAILED
+    return EXIT_OK
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.load_model(args.name, versions=args.versions, timeout_s=args.timeout)
+    print(f"loaded {args.name}" + (f" versions {args.versions}" if args.versions else ""))
+    return EXIT_OK
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.unload_model(args.name, timeout_s=args.timeout)
+    print(f"unloaded {args.name}")
     return EXIT_OK
 
 

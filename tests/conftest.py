@@ -68,6 +68,45 @@ def triton_server(tiny_repository):
 
 
 @pytest.fixture(scope="session")
+def tls_files(tmp_path_factory) -> dict[str, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (the certificate is its own root)."""
+    path = tmp_path_factory.mktemp("tls")
+    files = {"cert": path / "server.crt", "key": path / "server.key"}
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+        + ["-keyout", str(files["key"]), "-out", str(files["cert"])],
+        check=True,
+        capture_output=True,
+    )
+    return files
+
+
+@pytest.fixture(scope="session")
+def locked_server(tiny_repository, tls_files):
+    """The tiny repository locked as deployed: admin APIs behind a key, gRPC over TLS.
+
+    Explicit model control with only ``text_encoder`` loaded (starts in seconds);
+    ``locked_server.admin_key`` is the key.
+    """
+    from sd_triton.server import TritonServer
+    from sd_triton.server.security import GrpcTls
+
+    server = TritonServer(
+        tiny_repository,
+        model_control="explicit",
+        load_models=["text_encoder"],
+        admin_key="test-admin-key-0123456789",
+        grpc_tls=GrpcTls(tls_files["cert"], tls_files["key"]),
+    )
+    server.start(timeout_s=300)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def triton_url(triton_server) -> str:
     """gRPC address of the session's server, e.g. ``127.0.0.1:40123``."""
     return triton_server.grpc_url

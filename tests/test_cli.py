@@ -86,3 +86,16 @@ def test_the_console_script_exits_with_the_code(unused_url):
     )
     assert out.returncode == cli.EXIT_UNAVAILABLE
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+def test_the_admin_key_is_never_a_command_line_value(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["models", "--admin-key", "secret-0123456789"])
+    assert info.value.code == cli.EXIT_INVALID
+    assert "secret" not in capsys.readouterr().out
+
+
+def test_an_unreadable_admin_key_file_is_one_line_and_exit_2(tmp_path, unused_url, capsys):
+    code = cli.main(["models", "--url", unused_url, "--admin-key-file", str(tmp_path / "nope")])
+    assert code == cli.EXIT_INVALID
+    assert capsys.readouterr().err.startswith("sd-triton: error: cannot read the admin key file")

@@ -72,8 +72,8 @@ def pixels(path: Path) -> np.ndarray:
 def test_generate_writes_the_contract_images_with_their_parameters(
     triton_url, reference, tmp_path, capsys, progress
 ):
-    if progress == "--progress" and not has_stream_model(triton_url):
-        pytest.skip("no stable_diffusion_stream model in the exported repository")
+    # The exporter always writes the streaming model: a missing one is a failure.
+    assert has_stream_model(triton_url)
     out = tmp_path / "out.png"
     code = cli.main(["generate", PROMPT, "-o", str(out), *ARGS, "--url", triton_url, progress])
     captured = capsys.readouterr()
@@ -111,10 +111,45 @@ def test_health_and_models(triton_url, capsys):
     out = capsys.readouterr().out
     assert f"server {triton_url}: live, ready" in out
     assert "model stable_diffusion: ready" in out
-    assert cli.main(["models", "--url", triton_url]) == cli.EXIT_OK
-    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
-    assert ["stable_diffusion", "1", "READY"] in rows
     assert cli.main(["health", "--url", triton_url, "--model", "nope"]) == cli.EXIT_UNAVAILABLE
+
+
+@pytest.fixture
+def locked_args(locked_server, tls_files) -> list[str]:
+    """Address and TLS flags of the locked server (admin key required, gRPC over TLS)."""
+    return ["--url", locked_server.grpc_url, "--ssl", "--root-certificates", str(tls_files["cert"])]
+
+
+def test_admin_commands_read_the_key_from_a_file_or_the_environment(
+    locked_server, locked_args, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.delenv("SD_TRITON_ADMIN_KEY", raising=False)
+    monkeypatch.delenv("SD_TRITON_ADMIN_KEY_FILE", raising=False)
+    assert cli.main(["models", *locked_args]) == cli.EXIT_PERMISSION
+    err = capsys.readouterr().err
+    assert err.startswith("sd-triton: error: ") and len(err.splitlines()) == 1
+    assert "no admin key was given" in err and "'sd-triton-admin-key'" in err
+
+    key_file = tmp_path / "admin.key"
+    key_file.write_text(locked_server.admin_key + "\n")
+    assert cli.main(["models", *locked_args, "--admin-key-file", str(key_file)]) == cli.EXIT_OK
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert ["text_encoder", "1", "READY"] in rows
+
+    monkeypatch.setenv("SD_TRITON_ADMIN_KEY_FILE", str(key_file))
+    assert cli.main(["unload", "text_encoder", *locked_args]) == cli.EXIT_OK
+    assert cli.main(["load", "text_encoder", *locked_args]) == cli.EXIT_OK
+    monkeypatch.delenv("SD_TRITON_ADMIN_KEY_FILE")
+    monkeypatch.setenv("SD_TRITON_ADMIN_KEY", locked_server.admin_key)
+    assert cli.main(["load", "text_encoder", "--versions", "1", *locked_args]) == cli.EXIT_OK
+    assert capsys.readouterr().out == (
+        "unloaded text_encoder\nloaded text_encoder\nloaded text_encoder versions [1]\n"
+    )
+    monkeypatch.setenv("SD_TRITON_ADMIN_KEY", "wrong-key-0123456789")
+    assert cli.main(["unload", "text_encoder", *locked_args]) == cli.EXIT_PERMISSION
+    assert "the admin key given was not accepted" in capsys.readouterr().err
+    monkeypatch.setenv("SD_TRITON_ADMIN_KEY", locked_server.admin_key)
+    assert cli.main(["load", "text_encoder", *locked_args]) == cli.EXIT_OK
 
 
 # --------------------------------------------------------------------------- docs/client.md
@@ -159,7 +194,11 @@ def test_docs_python_examples_run(triton_url, tmp_path, capsys):
     assert (tmp_path / "lighthouse.png").exists()
 
 
-def test_docs_command_line_examples_run(triton_url, tmp_path, capsys):
+def test_docs_command_line_examples_run(
+    triton_url, locked_server, locked_args, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.delenv("SD_TRITON_ADMIN_KEY_FILE", raising=False)
+    monkeypatch.setenv("SD_TRITON_ADMIN_KEY", locked_server.admin_key)
     commands = [
         line.removeprefix("$ sd-triton ")
         for block in doc_blocks("console")
@@ -170,7 +209,9 @@ def test_docs_command_line_examples_run(triton_url, tmp_path, capsys):
     with working_directory(tmp_path):
         for command in commands:
             argv = shlex.split(substitute(command, triton_url))
-            if argv[0] in ("generate", "health", "models"):
+            if argv[0] in ("models", "load", "unload"):  # admin calls: the locked server
+                argv += locked_args
+            elif argv[0] in ("generate", "health"):
                 argv += ["--url", triton_url]
             assert cli.main(argv) == cli.EXIT_OK, (command, capsys.readouterr().err)
     assert {p.name for p in tmp_path.iterdir()} == {

@@ -24,6 +24,7 @@ from sd_triton.client import (
     DeadlineExceededError,
     GenerationResult,
     InvalidRequestError,
+    PermissionDeniedError,
     ProgressEvent,
     UnavailableError,
     parse_infotext,
@@ -92,9 +93,8 @@ def client(triton_url):
 
 @pytest.fixture(scope="module")
 def streaming(client):
-    """Skip while the exported repository has no streaming model."""
-    if not client.health().models[client.stream_model]:
-        pytest.skip(f"the exported repository has no {client.stream_model} model (export/)")
+    """The exporter always writes the streaming model: a missing one is a failure."""
+    assert client.health().models[client.stream_model], f"{client.stream_model} is not ready"
 
 
 @pytest.fixture
@@ -116,18 +116,22 @@ def unet_requests(grpc_client) -> int:
     return sum(m.inference_stats.success.count + m.inference_stats.fail.count for m in stats)
 
 
-def settled_unet_requests(grpc_client, quiet_s: float = 1.5, limit_s: float = 60.0) -> int:
-    """The UNet request count once it has stopped moving for ``quiet_s``."""
+def finished_requests(grpc_client, model: str) -> int:
+    """Requests ``model`` has finished so far (answered, failed or cancelled)."""
+    stats = grpc_client.get_inference_statistics(model).model_stats
+    return sum(m.inference_stats.success.count + m.inference_stats.fail.count for m in stats)
+
+
+def wait_until_finished(grpc_client, model: str, count: int, limit_s: float = 120.0) -> None:
+    """Poll ``model``'s statistics until it has finished ``count`` requests.
+
+    A request's UNet calls are blocking BLS calls, so once the pipeline request
+    has finished, the UNet count holds every step it ran.
+    """
     deadline = time.monotonic() + limit_s
-    last, since = unet_requests(grpc_client), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.25)
-        now = unet_requests(grpc_client)
-        if now != last:
-            last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return now
-    raise AssertionError("the server's UNet never went quiet: a cancelled loop kept running")
+    while finished_requests(grpc_client, model) < count:
+        assert time.monotonic() < deadline, f"{model} never finished the request"
+        time.sleep(0.05)
 
 
 def wait_for_unet_requests(grpc_client, count: int, limit_s: float = 120.0) -> None:
@@ -191,6 +195,44 @@ def test_async_client_equals_the_sync_client(triton_url, reference):
             return await client.generate(PROMPT, **REQUEST)
 
     assert_matches(asyncio.run(run()), reference)
+
+
+def test_async_image_methods_equal_the_sync_clients(client, triton_url):
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    options = {"num_inference_steps": 2, "seed": 6, "scheduler": "euler_a"}
+    calls = {
+        "img2img": ((PROMPT, image), {"strength": 0.7}),
+        "inpaint": ((PROMPT, image, mask), {}),
+        "outpaint": ((PROMPT, image[:, :24]), {"left": 8, "right": 8, "overlap": 2}),
+    }
+
+    async def run_async():
+        async with AsyncClient(triton_url, timeout_s=300) as aclient:
+            return {
+                name: await getattr(aclient, name)(*args, **kwargs, **options)
+                for name, (args, kwargs) in calls.items()
+            }
+
+    results = asyncio.run(run_async())
+    for name, (args, kwargs) in calls.items():
+        expected = getattr(client, name)(*args, **kwargs, **options)
+        got = results[name]
+        assert got.settings == expected.settings, name
+        assert np.array_equal(np.asarray(got.images[0]), np.asarray(expected.images[0])), name
+    assert results["outpaint"].images[0].size == (40, 32)
+    assert results["img2img"].settings.strength == 0.7
+
+
+def test_a_misspelled_model_is_not_retried(triton_url):
+    with Client(triton_url, model="stable_difusion", retries=3, backoff_s=30.0) as typo:
+        t0 = time.monotonic()
+        with pytest.raises(UnavailableError, match="unknown model") as info:
+            typo.generate(PROMPT, num_inference_steps=2, scheduler="ddim")
+        assert info.value.status == "StatusCode.NOT_FOUND"
+        assert time.monotonic() - t0 < 15, "NOT_FOUND was retried (each wait is 15-30 s)"
 
 
 def test_settings_report_the_servers_defaults_and_reproduce_the_images(client, grpc_client_module):
@@ -274,7 +316,8 @@ def test_async_stream_with_previews_equals_the_unary_images(triton_url, streamin
 def test_cancelling_a_stream_stops_the_servers_loop(
     client, streaming, grpc_client_module, no_shm_left_behind
 ):
-    before = settled_unet_requests(grpc_client_module)
+    before = unet_requests(grpc_client_module)
+    done = finished_requests(grpc_client_module, client.stream_model)
     seen = []
     stream = client.stream(PROMPT, num_inference_steps=LONG, seed=1)
     with pytest.raises(CancelledError):
@@ -283,7 +326,8 @@ def test_cancelling_a_stream_stops_the_servers_loop(
             if len(seen) == 2:
                 stream.cancel()
     assert [e.step for e in seen] == [1, 2]
-    ran = settled_unet_requests(grpc_client_module) - before
+    wait_until_finished(grpc_client_module, client.stream_model, done + 1)
+    ran = unet_requests(grpc_client_module) - before
     assert 2 <= ran <= 10, f"the server ran {ran} of {LONG} steps after the cancel"
     assert client.generate(PROMPT, num_inference_steps=2, seed=1).images
 
@@ -291,19 +335,23 @@ def test_cancelling_a_stream_stops_the_servers_loop(
 def test_cancelling_an_async_call_stops_the_server(
     triton_url, client, grpc_client_module, no_shm_left_behind
 ):
-    before = settled_unet_requests(grpc_client_module)
+    before = unet_requests(grpc_client_module)
+    done = finished_requests(grpc_client_module, client.model)
 
     async def run():
         async with AsyncClient(triton_url) as aclient:
             pending = aclient.submit(PROMPT, num_inference_steps=LONG, seed=1)
+            deadline = time.monotonic() + 120
             while unet_requests(grpc_client_module) < before + 2:
+                assert time.monotonic() < deadline, "the request never started"
                 await asyncio.sleep(0.05)
             pending.cancel()
             with pytest.raises(CancelledError):
                 await pending
 
     asyncio.run(run())
-    ran = settled_unet_requests(grpc_client_module) - before
+    wait_until_finished(grpc_client_module, client.model, done + 1)
+    ran = unet_requests(grpc_client_module) - before
     assert 2 <= ran <= 10, f"the server ran {ran} of {LONG} steps after the cancel"
     assert client.generate(PROMPT, num_inference_steps=2, seed=1).images
 
@@ -311,23 +359,27 @@ def test_cancelling_an_async_call_stops_the_server(
 def test_cancelling_a_submitted_call_stops_the_server(
     client, grpc_client_module, no_shm_left_behind
 ):
-    before = settled_unet_requests(grpc_client_module)
+    before = unet_requests(grpc_client_module)
+    done = finished_requests(grpc_client_module, client.model)
     pending = client.submit(PROMPT, num_inference_steps=LONG, seed=1)
     wait_for_unet_requests(grpc_client_module, before + 2)
     pending.cancel()
     with pytest.raises(CancelledError, match="cancelled by the caller"):
         pending.result()
-    ran = settled_unet_requests(grpc_client_module) - before
+    wait_until_finished(grpc_client_module, client.model, done + 1)
+    ran = unet_requests(grpc_client_module) - before
     assert 2 <= ran <= 10, f"the server ran {ran} of {LONG} steps after the cancel"
     assert client.generate(PROMPT, num_inference_steps=2, seed=1).images
 
 
 def test_a_timeout_is_deadline_exceeded_and_stops_the_server(client, grpc_client_module):
-    before = settled_unet_requests(grpc_client_module)
+    before = unet_requests(grpc_client_module)
+    done = finished_requests(grpc_client_module, client.model)
     with pytest.raises(DeadlineExceededError) as info:
         client.generate(PROMPT, num_inference_steps=LONG, timeout_s=1.0)
     assert isinstance(info.value, TimeoutError)
-    ran = settled_unet_requests(grpc_client_module) - before
+    wait_until_finished(grpc_client_module, client.model, done + 1)
+    ran = unet_requests(grpc_client_module) - before
     assert ran < LONG // 2, f"the server ran {ran} of {LONG} steps after the deadline"
     assert client.generate(PROMPT, num_inference_steps=2, seed=1).images
 
@@ -344,11 +396,8 @@ def test_a_timeout_is_deadline_exceeded_and_stops_the_server(client, grpc_client
 )
 @pytest.mark.parametrize("how", ["generate", "async", "stream", "async stream"])
 def test_bad_input_is_an_invalid_request_with_the_servers_message(
-    client, triton_url, how, options, message
+    client, streaming, triton_url, how, options, message
 ):
-    if "stream" in how and not client.health().models[client.stream_model]:
-        pytest.skip("no streaming model")
-
     async def run_async():
         async with AsyncClient(triton_url) as aclient:
             if how == "async":
@@ -395,8 +444,81 @@ def test_an_unknown_model_is_unavailable(triton_url):
         c.generate(PROMPT)
 
 
-def test_health_and_models(client):
+def test_health(client):
     health = client.health()
     assert health.live and health.ready and health.models["stable_diffusion"]
-    states = {m.name: m.state for m in client.list_models()}
-    assert states["stable_diffusion"] == "READY" and states["unet"] == "READY"
+    assert health.models["stable_diffusion_stream"]
+
+
+# --------------------------------------------------------------------------- locked: admin key, TLS
+
+
+@pytest.fixture
+def locked(locked_server, tls_files) -> dict:
+    """Client options for the locked server (TLS), for its one loaded model."""
+    options = dict(ssl=True, root_certificates=tls_files["cert"], model="text_encoder")
+    return {"url": locked_server.grpc_url, **options}
+
+
+def test_tls_works_with_the_servers_certificate_and_plain_text_fails(locked):
+    with Client(**locked) as c:
+        assert c.health(timeout_s=30).models["text_encoder"]
+    plain = {k: v for k, v in locked.items() if k not in ("ssl", "root_certificates")}
+    with Client(**plain) as c, pytest.raises(UnavailableError):
+        c.health(timeout_s=10)
+    with pytest.raises(ValueError, match="need ssl=True"):
+        Client(plain["url"], root_certificates="ca.pem")
+
+
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        (None, "no admin key was given"),
+        ("wrong-key-0123456789", "admin key given was not accepted"),
+    ],
+)
+def test_admin_calls_without_the_right_key_are_refused_saying_why(locked, key, why):
+    with Client(**locked, admin_key=key, retries=3, backoff_s=30.0) as c:
+        calls = [
+            c.list_models,
+            lambda: c.unload_model("text_encoder"),
+            lambda: c.load_model("unet"),
+        ]
+        for call in calls:
+            with pytest.raises(PermissionDeniedError, match=why) as info:
+                call()
+            assert isinstance(info.value, PermissionError)
+            assert "'sd-triton-admin-key'" in str(info.value)
+        assert c.is_ready(), "a refused unload took the model away"
+
+    async def run():
+        async with AsyncClient(**locked, admin_key=key) as ac:
+            with pytest.raises(PermissionDeniedError, match=why):
+                await ac.list_models()
+
+    asyncio.run(run())
+
+
+def test_admin_calls_with_the_key_unload_load_and_pin_versions(locked, locked_server):
+    with Client(**locked, admin_key=locked_server.admin_key) as c:
+        states = {m.name: m.state for m in c.list_models()}
+        assert states["text_encoder"] == "READY" and "stable_diffusion" in states
+        c.unload_model("text_encoder")
+        assert not c.is_ready()
+        c.load_model("text_encoder")
+        assert c.is_ready()
+        c.load_model("text_encoder", versions=[1])  # a rollback: exactly version 1
+        assert c.is_ready()
+        # The pinned policy reaches the server: a version that does not exist is refused.
+        with pytest.raises(InvalidRequestError, match="at least one version must be available"):
+            c.load_model("text_encoder", versions=[7])
+        assert c.is_ready()
+
+    async def run():
+        async with AsyncClient(**locked, admin_key=locked_server.admin_key) as ac:
+            await ac.unload_model("text_encoder")
+            unloaded = not await ac.is_ready()
+            await ac.load_model("text_encoder")
+            return unloaded and await ac.is_ready()
+
+    assert asyncio.run(run())
