@@ -67,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-queue-delay-us",
         type=int,
-        default=2000,
+        default=0,
         metavar="US",
-        help="UNet dynamic batching delay (default 2000)",
+        help="UNet dynamic batching delay (default 0: calls queued while the UNet runs "
+        "are merged anyway)",
     )
     p.add_argument("--preferred-batch-size", type=int, action="append", default=[], metavar="N")
     p.add_argument("--intra-op-threads", type=int, default=None, metavar="N")

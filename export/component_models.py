@@ -38,7 +38,6 @@ HOST_TEMPLATES = {
     "python": _TEMPLATES / "onnx_host" / "model.py",
     "torch": _TEMPLATES / "torch_host" / "model.py",
 }
-ONNX_HOST_TEMPLATE = HOST_TEMPLATES["python"]
 TORCH_HOST_TEMPLATE = HOST_TEMPLATES["torch"]
 # Shared by the python and torch hosts: copied beside their model.py.
 COMPONENT_HOST_SOURCE = _TEMPLATES / "component_host.py"

@@ -193,10 +193,7 @@ def export_onnx(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    spec = component.spec
-    names_in = [t.name for t in spec.inputs]
-    names_out = [t.name for t in spec.outputs]
-    args = tuple(inputs[n] for n in names_in)
+    args = tuple(inputs[t.name] for t in component.spec.inputs)
     with (
         tempfile.TemporaryDirectory(dir=path.parent) as tmp,
         torch.no_grad(),
@@ -209,38 +206,52 @@ def export_onnx(
         # The TorchScript exporter is deprecated (use dynamo=True to move on).
         warnings.simplefilter("ignore", DeprecationWarning)
         tmp_path = Path(tmp) / "model.onnx"
-        kwargs: dict[str, Any] = dict(
-            input_names=names_in,
-            output_names=names_out,
-            opset_version=opset,
-            dynamo=dynamo,
-            verbose=False,
-        )
-        if dynamo:
-            kwargs["dynamic_shapes"] = _dynamic_shapes(component)
-        else:
-            kwargs["dynamic_axes"] = dynamic_axes(component)
-            kwargs["do_constant_folding"] = True
+        kwargs = _export_kwargs(component, opset, dynamo)
         torch.onnx.export(module, args, str(tmp_path), **kwargs)
         model = onnx.load(str(tmp_path))
         _set_io_dims(model, component, sizes or {})
-        for p in (path, path.parent / EXTERNAL_DATA_NAME):
-            p.unlink(missing_ok=True)
-        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-            onnx.save_model(
-                model,
-                str(path),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=EXTERNAL_DATA_NAME,
-                size_threshold=1024,
-            )
-        else:
-            onnx.save_model(model, str(path))
-    for p in (path, path.parent / EXTERNAL_DATA_NAME):
+        _save(model, path)
+    return path
+
+
+def _export_kwargs(component: Component, opset: int, dynamo: bool) -> dict[str, Any]:
+    """``torch.onnx.export``'s keywords: the spec's names, dynamic dims for either exporter."""
+    kwargs: dict[str, Any] = dict(
+        input_names=[t.name for t in component.spec.inputs],
+        output_names=[t.name for t in component.spec.outputs],
+        opset_version=opset,
+        dynamo=dynamo,
+        verbose=False,
+    )
+    if dynamo:
+        kwargs["dynamic_shapes"] = _dynamic_shapes(component)
+    else:
+        kwargs["dynamic_axes"] = dynamic_axes(component)
+        kwargs["do_constant_folding"] = True
+    return kwargs
+
+
+def _save(model: Any, path: Path) -> None:
+    """Write ``model`` to ``path`` (weights in one external file past ~2 GB), readable by all."""
+    import onnx
+
+    data = path.parent / EXTERNAL_DATA_NAME
+    for p in (path, data):
+        p.unlink(missing_ok=True)
+    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA_NAME,
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(path))
+    for p in (path, data):
         if p.exists():
             os.chmod(p, 0o644)
-    return path
 
 
 def _set_io_dims(model: Any, component: Component, sizes: dict[str, int]) -> None:

@@ -96,7 +96,9 @@ class Hosting:
     intra_op_threads: int | None = None
     unet_max_batch_size: int = 16
     max_batch_size: int = 8
-    max_queue_delay_us: int = 2000
+    # 0: a lone request never waits; calls that queue while the UNet runs are still
+    # merged (benchmarks/results/cpu.md, "Per-step overhead").
+    max_queue_delay_us: int = 0
     preferred_batch_sizes: tuple[int, ...] = ()
 
     @property

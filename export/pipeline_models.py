@@ -26,6 +26,7 @@ from sd_pipeline.config import Limits, PipelineConfig
 
 from . import triton_config as T
 from .checkpoint import Checkpoint, ExportError
+from .component_models import COMPONENT_HOST_SOURCE
 from .options import ExportOptions
 
 __all__ = [
@@ -111,11 +112,13 @@ def _write_assets(ckpt: Checkpoint, assets: Path, pipeline_json: Mapping[str, An
 
 
 def _copy_pipeline_code(version_dir: Path) -> None:
-    """The pipeline model: its ``model.py`` and the installed ``sd_pipeline`` package."""
+    """The pipeline model: its ``model.py``, the installed ``sd_pipeline`` package and
+    ``component_host.py`` (the device rule it shares with the component hosts)."""
     package = Path(S.__file__).resolve().parent
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(package, version_dir / "sd_pipeline", ignore=ignore)
     shutil.copyfile(PIPELINE_MODEL_TEMPLATE, version_dir / "model.py")
+    shutil.copyfile(COMPONENT_HOST_SOURCE, version_dir / COMPONENT_HOST_SOURCE.name)
 
 
 def write_pipeline_models(

@@ -213,8 +213,6 @@ SD15 = Architecture(
     calibration_images=4,
 )
 
-ARCHITECTURES = {a.name: a for a in (TINY, SD15)}
-
 
 def inpainting(arch: Architecture) -> Architecture:
     """``arch`` with an inpainting UNet: latents + mask + masked image latents in (2 x 4 + 1)."""

@@ -87,7 +87,7 @@ def component_config(
     backend: str,
     max_batch_size: int,
     dynamic_batching: bool = False,
-    max_queue_delay_us: int = 2000,
+    max_queue_delay_us: int = 0,
     preferred_batch_sizes: tuple[int, ...] = (),
     parameters: Mapping[str, object] | None = None,
 ) -> pb.ModelConfig:
@@ -102,6 +102,7 @@ def component_config(
     _add_tensors(config.input, model.inputs, dtypes, sizes, batched=True)
     _add_tensors(config.output, model.outputs, dtypes, sizes, batched=True)
     if dynamic_batching:
+        config.dynamic_batching.SetInParent()  # present even with every field at 0
         config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
         sizes_ok = [b for b in preferred_batch_sizes if 1 <= b <= max_batch_size]
         config.dynamic_batching.preferred_batch_size.extend(sizes_ok)

@@ -202,16 +202,19 @@ def test_export_service_writes_the_gpu_flavour(compose):
 
 def test_dockerfile_installs_the_project_editable(compose):
     """The exporter copies model_repository/... from beside its source: an editable install."""
-    from sd_triton.export import repository as R
+    from sd_pipeline import spec
+    from sd_triton.export import component_models as CM
+    from sd_triton.export import pipeline_models as PM
 
     text = _dockerfile(compose, "triton")
     assert re.search(r"pip install [^\n]*-e /opt/sd-triton", text)
     copied = set(re.findall(r"^COPY (\S+) /opt/sd-triton/", text, re.M))
     for path in (
-        R.ONNX_HOST_TEMPLATE,
-        R.TORCH_HOST_TEMPLATE,
-        R.WRAPPERS_SOURCE,
-        R._pipeline_source(),
+        *CM.HOST_TEMPLATES.values(),
+        CM.COMPONENT_HOST_SOURCE,
+        CM.WRAPPERS_SOURCE,
+        PM.PIPELINE_MODEL_TEMPLATE,
+        spec.__file__,
     ):
         top = Path(path).resolve().relative_to(ROOT).parts[0]
         assert top in copied, f"the image lacks {path}"
