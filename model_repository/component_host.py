@@ -34,6 +34,7 @@ __all__ = [
     "TensorConfig",
     "choose_device",
     "dtype_name",
+    "instance_device",
     "parameter",
     "run_batched",
 ]

@@ -300,4 +300,7 @@ def import_model(
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up
     spec.loader.exec_module(module)
+    for shared in ("component_host", "wrappers"):
+        if shared in sys.modules:  # gone again when the monkeypatch is undone
+            monkeypatch.setitem(sys.modules, shared, sys.modules[shared])
     return module

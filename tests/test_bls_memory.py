@@ -11,10 +11,12 @@ outputs are consumed in, or these tests fail here, not on a GPU node.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from fake_pb_utils import install
+from fake_pb_utils import import_model, install
 
 from sd_pipeline import Assets, OnnxComponents, generate, make_request
 from sd_pipeline import spec as S
@@ -140,3 +142,37 @@ def test_gpu_calls_ask_for_outputs_where_they_are_consumed(monkeypatch):
     # has_nsfw_concepts is bool, read as numpy: the safety checker answers in CPU memory.
     assert components._preferred_memory(S.SAFETY_CHECKER, torch.device("cuda", 1)) == cpu
     assert components._preferred_memory(S.UNET, torch.device("cpu")) == cpu
+
+
+def _pipeline(monkeypatch, repository, kind: str, **parameters):
+    """The exported pipeline model.py (component_host.py beside it), initialized."""
+    from google.protobuf import json_format
+
+    from sd_triton.export import triton_config as T
+
+    install(monkeypatch)
+    folder = repository / "stable_diffusion"
+    module = import_model(monkeypatch, folder / "1" / "model.py", name="pipeline_under_test")
+    config = json_format.MessageToDict(T.read_config(folder), preserving_proto_field_name=True)
+    for key, value in parameters.items():
+        config.setdefault("parameters", {})[key] = {"string_value": value}
+    model = module.TritonPythonModel()
+    model.initialize(
+        {
+            "model_config": json.dumps(config),
+            "model_instance_kind": kind,
+            "model_instance_device_id": "0",
+        }
+    )
+    return model
+
+
+def test_pipeline_follows_the_hosts_device_rule(monkeypatch, tiny_repository):
+    """A KIND_GPU pipeline instance whose torch sees no CUDA fails to load, as a host does."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (tiny_repository / "stable_diffusion" / "1" / "component_host.py").is_file()
+    with pytest.raises(RuntimeError, match="KIND_GPU instance, but this runtime sees no CUDA"):
+        _pipeline(monkeypatch, tiny_repository, "GPU")
+    model = _pipeline(monkeypatch, tiny_repository, "GPU", device="cpu")
+    assert model.components.device == torch.device("cpu")
+    assert _pipeline(monkeypatch, tiny_repository, "CPU").components.device.type == "cpu"

@@ -39,22 +39,7 @@ from . import spec as S
 from .config import PipelineConfig
 from .errors import ComponentError
 
-__all__ = ["TritonComponents", "pipeline_device"]
-
-
-def pipeline_device(kind: str, device_id: int, want: str = "auto") -> torch.device:
-    """The pipeline's torch device: CUDA ``device_id`` on a GPU instance where the stub
-    sees CUDA (``want`` ``"cuda"``: wherever it does), else the CPU."""
-    if want not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"device must be auto, cuda or cpu, got {want!r}")
-    if want == "cpu":
-        return torch.device("cpu")
-    cuda = torch.cuda.is_available()
-    if want == "cuda" and not cuda:
-        raise RuntimeError("device cuda asked for, but torch sees no CUDA device")
-    if cuda and (want == "cuda" or kind == "GPU"):
-        return torch.device("cuda", device_id)
-    return torch.device("cpu")
+__all__ = ["TritonComponents"]
 
 
 class TritonComponents:

@@ -27,7 +27,8 @@ that name none; default: the model's own scheduler config),
 model: its own admission control; the unary model's queue is Triton's
 ``dynamic_batching { default_queue_policy }``, written by the exporter).
 ``device`` (``auto``, ``cuda``, ``cpu``): where the pipeline's tensors may
-live (see ``sd_pipeline/triton_components.py``).
+live (``component_host.choose_device``; see also
+``sd_pipeline/triton_components.py``).
 
 Errors are per request: bad input -> INVALID_ARG with the validation
 message, cancellation -> CANCELLED, overload, a queue timeout or a component
@@ -54,7 +55,9 @@ if sys.path[:1] != [str(_HERE)]:
     sys.path.insert(0, str(_HERE))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
+from component_host import instance_device  # noqa: E402  (beside this file, as in every host)
 
 from sd_pipeline import spec as S  # noqa: E402
 from sd_pipeline.config import Assets, Limits  # noqa: E402
@@ -64,7 +67,7 @@ from sd_pipeline.preview import latents_to_preview  # noqa: E402
 from sd_pipeline.request import GenerationRequest, parse_request  # noqa: E402
 from sd_pipeline.schedulers import check_name  # noqa: E402
 from sd_pipeline.telemetry import Metrics, Unavailable, component_unavailable, log_line, record  # noqa: E402
-from sd_pipeline.triton_components import TritonComponents, pipeline_device  # noqa: E402
+from sd_pipeline.triton_components import TritonComponents  # noqa: E402
 
 ASSETS = _HERE / "assets"
 DEFAULT_MAX_CONCURRENCY = 8
@@ -134,13 +137,11 @@ class TritonPythonModel:
         # The alias for requests that name no scheduler (None: the model's own config).
         self.default_scheduler = parameters.get("default_scheduler", "").strip() or None
         check_name(self.default_scheduler)
-        # CUDA when this instance is on a GPU and the stub's torch sees it (config
-        # parameter ``device``: auto, cuda or cpu); BLS calls keep CUDA tensors on it.
-        device = pipeline_device(
-            args.get("model_instance_kind", "CPU"),
-            int(args.get("model_instance_device_id") or 0),
-            parameters.get("device", "").strip() or "auto",
-        )
+        # The device rule of every Python-backend model here (component_host.py): a
+        # KIND_GPU instance runs on its GPU or fails to load, never quietly on the
+        # CPU (parameter ``device``: auto, cuda or cpu); BLS calls keep CUDA tensors on it.
+        cuda = instance_device(args, model_config, cuda=torch.cuda.is_available())
+        device = "cpu" if cuda is None else f"cuda:{cuda}"
         self.components = TritonComponents(self.assets.config, device=device)
         self.model_name = args.get("model_name", model_config.get("name", ""))
         self.model_version = str(args.get("model_version", ""))
