@@ -29,19 +29,19 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import flops, report, stats, system
+from . import flops, overhead, report, stats, system
 from .load import InProcess, Request, Served, Timing
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8)
-MODELS = ("repository", "full-size")
+MODELS = ("repository", "overhead", "full-size")
 FULL_SIZE_ARCH = "sd15-random"
 
 
@@ -469,8 +469,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--models",
         type=_names,
         default=MODELS,
-        help="comma-separated: 'repository' (--repository, default the tiny model) and/or "
-        "'full-size' (SD 1.5's architecture with random weights, built and cached under --build-dir)",
+        help="comma-separated: 'repository' (--repository, default the tiny model), 'overhead' "
+        "(per-step overhead of --repository's pipeline with a null UNet, benchmarks/overhead.py) "
+        "and/or 'full-size' (SD 1.5's architecture with random weights, built and cached under "
+        "--build-dir)",
     )
     p.add_argument("--full-size-size", type=int, default=128)
     p.add_argument("--full-size-steps", type=int, default=2)
@@ -514,6 +516,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "an instance's first request pays seconds of lazy start-up)",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    overhead.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -521,7 +524,7 @@ def settings_from_args(args: argparse.Namespace) -> list[Setting]:
     """The settings ``--models`` asks for (building the full-size model on first use)."""
     from .perf_analyzer import pipeline_constants
 
-    if args.url and len(args.models) > 1:
+    if args.url and len(set(args.models) - {"overhead"}) > 1:
         raise SystemExit(
             "--url serves one repository: pass --models repository or --models full-size"
         )
@@ -565,6 +568,8 @@ def settings_from_args(args: argparse.Namespace) -> list[Setting]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .perf_analyzer import pipeline_constants
+
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     threads = args.threads or system.machine()["cores"]
@@ -586,6 +591,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     opts.server_log_dir.mkdir(parents=True, exist_ok=True)
     results = run(settings, opts)
+    if "overhead" in args.models:
+        constants = pipeline_constants(args.repository)
+        request = Request(constants["native_height"], constants["native_width"], 0)
+        request = replace(request, guidance_scale=args.guidance_scale)
+        results["overhead"] = overhead.run(
+            args.repository,
+            args.build_dir / "bench" / "overhead",
+            overhead.plan_from_args(args, request),
+            log_dir=opts.server_log_dir,
+            merge=args.merging,
+        )
     label = args.label or ("gpu" if args.device == "cuda" else "cpu")
     paths = report.write(results, args.output_dir, label)
     print(report.markdown(results))

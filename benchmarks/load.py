@@ -34,6 +34,7 @@ class Request:
     steps: int
     guidance_scale: float = 7.5
     prompts: Sequence[str] = PROMPTS
+    scheduler: str | None = None  # an alias of sd_pipeline.schedulers; None: the model's own
 
     def prompt(self, i: int) -> str:
         return self.prompts[i % len(self.prompts)]
@@ -94,6 +95,8 @@ class Served:
             "guidance_scale": np.array([r.guidance_scale], np.float32),
             "seed": np.array([seed], np.int64),
         }
+        if r.scheduler:
+            values["scheduler"] = np.array([r.scheduler.encode()], dtype=np.object_)
         dtypes = {np.object_: "BYTES", np.int32: "INT32", np.int64: "INT64", np.float32: "FP32"}
         inputs = []
         for name, value in values.items():
@@ -186,6 +189,10 @@ class InProcess:
         self.pipe = StableDiffusionPipeline.from_pretrained(str(checkpoint), **kwargs)
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
+        if request.scheduler:
+            from sd_pipeline.schedulers import make_scheduler
+
+            self.pipe.scheduler = make_scheduler(request.scheduler, self.pipe.scheduler.config)
 
     def generate(self, i: int, seed: int) -> np.ndarray:
         """One image (uint8 HWC) for request ``i``, rounded as diffusers rounds its PIL images."""

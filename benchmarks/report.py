@@ -198,6 +198,10 @@ def markdown(results: dict, title: str = "sd-triton benchmark") -> str:
     lines = [f"# {title}", "", *header(results), ""]
     for s in results["settings"]:
         lines += setting_section(s)
+    if "overhead" in results:
+        from .overhead import markdown as overhead_markdown
+
+        lines += [overhead_markdown(results["overhead"]), ""]
     lines += targets(results)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -280,7 +284,7 @@ def write(results: dict, out_dir: Path, label: str) -> list[Path]:
     (out_dir / "raw").mkdir(parents=True, exist_ok=True)
     md = out_dir / f"{label}.md"
     md.write_text(markdown(results, f"sd-triton benchmark: {label}"))
-    png = plot(results, out_dir / f"{label}.png")
+    png = [plot(results, out_dir / f"{label}.png")] if results["settings"] else []
     raw = out_dir / "raw" / f"{label}.json"
     raw.write_text(json.dumps(results, indent=1) + "\n")
-    return [md, png, raw]
+    return [md, *png, raw]

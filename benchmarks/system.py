@@ -95,6 +95,28 @@ def tree_memory(pid: int, *, tree: bool = True) -> dict[str, int]:
     return out
 
 
+def process_memory(pid: int) -> list[dict]:
+    """RSS and USS (bytes) of a process and each descendant, labelled as in :func:`tree_memory`.
+
+    USS (unique set size) is what the process alone holds: the memory one more
+    such process would add, since shared libraries and the page cache are
+    counted once on the machine, not per process.
+    """
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+    out = []
+    for proc in procs:
+        try:
+            info = proc.memory_full_info()
+        except psutil.Error:
+            continue
+        out.append({"label": _label(proc), "pid": proc.pid, "rss": info.rss, "uss": info.uss})
+    return out
+
+
 @dataclass
 class MemorySampler:
     """Samples a process tree's total RSS in a background thread; keeps the peak and the breakdown there."""

@@ -311,3 +311,63 @@ def test_perf_analyzer_runs_over_grpc(tmp_path, build_dir, triton_server, tiny_r
         timeout_s=120,
     )
     assert float(unet_rows[0]["Inferences/Second"]) > 0
+
+
+# ------------------------------------------------------ per-step overhead
+def test_paired_per_step_time_cancels_the_fixed_cost():
+    from sd_triton.benchmarks import overhead
+
+    # 40 ms per request plus 2 ms per step: the per-step estimate must be 2 ms.
+    row = overhead.paired(2, 3, (2, 12), lambda w, steps, i: 0.040 + 0.002 * steps)
+    assert row["ms_per_step"] == pytest.approx(2.0)
+    assert row["pairs"] == 6
+    assert row["p50_s"] == {"2": pytest.approx(0.044), "12": pytest.approx(0.064)}
+
+
+def test_variant_repository_serves_a_null_unet_per_delay(tmp_path, tiny_repository):
+    from sd_triton.benchmarks import overhead
+    from sd_triton.export.triton_config import read_config
+
+    variants = [overhead.Variant(2000), overhead.Variant(0), overhead.Variant(0, null_unet=False)]
+    repo = overhead.variant_repository(tiny_repository, tmp_path / "r", variants, instances=3)
+    for v in variants:
+        unet = read_config(repo / v.unet)
+        assert unet.name == v.unet
+        assert unet.dynamic_batching.max_queue_delay_microseconds == v.delay_us
+        assert unet.max_batch_size == read_config(tiny_repository / "unet").max_batch_size
+        files = sorted(p.name for p in (repo / v.unet / "1").iterdir())
+        source = sorted(p.name for p in (tiny_repository / "unet" / "1").iterdir())
+        assert files == (["model.py"] if v.null_unet else source)
+        assert "model.onnx" in source
+        pipeline = read_config(repo / v.pipeline)
+        assert pipeline.name == v.pipeline
+        assert [g.count for g in pipeline.instance_group] == [3]
+        constants = json.loads((repo / v.pipeline / "1" / "assets" / "pipeline.json").read_text())
+        assert constants["component_models"]["unet"] == v.unet
+    assert (repo / "d0_null_unet" / "1" / "model.py").read_text() == overhead.NULL_UNET
+    assert read_config(repo / "text_encoder").name == "text_encoder"
+
+
+@pytest.mark.server
+def test_harness_overhead_mode(tmp_path, tiny_repository):
+    """The null-UNet mode end to end: per-step times, UNet statistics, memory, in the report."""
+    from sd_triton.benchmarks import harness
+
+    args = ["--repository", str(tiny_repository), "--models", "overhead", "--no-progress"]
+    args += ["--overhead-concurrency", "1,2", "--overhead-delays", "0"]
+    args += ["--overhead-steps", "1,3", "--overhead-requests-per-worker", "1"]
+    args += ["--overhead-rounds", "1", "--no-merging"]
+    args += ["--output-dir", str(tmp_path), "--label", "ov", "--build-dir", str(tmp_path / "b")]
+    assert harness.main(args) == 0
+    result = json.loads((tmp_path / "raw" / "ov.json").read_text())["overhead"]
+    rows = {r["concurrency"]: r for r in result["served"]["rows"]}
+    assert set(rows) == {1, 2}
+    # c=1 with guidance: every UNet execution is one request's pair of samples
+    assert rows[1]["unet"]["samples_per_execution"] == 2.0
+    assert rows[1]["unet"]["inference_count"] == 2 * (1 + 3)
+    assert all(np.isfinite(r["ms_per_step"]) for r in rows.values())
+    assert np.isfinite(result["inprocess"]["ms_per_step"])
+    stubs = [p for p in result["served"]["memory"] if p["label"] == "stub:d0_null_stable_diffusion"]
+    assert len(stubs) == 2 and all(0 < p["uss"] <= p["rss"] for p in stubs)
+    text = (tmp_path / "ov.md").read_text()
+    assert "## Per-step overhead (null UNet)" in text and "stub:d0_null_stable_diffusion | 2 |" in text

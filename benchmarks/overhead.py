@@ -1,0 +1,597 @@
+"""Per-step overhead: the served loop around a null UNet, beside the same loop in-process.
+
+A denoising step served by ``stable_diffusion`` costs the UNet's compute plus
+everything around it: the BLS round trip, the UNet batcher's queue delay, the
+scheduler step, the guidance arithmetic, the cancellation poll. To see the
+second part alone, this mode serves the pipeline with a **null UNet**: a
+Python-backend model with the UNet's config (inputs, dynamic batching) whose
+``execute`` hands ``sample`` back as ``out_sample`` and computes nothing.
+The same loop (``sd_pipeline.loop.generate``) runs in-process with the same
+null UNet and the repository's other components in onnxruntime, so that
+
+- served ms/step = what serving adds per step plus the loop's own work,
+- in-process ms/step = the loop's own work (scheduler, guidance),
+
+each from two step counts: (median latency at ``hi`` steps - at ``lo``
+steps) / (hi - lo), so the per-request costs (text encoder, VAE, safety
+checker, gRPC) cancel out.
+
+Variants share one server: for each UNet ``max_queue_delay_microseconds``
+asked for, a pipeline model ``d<delay>_null_stable_diffusion`` calling its
+own ``d<delay>_null_unet`` (the other components are shared). They run
+alternately (ABBA over rounds), so load from elsewhere hits all alike. A
+second server does the same with the real UNet at concurrency 4, to show from
+the UNet's statistics (samples per execution) whether the dynamic batcher
+still merges steps of concurrent requests at each delay.
+
+Memory: the RSS and the unique set size (USS: what the process alone holds;
+shared libraries are counted once, in whichever process maps them) of each
+Python-backend stub, so that the cost of one more pipeline instance is read
+directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import stats, system
+from .load import Request, Served
+
+log = logging.getLogger(__name__)
+
+PIPELINE = "stable_diffusion"
+SHARED = ("text_encoder", "vae_encoder", "vae_decoder", "safety_checker")
+
+# The null UNet: the UNet's tensor contract, no work. Batched requests each get
+# their own sample back, so the dynamic batcher behaves as with the real model.
+NULL_UNET = '''"""Null UNet (benchmarks/overhead.py): out_sample = sample, nothing computed."""
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [
+            pb_utils.InferenceResponse(
+                output_tensors=[
+                    pb_utils.Tensor(
+                        "out_sample",
+                        pb_utils.get_input_tensor_by_name(r, "sample").as_numpy(),
+                    )
+                ]
+            )
+            for r in requests
+        ]
+'''
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One pipeline model in the benchmark server: which UNet, at which queue delay."""
+
+    delay_us: int
+    null_unet: bool = True
+
+    @property
+    def prefix(self) -> str:
+        return f"d{self.delay_us}_{'null' if self.null_unet else 'real'}_"
+
+    @property
+    def pipeline(self) -> str:
+        return f"{self.prefix}{PIPELINE}"
+
+    @property
+    def unet(self) -> str:
+        return f"{self.prefix}unet"
+
+
+# ------------------------------------------------------------ repository
+def _copy_model(source: Path, dest: Path, name: str, edit) -> None:
+    """Copy model folder ``source`` to ``dest`` as model ``name``; ``edit(config)`` changes its config.
+
+    Large files (weights) are linked, not copied.
+    """
+    from sd_triton.export.triton_config import read_config, write_config
+
+    def link_or_copy(src: str, dst: str) -> None:
+        if os.path.getsize(src) > 1 << 20:
+            os.symlink(os.path.abspath(src), dst)
+        else:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(
+        source, dest, copy_function=link_or_copy, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    config = read_config(dest / "config.pbtxt")
+    config.name = name
+    edit(config)
+    write_config(config, dest)
+
+
+def _unet_model(source: Path, dest: Path, variant: Variant) -> None:
+    def edit(config) -> None:
+        config.dynamic_batching.max_queue_delay_microseconds = variant.delay_us
+        if variant.null_unet:
+            config.backend, config.platform = "python", ""
+            config.ClearField("instance_group")
+
+    _copy_model(source / "unet", dest / variant.unet, variant.unet, edit)
+    if variant.null_unet:
+        for version in (dest / variant.unet).iterdir():
+            if version.is_dir():
+                shutil.rmtree(version)
+                version.mkdir()
+                (version / "model.py").write_text(NULL_UNET)
+
+
+def _pipeline_model(source: Path, dest: Path, variant: Variant, instances: int) -> None:
+    def edit(config) -> None:
+        del config.instance_group[:]
+        group = config.instance_group.add()
+        group.kind, group.count = group.KIND_CPU, instances
+
+    _copy_model(source / PIPELINE, dest / variant.pipeline, variant.pipeline, edit)
+    for assets in (dest / variant.pipeline).glob("*/assets"):
+        pipeline_json = assets / "pipeline.json"
+        constants = json.loads(pipeline_json.read_text())
+        constants["component_models"] = {**constants["component_models"], "unet": variant.unet}
+        pipeline_json.write_text(json.dumps(constants, indent=2) + "\n")
+
+
+def variant_repository(
+    source: Path, dest: Path, variants: Sequence[Variant], *, instances: int
+) -> Path:
+    """A repository at ``dest`` serving each variant beside the shared components of ``source``."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for name in SHARED:
+        if (source / name).is_dir():
+            _copy_model(source / name, dest / name, name, lambda config: None)
+    for variant in variants:
+        _unet_model(source, dest, variant)
+        _pipeline_model(source, dest, variant, instances)
+    return dest
+
+
+# ------------------------------------------------------------ in-process
+class NullUnetComponents:
+    """The repository's components in onnxruntime, with a UNet that hands ``sample`` back."""
+
+    def __init__(self, repository: Path):
+        from sd_pipeline.components import OnnxComponents
+
+        self._inner = OnnxComponents(repository)
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def unet(self, sample, timestep, encoder_hidden_states):
+        return sample
+
+
+class InProcessLoop:
+    """``sd_pipeline.loop.generate`` in this process, on :class:`NullUnetComponents`."""
+
+    def __init__(self, repository: Path, request: Request):
+        from sd_pipeline.config import Assets
+
+        self.assets = Assets.load(repository / PIPELINE / "1" / "assets")
+        self.components = NullUnetComponents(repository)
+        self.request = request
+
+    def latency(self, steps: int, i: int) -> float:
+        from sd_pipeline.loop import generate
+        from sd_pipeline.request import make_request
+
+        r = self.request
+        request = make_request(
+            self.assets.config,
+            r.prompt(i),
+            height=r.height,
+            width=r.width,
+            num_inference_steps=steps,
+            guidance_scale=r.guidance_scale,
+            seed=i,
+            scheduler=r.scheduler,
+        )
+        t0 = time.perf_counter()
+        generate(request, self.components, self.assets)
+        return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------ measuring
+@dataclass(frozen=True)
+class Plan:
+    """What one overhead run sends."""
+
+    request: Request  # size, guidance, scheduler (steps: set per run)
+    delays_us: Sequence[int] = (2000, 0)
+    concurrency: Sequence[int] = (1, 4)
+    steps: tuple[int, int] = (2, 22)  # (lo, hi): per step = difference / (hi - lo)
+    requests_per_worker: int = 4  # per level, step count and round
+    rounds: int = 2
+    merge_steps: int = 10  # real-UNet run: steps per request
+    merge_requests_per_worker: int = 2
+
+
+def paired(concurrency: int, pairs: int, steps: tuple[int, int], one) -> dict:
+    """ms per step from ``pairs`` back-to-back (lo, hi) requests per worker, ``concurrency`` workers.
+
+    ``one(worker, steps, i)`` runs request ``i`` with ``steps`` steps and
+    returns its latency (s). Each worker alternates the order within a pair
+    (lo then hi, hi then lo), so drift on a shared machine falls on both
+    sides of every difference; the result is the median over pairs of
+    (hi - lo) / (hi - lo steps).
+    """
+    lo, hi = steps
+    diffs: list[float] = []
+    p50: dict[int, list[float]] = {lo: [], hi: []}
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        try:
+            for k in range(pairs):
+                order = (lo, hi) if k % 2 == 0 else (hi, lo)
+                t = {s: one(w, s, w * 1000 + 2 * k + j) for j, s in enumerate(order)}
+                with lock:
+                    diffs.append((t[hi] - t[lo]) / (hi - lo) * 1e3)
+                    for s in steps:
+                        p50[s].append(t[s])
+        except BaseException as e:  # reported after join
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return {
+        "ms_per_step": round(statistics.median(diffs), 3),
+        "ms_per_step_iqr": [round(float(q), 3) for q in np.percentile(diffs, (25, 75))],
+        "pairs": len(diffs),
+        "p50_s": {str(s): round(statistics.median(x), 4) for s, x in p50.items()},
+    }
+
+
+def _served_paired(client, url: str, plan: Plan, variant: Variant, c: int) -> dict:
+    """One level of :func:`paired` against ``variant``, with the UNet's statistics over it."""
+    import tritonclient.grpc as grpcclient
+
+    served = {
+        s: Served(url, replace(plan.request, steps=s), model=variant.pipeline) for s in plan.steps
+    }
+    clients = [grpcclient.InferenceServerClient(url) for _ in range(c)]
+
+    def one(w: int, steps: int, i: int) -> float:
+        t0 = time.perf_counter()
+        served[steps].generate(clients[w], i, seed=i)
+        return time.perf_counter() - t0
+
+    before = stats.snapshot(client)
+    try:
+        row = paired(c, plan.requests_per_worker, plan.steps, one)
+    finally:
+        for x in clients:
+            x.close()
+    n = 2 * c * plan.requests_per_worker
+    after = stats.settled(client, before, variant.pipeline, n)
+    row["unet"] = stats.delta(after, before).get(variant.unet, stats.ModelStats())
+    return row
+
+
+def _start(repository: Path, log_dir: Path | None, name: str, timeout_s: float):
+    from sd_triton.server import TritonServer
+
+    log_file = log_dir / f"tritonserver-{name}.log" if log_dir else None
+    server = TritonServer(repository, log_file=log_file)
+    server.start(timeout_s=timeout_s)
+    return server
+
+
+def _warm(url: str, plan: Plan, variants: Sequence[Variant]) -> None:
+    """One request per pipeline instance at once: an instance's first request pays its start-up."""
+    c = max(plan.concurrency)
+    for variant in variants:
+        request = replace(plan.request, steps=plan.steps[0])
+        Served(url, request, model=variant.pipeline).run(c, c)
+
+
+def _merge_rows(rows: list[dict]) -> dict:
+    """Rounds of one (variant, concurrency) as one row: all pairs' medians, statistics summed."""
+    unet = stats.ModelStats()
+    for row in rows:
+        unet = unet + row["unet"]
+    best = sorted(rows, key=lambda r: r["ms_per_step"])[len(rows) // 2]
+    return {**best, "rounds": [r["ms_per_step"] for r in rows], "unet": unet.to_dict()}
+
+
+def served_overhead(repository: Path, plan: Plan, log_dir: Path | None, timeout_s: float) -> dict:
+    """Per-step time of each delay variant with the null UNet, at each concurrency; memory."""
+    import tritonclient.grpc as grpcclient
+
+    variants = [Variant(d) for d in plan.delays_us]
+    levels: dict[tuple[int, int], list[dict]] = {}
+    server = _start(repository, log_dir, "overhead", timeout_s)
+    try:
+        url = server.grpc_url
+        client = grpcclient.InferenceServerClient(url)
+        _warm(url, plan, variants)
+        with system.CpuAccount(server.pid) as account:
+            for r in range(plan.rounds):
+                for variant in variants if r % 2 == 0 else variants[::-1]:
+                    for c in plan.concurrency:
+                        row = _served_paired(client, url, plan, variant, c)
+                        levels.setdefault((variant.delay_us, c), []).append(row)
+        memory = system.process_memory(server.pid)
+        client.close()
+    finally:
+        server.stop()
+    rows = [
+        {"delay_us": d, "concurrency": c, **_merge_rows(runs)} for (d, c), runs in levels.items()
+    ]
+    return {"rows": rows, "cpu": account.result, "memory": memory}
+
+
+def inprocess_overhead(repository: Path, plan: Plan) -> dict:
+    """Per-step time of the same loop with the null UNet in this process (one caller)."""
+    loop = InProcessLoop(repository, plan.request)
+    loop.latency(plan.steps[0], 0)  # first call: lazy imports, sessions
+    with system.CpuAccount(None) as account:
+        row = paired(
+            1,
+            plan.requests_per_worker * plan.rounds,
+            plan.steps,
+            lambda w, s, i: loop.latency(s, i),
+        )
+    return {**row, "cpu": account.result}
+
+
+def merging(repository: Path, plan: Plan, log_dir: Path | None, timeout_s: float) -> dict:
+    """The real UNet at each delay and concurrency: does the batcher still merge steps?"""
+    import tritonclient.grpc as grpcclient
+
+    variants = [Variant(d, null_unet=False) for d in plan.delays_us]
+    rows = []
+    server = _start(repository, log_dir, "merging", timeout_s)
+    try:
+        url = server.grpc_url
+        client = grpcclient.InferenceServerClient(url)
+        _warm(url, plan, variants)
+        request = replace(plan.request, steps=plan.merge_steps)
+        with system.CpuAccount(server.pid) as account:
+            for variant in variants:
+                for c in plan.concurrency:
+                    n = c * plan.merge_requests_per_worker
+                    t0 = time.perf_counter()
+                    before = stats.snapshot(client)
+                    timing = Served(url, request, model=variant.pipeline).run(c, n)
+                    delta = stats.delta(stats.settled(client, before, variant.pipeline, n), before)
+                    lat = timing.latencies
+                    wall = time.perf_counter() - t0
+                    u = delta.get(variant.unet, stats.ModelStats())
+                    per_step = statistics.median(lat) / plan.merge_steps * 1e3
+                    rows.append(
+                        {
+                            "delay_us": variant.delay_us,
+                            "concurrency": c,
+                            "images_per_s": round(n / wall, 4),
+                            "p50_s": round(statistics.median(lat), 4),
+                            "ms_per_step": round(per_step, 3),
+                            "unet": {
+                                **u.to_dict(),
+                                "executions_per_image": round(u.execution_count / n, 3),
+                            },
+                        }
+                    )
+        client.close()
+    finally:
+        server.stop()
+    return {"rows": rows, "steps": plan.merge_steps, "cpu": account.result}
+
+
+def run(
+    source: Path,
+    work: Path,
+    plan: Plan,
+    *,
+    log_dir: Path | None = None,
+    timeout_s: float = 600.0,
+    merge: bool = True,
+) -> dict:
+    """The whole overhead mode on the exported repository ``source``; scratch repositories under ``work``."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    load = [os.getloadavg()]
+    c = max(plan.concurrency)
+    null_repo = variant_repository(
+        source, work / "null-unet", [Variant(d) for d in plan.delays_us], instances=c
+    )
+    result = {
+        "started": started,
+        "plan": {
+            "size": f"{plan.request.width}x{plan.request.height}",
+            "guidance_scale": plan.request.guidance_scale,
+            "scheduler": plan.request.scheduler,
+            "steps": list(plan.steps),
+            "requests_per_worker": plan.requests_per_worker,
+            "rounds": plan.rounds,
+            "pipeline_instances": c,
+        },
+        "served": served_overhead(null_repo, plan, log_dir, timeout_s),
+        "inprocess": inprocess_overhead(source, plan),
+    }
+    load.append(os.getloadavg())
+    if merge:
+        real = [Variant(d, null_unet=False) for d in plan.delays_us]
+        real_repo = variant_repository(source, work / "real-unet", real, instances=c)
+        result["merging"] = merging(real_repo, plan, log_dir, timeout_s)
+        load.append(os.getloadavg())
+    result["load_average"] = load
+    result["machine"] = system.machine()
+    return result
+
+
+# ------------------------------------------------------------ report
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f}"
+
+
+def memory_lines(memory: list[dict]) -> list[str]:
+    """One row per process kind: count, RSS and USS per process (MiB)."""
+    kinds: dict[str, list[dict]] = {}
+    for proc in memory:
+        kinds.setdefault(proc["label"], []).append(proc)
+    lines = [
+        "| process | count | RSS per process MiB | USS per process MiB |",
+        "|---|---|---|---|",
+    ]
+    for label, procs in sorted(kinds.items()):
+        rss = statistics.median(p["rss"] for p in procs)
+        uss = statistics.median(p["uss"] for p in procs)
+        lines.append(f"| {label} | {len(procs)} | {_mib(rss)} | {_mib(uss)} |")
+    return lines
+
+
+def markdown(result: dict) -> str:
+    """The overhead section of a benchmark report."""
+    plan, served, inproc = result["plan"], result["served"], result["inprocess"]
+    lo, hi = plan["steps"]
+    load = ", ".join("/".join(f"{x:.2f}" for x in la) for la in result["load_average"])
+    lines = [
+        "## Per-step overhead (null UNet)",
+        "",
+        f"{plan['size']}, guidance {plan['guidance_scale']}, scheduler "
+        f"{plan['scheduler'] or 'default'}; per step = (p50 at {hi} steps - p50 at {lo} steps) "
+        f"/ {hi - lo}; {plan['requests_per_worker']} requests per worker, step count and round, "
+        f"{plan['rounds']} rounds (ABBA); {plan['pipeline_instances']} pipeline instances per "
+        f"variant. Started {result['started']}; load average (1/5/15 min) at start, after the "
+        f"overhead runs{', after the merging runs' if 'merging' in result else ''}: {load}; "
+        f"others' load during the served runs {served['cpu'].get('others_cores', 0)} cores, "
+        f"during the in-process runs {inproc['cpu'].get('others_cores', 0)} cores.",
+        "",
+        "| UNet queue delay µs | c | served ms/step (IQR) | per round | in-process ms/step "
+        "| served - in-process | UNet samples/exec | UNet queue ms/call |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base = inproc["ms_per_step"]
+    for row in served["rows"]:
+        u = row["unet"]
+        q1, q3 = row["ms_per_step_iqr"]
+        rounds = " ".join(f"{x:.2f}" for x in row["rounds"])
+        lines.append(
+            f"| {row['delay_us']} | {row['concurrency']} | **{row['ms_per_step']:.2f}** "
+            f"({q1:.2f}–{q3:.2f}) | {rounds} | {base:.2f} | {row['ms_per_step'] - base:.2f} "
+            f"| {u['samples_per_execution']} | {u['queue_ms_per_request']} |"
+        )
+    lines += ["", "Memory of the server's processes (null-UNet server):", ""]
+    lines += memory_lines(served["memory"])
+    if "merging" in result:
+        m = result["merging"]
+        lines += [
+            "",
+            f"### Merging under load (real UNet, {m['steps']} steps; others' load "
+            f"{m['cpu'].get('others_cores', 0)} cores)",
+            "",
+            "| UNet queue delay µs | c | images/s | p50 s | ms/step | UNet samples/exec "
+            "| UNet exec/image | UNet ms/exec | batch sizes |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in m["rows"]:
+            u = row["unet"]
+            sizes = " ".join(f"{k}×{v}" for k, v in u["batch_sizes"].items())
+            lines.append(
+                f"| {row['delay_us']} | {row['concurrency']} | {row['images_per_s']} "
+                f"| {row['p50_s']} | {row['ms_per_step']} | {u['samples_per_execution']} "
+                f"| {u['executions_per_image']} | {u['compute_infer_ms_per_execution']} | {sizes} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------ CLI
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The overhead mode's options (shared with the harness's command line)."""
+    p.add_argument("--overhead-concurrency", type=_ints, default=(1, 4))
+    p.add_argument(
+        "--overhead-delays",
+        type=_ints,
+        default=(2000, 0),
+        help="UNet max_queue_delay_microseconds values to compare",
+    )
+    p.add_argument(
+        "--overhead-steps",
+        type=_ints,
+        default=(2, 22),
+        help="the two step counts whose difference gives the per-step time",
+    )
+    p.add_argument("--overhead-requests-per-worker", type=int, default=4)
+    p.add_argument("--overhead-rounds", type=int, default=2)
+    p.add_argument("--overhead-scheduler", default="euler")
+    p.add_argument(
+        "--no-merging",
+        dest="merging",
+        action="store_false",
+        help="skip the real-UNet run that shows merging under load",
+    )
+
+
+def plan_from_args(args: argparse.Namespace, request: Request) -> Plan:
+    lo, hi = args.overhead_steps
+    return Plan(
+        request=replace(request, scheduler=args.overhead_scheduler or None),
+        delays_us=args.overhead_delays,
+        concurrency=tuple(args.overhead_concurrency),
+        steps=(lo, hi),
+        requests_per_worker=args.overhead_requests_per_worker,
+        rounds=args.overhead_rounds,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .perf_analyzer import pipeline_constants
+
+    p = argparse.ArgumentParser(
+        prog="python -m sd_triton.benchmarks.overhead", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--repository", type=Path, default=Path("build/model_repository"))
+    p.add_argument("--build-dir", type=Path, default=Path("build"))
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--output", type=Path, help="also write the section and raw JSON here (.md)")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    constants = pipeline_constants(args.repository)
+    request = Request(constants["native_height"], constants["native_width"], 0, args.guidance_scale)
+    work = args.build_dir / "bench" / "overhead"
+    result = run(
+        args.repository, work, plan_from_args(args, request), log_dir=work, merge=args.merging
+    )
+    text = markdown(result)
+    print(text)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+        args.output.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
