@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import glob
+import ipaddress
 import os
+import queue
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -48,6 +53,46 @@ def _write_model(repo, name, config, code):
 def echo_repo(tmp_path):
     _write_model(tmp_path, "echo", ECHO_CONFIG, ECHO_MODEL)
     return tmp_path
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} within {timeout_s:.0f} s")
+        time.sleep(0.1)  # the polling interval
+
+
+def _read_line_starting(proc: subprocess.Popen, prefix: str, timeout_s: float) -> str:
+    """The first line of ``proc``'s output that starts with ``prefix``, within a deadline."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line.startswith(prefix):
+            return line
+    pytest.fail(f"no line starting with {prefix!r} within {timeout_s:.0f} s")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _not_answering(client: grpcclient.InferenceServerClient) -> bool:
+    try:
+        client.is_server_live(client_timeout=2)
+    except Exception:  # noqa: BLE001 - any failure to answer will do
+        return True
+    return False
 
 
 def _process_tree(pid: int) -> list[int]:
@@ -91,10 +136,7 @@ def test_start_infer_stop_leaves_nothing_behind(echo_repo):
         assert regions, "the Python backend should hold a shm region while running"
     assert server.pid is None
     assert not server._workdir.exists(), "the launcher's temporary folder was left behind"
-    with pytest.raises(ProcessLookupError):
-        import os
-
-        os.kill(pid, 0)
+    assert _gone(pid)
     assert {r for r in regions if glob.glob(r)} == set(), "shm regions left in /dev/shm"
 
 
@@ -130,24 +172,14 @@ def test_cli_serves_in_foreground_and_stops_on_sigterm(echo_repo):
         text=True,
     )  # fmt: skip
     try:
-        line = proc.stdout.readline()
-        while line and not line.startswith("ready:"):
-            line = proc.stdout.readline()
-        assert line.startswith("ready:"), "the CLI never said it was ready"
+        line = _read_line_starting(proc, "ready:", timeout_s=180)
         assert f"127.0.0.1:{ports.grpc}" in line
+        assert "listening on 127.0.0.1" in line and "admin APIs off" in line
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports.grpc}")
         assert client.is_server_ready()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                client.is_server_live()
-            except Exception:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("server still answering after the CLI stopped")
+        wait_until(lambda: _not_answering(client), 5, "the server stopped answering")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -165,12 +197,29 @@ def test_server_does_not_outlive_the_process_that_started_it(echo_repo, tmp_path
     )
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
     pid = int(out.stdout.split()[-1])
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.5)
-    os.kill(pid, signal.SIGKILL)
-    pytest.fail("tritonserver kept running after its parent died")
+    try:
+        wait_until(lambda: _gone(pid), 60, "tritonserver ended after its parent died")
+    finally:
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _non_loopback_addresses() -> list[str]:
+    out = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    return [
+        a
+        for a in out
+        if ipaddress.ip_address(a).version == 4 and not ipaddress.ip_address(a).is_loopback
+    ]
+
+
+def test_listen_exposes_the_server_when_asked(echo_repo):
+    """--listen 0.0.0.0 reaches other interfaces (the default does not: test_security.py)."""
+    others = _non_loopback_addresses()
+    assert others, "this machine has no non-loopback IPv4 address to check"
+    with TritonServer(echo_repo, listen="0.0.0.0") as server:
+        assert server.grpc_url == f"127.0.0.1:{server.ports.grpc}"
+        with socket.create_connection((others[0], server.ports.grpc), timeout=5):
+            pass
+        client = grpcclient.InferenceServerClient(f"{others[0]}:{server.ports.grpc}")
+        assert client.is_server_ready()
