@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fleet_support import http_text, parse_metrics
 
 from sd_triton.client import CancelledError, Client, InvalidRequestError
 
@@ -103,6 +104,35 @@ def shm_bytes(pid: int) -> int:
     return total
 
 
+def finished_and_queued(metrics_url: str) -> tuple[float, float]:
+    """(requests the pipeline model has finished, successes and failures; requests in its queue)."""
+    finished = queued = 0.0
+    for name, labels, value in parse_metrics(http_text(metrics_url)):
+        if labels.get("model") != "stable_diffusion":
+            continue
+        if name in ("nv_inference_request_success", "nv_inference_request_failure"):
+            finished += value
+        elif name == "nv_inference_pending_request_count":
+            queued += value
+    return finished, queued
+
+
+def wait_until_quiet(metrics_url: str, finished_before: float, answered: int, timeout_s=30.0):
+    """Return once the queue is empty and the server counts every request a client got an answer to.
+
+    A cancelled request the client gave up on may still be finishing its
+    current step, or may never have reached the server: those are not waited for.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        finished, queued = finished_and_queued(metrics_url)
+        if queued == 0 and finished - finished_before >= answered:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"server not quiet: {finished - finished_before} of {answered}")
+        time.sleep(0.1)
+
+
 def one(url: str, kind: str, index: int, expected: dict) -> str:
     try:
         return _one(url, kind, index, expected)
@@ -128,6 +158,8 @@ def _one(url: str, kind: str, index: int, expected: dict) -> str:
                 return "invalid" if message in str(e) else f"WRONG MESSAGE: {e}"
             return "BAD ACCEPTED"
         pending = client.submit("a cancelled soak test", seed=index, **CANCEL)
+        # Not a wait for anything: cancel at a different moment each time (queued,
+        # denoising, decoding), which is what the soak varies.
         time.sleep(random.Random(index).uniform(0.0, 0.3))
         pending.cancel()
         try:
@@ -168,11 +200,14 @@ def test_soak_mixed_traffic_stays_correct_and_flat(triton_server, triton_url):
 
     rss_before, pids_before = tree_rss(triton_server.pid)
     shm_before = shm_bytes(triton_server.pid)
+    finished_before, _ = finished_and_queued(triton_server.metrics_url)
     start = time.monotonic()
     with ThreadPoolExecutor(CLIENTS) as pool:
         list(pool.map(run, plan))
     elapsed = time.monotonic() - start
-    time.sleep(1.0)
+    wait_until_quiet(
+        triton_server.metrics_url, finished_before, sum(outcomes.values()) - outcomes["cancelled"]
+    )
     rss_after, pids_after = tree_rss(triton_server.pid)
     shm_after = shm_bytes(triton_server.pid)
     total = sum(outcomes.values())
