@@ -225,3 +225,23 @@ def test_every_scheduler_builds_fresh_from_the_model_config(name):
 def test_karras_alias_sets_karras_sigmas():
     assert make_scheduler("dpmpp_2m_karras", SD15_SCHEDULER).config.use_karras_sigmas
     assert not make_scheduler("dpmpp_2m", SD15_SCHEDULER).config.use_karras_sigmas
+
+
+@pytest.mark.parametrize(("strength", "steps", "runs"), [(0.7, 10, 7), (0.9, 20, 18), (0.3, 10, 3)])
+def test_float_inputs_mean_the_decimal_sent(strength, steps, runs):
+    """FP32 0.7 is 0.69999999: 10 x that truncates to 6 steps; diffusers runs int(10 x 0.7) = 7."""
+    from sd_pipeline.loop import set_timesteps
+
+    r = parse(
+        image=IMAGE,
+        strength=f32(strength),
+        guidance_scale=f32(7.3),
+        num_inference_steps=i32(steps),
+    )
+    assert (r.strength, r.guidance_scale) == (strength, 7.3)
+    assert type(r.strength) is float and type(r.guidance_scale) is float
+    timesteps = set_timesteps(make_scheduler("ddim", SD15_SCHEDULER), r)
+    assert len(timesteps) == runs == int(steps * strength)
+    # One step left in decimal (50 x 0.02), none in float32: served, not refused.
+    r = parse(image=IMAGE, strength=f32(0.02), num_inference_steps=i32(50))
+    assert len(set_timesteps(make_scheduler("ddim", SD15_SCHEDULER), r)) == 1

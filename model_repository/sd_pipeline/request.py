@@ -38,7 +38,14 @@ from .config import Limits, PipelineConfig
 from .errors import InvalidRequest
 from .schedulers import check_name
 
-__all__ = ["GenerationRequest", "make_request", "parse_request", "random_seed", "validate"]
+__all__ = [
+    "GenerationRequest",
+    "decimal_value",
+    "make_request",
+    "parse_request",
+    "random_seed",
+    "validate",
+]
 
 _DEFAULTS = {t.name: t.default for t in S.STABLE_DIFFUSION_STREAM.inputs}
 # diffusers' StableDiffusionInpaintPipeline defaults to strength 1 (img2img: 0.8).
@@ -112,10 +119,6 @@ def make_request(
 # Tensors -> request
 
 
-def _type_name(dtype: str) -> str:
-    return "BYTES" if dtype == "bytes" else S.TRITON_DTYPES[dtype].removeprefix("TYPE_")
-
-
 def _check_tensor(tensor: S.TensorSpec, array: np.ndarray) -> None:
     """Dtype and shape of one input against its spec."""
     if tensor.dtype == "bytes":
@@ -123,9 +126,7 @@ def _check_tensor(tensor: S.TensorSpec, array: np.ndarray) -> None:
     else:
         ok = array.dtype == np.dtype(tensor.dtype)
     if not ok:
-        raise InvalidRequest(
-            f"input {tensor.name} must be {_type_name(tensor.dtype)}, got {array.dtype}"
-        )
+        raise InvalidRequest(f"input {tensor.name} must be {tensor.datatype}, got {array.dtype}")
     shape = tuple(array.shape)
     fits = len(shape) == len(tensor.dims) and all(
         size == dim if isinstance(dim, int) else size >= 1
@@ -155,13 +156,27 @@ def _text(name: str, array: np.ndarray) -> str:
         raise InvalidRequest(f"{name} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
+def decimal_value(value: np.floating) -> float:
+    """The decimal a client meant by a float32: the shortest one that round-trips it.
+
+    A client writes 0.7; FP32 carries 0.69999999, and ``int(10 * 0.69999999)``
+    is 6 where diffusers (a Python float) runs 7 steps. Every float input
+    means its decimal, so every decision made from it (steps from strength,
+    guidance on or off) is the one diffusers makes from the number written.
+    """
+    return float(np.format_float_scientific(value, unique=True))
+
+
 def _value(tensor: S.TensorSpec, array: np.ndarray) -> Any:
     """The Python value of a checked input; arrays are copied (Triton frees request memory)."""
     if tensor.dtype == "bytes":
         return _text(tensor.name, array)
     if tensor.dims != (1,):
         return np.array(array, copy=True)
-    return array.reshape(-1)[0].item()
+    scalar = array.reshape(-1)[0]
+    if isinstance(scalar, np.floating):
+        return decimal_value(scalar)
+    return scalar.item()
 
 
 def parse_request(

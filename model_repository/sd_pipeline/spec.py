@@ -62,7 +62,13 @@ class TensorSpec:
 
     @property
     def triton_dtype(self) -> str:
+        """The type as a Triton model config writes it: ``TYPE_FP32``, ``TYPE_STRING``."""
         return TRITON_DTYPES[self.dtype]
+
+    @property
+    def datatype(self) -> str:
+        """The type as Triton's clients and protocol name it: ``FP32``, ``BYTES``."""
+        return "BYTES" if self.dtype == "bytes" else self.triton_dtype.removeprefix("TYPE_")
 
 
 @dataclass(frozen=True)
