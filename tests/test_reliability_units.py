@@ -26,7 +26,6 @@ CONFIG = PipelineConfig(
     native_height=512,
     native_width=512,
     size_step=64,
-    text_width=768,
     tokenizer_max_length=77,
     unet_max_batch_size=16,
     safety_checker=False,

@@ -63,13 +63,11 @@ class Components(Protocol):
 # ---------------------------------------------------------------------------
 # onnxruntime
 
-_ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(int32)": np.int32,
-    "tensor(int64)": np.int64,
-    "tensor(bool)": np.bool_,
-}
+
+def _numpy_dtype(ort_type: str) -> np.dtype:
+    """onnxruntime's ``tensor(float16)`` -> numpy's float16 (ONNX's ``float`` is numpy's float32)."""
+    name = ort_type.removeprefix("tensor(").removesuffix(")")
+    return np.dtype("float32" if name == "float" else name)
 
 
 def _to_torch(array: np.ndarray) -> torch.Tensor:
@@ -122,7 +120,7 @@ class OnnxComponents:
 
     def _run(self, model: S.ModelSpec, *tensors: torch.Tensor) -> list[torch.Tensor]:
         session = self._session(model)
-        types = {i.name: _ORT_TYPES[i.type] for i in session.get_inputs()}
+        types = {i.name: _numpy_dtype(i.type) for i in session.get_inputs()}
         feeds = {
             t.name: x.detach().cpu().numpy().astype(types[t.name], copy=False)
             for t, x in zip(model.inputs, tensors, strict=True)

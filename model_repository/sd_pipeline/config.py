@@ -38,16 +38,13 @@ class PipelineConfig:
     native_height: int
     native_width: int
     size_step: int  # height and width must be multiples of this
-    text_width: int
     tokenizer_max_length: int
     unet_max_batch_size: int
     vae_shift_factor: float | None = None
-    dtype: str = "float32"
     safety_checker: bool = True
     # Per-component, per-tensor numpy dtype names of the export (fp16 exports
     # keep some tensors float32); tensors not listed follow spec.py.
     tensor_dtypes: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
-    source: str = ""
     # The component models the pipeline calls: their names (the exporter's
     # --model-prefix) and the version of each exported with this pipeline.
     # Absent: the plain names, whatever version the server serves.

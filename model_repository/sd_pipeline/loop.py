@@ -37,6 +37,7 @@ import torch
 from .components import Components
 from .config import Assets, PipelineConfig
 from .errors import Cancelled, InvalidRequest
+from .images import decoded_to_numpy, image_to_pixels, mask_to_tensor, to_pil, to_uint8
 from .request import GenerationRequest, validate
 from .schedulers import make_scheduler, step_kwargs
 
@@ -257,7 +258,7 @@ def prepare_inpainting(
     cpu = torch.device("cpu")
     nine_channels = config.unet_in_channels != config.latent_channels
     strength_max = request.img2img_strength == 1.0
-    pixels = to_pixels(request.image)
+    pixels = image_to_pixels(request.image, config)
     image_latents = None
     if not (nine_channels and strength_max):
         image_latents = encode_pixels(pixels, components, config, generator).repeat(n, 1, 1, 1)
@@ -267,9 +268,7 @@ def prepare_inpainting(
         latents = noise * scheduler.init_noise_sigma
     else:
         latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(n))
-    # The mask as diffusers' mask processor makes it: [0, 1], binarized at 0.5.
-    mask = torch.from_numpy(request.mask_image.astype(np.float32) / 255.0)[None, None]
-    mask = (mask >= 0.5).to(torch.float32)
+    mask = mask_to_tensor(request.mask_image, config)
     masked_pixels = pixels * (mask < 0.5)
     if nine_channels:
         masked = encode_pixels(masked_pixels, components, config, generator).repeat(n, 1, 1, 1)
@@ -285,17 +284,11 @@ def _latent_mask(mask: torch.Tensor, h: int, w: int, n: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(mask, size=(h, w)).repeat(n, 1, 1, 1)
 
 
-def to_pixels(image: np.ndarray) -> torch.Tensor:
-    """uint8 ``[H, W, 3]`` -> float ``[1, 3, H, W]`` in [-1, 1], as diffusers' image processor."""
-    pixels = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
-    return 2.0 * pixels - 1.0
-
-
 def encode_image(
     image: np.ndarray, components: Components, config: PipelineConfig, generator: torch.Generator
 ) -> torch.Tensor:
     """uint8 ``[H, W, 3]`` -> scaled latents ``[1, C, h, w]``, sampled from the VAE's distribution."""
-    return encode_pixels(to_pixels(image), components, config, generator)
+    return encode_pixels(image_to_pixels(image, config), components, config, generator)
 
 
 def encode_pixels(
@@ -371,23 +364,13 @@ def run_safety_checker(
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images ``[N, H, W, 3]`` and NSFW flags ``[N]``; flagged images are black.
 
-    As diffusers: denormalize to [0, 1], round to uint8 for the CLIP
-    preprocessor (diffusers feeds it PIL images made the same way), run the
-    checker, and return black where it flagged.
+    As diffusers: denormalize to [0, 1], make PIL images for the CLIP
+    preprocessor, run the checker, and return black where it flagged.
     """
-    images = (decoded * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
-    pixels = to_uint8(images.numpy())
-    flags = np.zeros(len(pixels), dtype=bool)
+    images = decoded_to_numpy(decoded, assets.config)
     if not assets.config.safety_checker:
-        return pixels, flags
-    clip_input = assets.feature_extractor(
-        list(pixels), return_tensors="pt", input_data_format="channels_last"
-    ).pixel_values
-    checked, flagged = components.safety_check(clip_input, images)
+        return to_uint8(images), np.zeros(len(images), dtype=bool)
+    clip_input = assets.feature_extractor(to_pil(images), return_tensors="pt").pixel_values
+    checked, flagged = components.safety_check(clip_input, torch.from_numpy(images))
     flags = np.asarray(flagged, dtype=bool).reshape(-1)
     return to_uint8(np.asarray(checked, dtype=np.float32)), flags
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[0, 1] floats -> uint8, rounding as diffusers' ``numpy_to_pil``."""
-    return (images * 255).round().astype(np.uint8)

@@ -278,7 +278,7 @@ class TritonPythonModel:
                 elapsed(),
             ]
             if parsed.preview:
-                preview = latents_to_preview(latents, self.assets.config)
+                preview = latents_to_preview(latents)
                 tensors.append(pb_utils.Tensor("preview_images", preview))
             sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
 
