@@ -26,13 +26,14 @@ HELM_DIR   ?= $(BUILD)/helm
 HELM       := $(HELM_DIR)/helm
 SOURCES    := $(shell find export model_repository sd_triton -name '*.py' -not -path '*/__pycache__/*' 2>/dev/null)
 
-.PHONY: help setup tiny export demo serve test lint format bench clean helm
+.PHONY: help setup tiny export demo serve test lint format bench gpu-check clean helm
 
 help:
 	@echo "make demo    set up, export the tiny model, serve it, generate an image"
 	@echo "make test    set up and run the test suite (lint + pytest)"
 	@echo "make serve   run tritonserver on $(REPOSITORY) in the foreground"
 	@echo "make bench   run the benchmark harness (see benchmarks/README.md)"
+	@echo "make gpu-check  on a CUDA machine: serve SD 1.5 (random weights), check, measure (docs/gpu.md)"
 
 # Virtual environment. torch's CPU build is installed first and explicitly:
 # an unpinned torch would pull a multi-GB CUDA build. open-clip-torch is
@@ -85,6 +86,13 @@ test: $(INSTALLED) $(HELM)
 
 bench: $(REPOSITORY)/.exported
 	$(BIN)/python -m sd_triton.benchmarks.harness --repository $(REPOSITORY)
+
+# On a CUDA machine (docs/gpu.md): SD 1.5's architecture served in fp16, checked against
+# diffusers and measured. GPU_CHECK_PYTHON=python3 where benchmarks/gpu_wheels.sh's wheels
+# are installed without this virtual environment; GPU_CHECK_ARGS=--dry rehearses on a CPU.
+GPU_CHECK_PYTHON ?= $(BIN)/python
+gpu-check:
+	$(GPU_CHECK_PYTHON) -m sd_triton.benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(BUILD)
