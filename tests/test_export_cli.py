@@ -93,6 +93,18 @@ def test_bad_argument_values(tiny_checkpoint, tmp_path):
     proc = run_cli(tiny_checkpoint, tmp_path / "out", "--unet-max-batch-size", "0")
     assert_clean_error(proc, "unet_max_batch_size")
     assert run_cli(tiny_checkpoint, tmp_path / "out", "--host", "tensorrt").returncode == 2
+    proc = run_cli(tiny_checkpoint, tmp_path / "out", "--precision", "fp8")
+    assert proc.returncode == 2 and "invalid choice: 'fp8'" in proc.stderr
+
+
+def test_bad_request_limit_is_a_clean_error(tiny_checkpoint, tmp_path, capsys):
+    from sd_triton.export.cli import main
+
+    # In-process (the subprocess path is covered above): saves importing torch again.
+    out = tmp_path / "out"
+    assert main([str(tiny_checkpoint), str(out), "--parameter", "max_side=lots", "-q"]) == 2
+    assert "error: model parameter max_side must be an integer" in capsys.readouterr().err
+    assert not out.exists() or not list(out.iterdir())
 
 
 # ------------------------------------------------- fp16 + onnxruntime host
