@@ -3,7 +3,8 @@
 ``install(monkeypatch, bls=handler, callee_kind="GPU")`` puts a fresh fake in
 ``sys.modules`` (undone with the monkeypatch) and returns it;
 ``import_model(monkeypatch, path)`` then imports a ``model.py`` as Triton's
-stub does. The fake is
+stub does, ``initialize(module, folder)`` loads it from a model folder, and
+``request(pb, **inputs)`` makes a request for its ``execute``. The fake is
 Triton r24.10's own ``triton_python_backend_utils.py`` (the pure-Python part
 that the pip wheel of the server ships: ``get_input_tensor_by_name``,
 ``triton_string_to_numpy``, ...) plus stand-ins for the C++ bindings that the
@@ -28,8 +29,10 @@ stub adds at run time:
 
 from __future__ import annotations
 
+import copy
 import enum
 import importlib.util
+import json
 import sys
 import threading
 import types
@@ -44,8 +47,11 @@ __all__ = [
     "Tensor",
     "TritonError",
     "import_model",
+    "initialize",
     "install",
+    "model_config",
     "outputs",
+    "request",
 ]
 
 
@@ -304,3 +310,51 @@ def import_model(
         if shared in sys.modules:  # gone again when the monkeypatch is undone
             monkeypatch.setitem(sys.modules, shared, sys.modules[shared])
     return module
+
+
+def model_config(folder: Path) -> dict:
+    """Model folder ``folder``'s config.pbtxt as Triton hands it to ``initialize`` (JSON)."""
+    from google.protobuf import json_format
+
+    from sd_triton.export import triton_config as T
+
+    return json_format.MessageToDict(T.read_config(folder), preserving_proto_field_name=True)
+
+
+def initialize(
+    module: types.ModuleType,
+    folder: Path,
+    *,
+    config: dict | None = None,
+    kind: str | None = "CPU",
+    parameters: Mapping[str, str] | None = None,
+):
+    """``module.TritonPythonModel()`` initialized as Triton does for version 1 of ``folder``.
+
+    ``config``: the model config (default: the folder's config.pbtxt), with
+    ``parameters`` set over it; ``kind``: the instance kind (``None``: not given).
+    """
+    config = copy.deepcopy(config or model_config(folder))
+    for key, value in (parameters or {}).items():
+        config.setdefault("parameters", {})[key] = {"string_value": str(value)}
+    args = {
+        "model_config": json.dumps(config),
+        "model_repository": str(folder),
+        "model_version": "1",
+        "model_instance_device_id": "0",
+    }
+    if kind is not None:
+        args["model_instance_kind"] = kind
+    model = module.TritonPythonModel()
+    model.initialize(args)
+    return model
+
+
+def request(pb: types.ModuleType, **inputs) -> _InferenceRequest:
+    """A request with these inputs, as a model's ``execute`` gets it (a str: BYTES [1])."""
+    tensors = []
+    for name, value in inputs.items():
+        if isinstance(value, str):
+            value = np.array([value.encode()], dtype=object)
+        tensors.append(pb.Tensor(name, value))
+    return pb.InferenceRequest(inputs=tensors)

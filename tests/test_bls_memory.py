@@ -11,12 +11,10 @@ outputs are consumed in, or these tests fail here, not on a GPU node.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from fake_pb_utils import import_model, install
+from fake_pb_utils import import_model, initialize, install
 
 from sd_pipeline import Assets, OnnxComponents, generate, make_request
 from sd_pipeline import spec as S
@@ -146,25 +144,10 @@ def test_gpu_calls_ask_for_outputs_where_they_are_consumed(monkeypatch):
 
 def _pipeline(monkeypatch, repository, kind: str, **parameters):
     """The exported pipeline model.py (component_host.py beside it), initialized."""
-    from google.protobuf import json_format
-
-    from sd_triton.export import triton_config as T
-
     install(monkeypatch)
     folder = repository / "stable_diffusion"
     module = import_model(monkeypatch, folder / "1" / "model.py", name="pipeline_under_test")
-    config = json_format.MessageToDict(T.read_config(folder), preserving_proto_field_name=True)
-    for key, value in parameters.items():
-        config.setdefault("parameters", {})[key] = {"string_value": value}
-    model = module.TritonPythonModel()
-    model.initialize(
-        {
-            "model_config": json.dumps(config),
-            "model_instance_kind": kind,
-            "model_instance_device_id": "0",
-        }
-    )
-    return model
+    return initialize(module, folder, kind=kind, parameters=parameters)
 
 
 def test_pipeline_follows_the_hosts_device_rule(monkeypatch, tiny_repository):

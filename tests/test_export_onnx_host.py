@@ -9,17 +9,21 @@ real server runs them in the end-to-end tests.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-from fake_pb_utils import TritonError, import_model, install, outputs
-from google.protobuf import json_format
-
-from sd_triton.export import triton_config as T
+from fake_pb_utils import (
+    TritonError,
+    import_model,
+    initialize,
+    install,
+    model_config,
+    outputs,
+    request,
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,26 +45,9 @@ def shared(host):
     return component_host
 
 
-def request(pb, **arrays):
-    return pb.InferenceRequest(inputs=[pb.Tensor(k, v) for k, v in arrays.items()])
-
-
-def _args(folder: Path, config=None) -> dict:
-    config = config or _config(folder)
-    return {
-        "model_config": json.dumps(config),
-        "model_repository": str(folder),
-        "model_version": "1",
-        "model_instance_kind": "CPU",
-        "model_instance_device_id": "0",
-    }
-
-
 @pytest.fixture(scope="module")
 def unet(host, tiny_repository):
-    model = host.TritonPythonModel()
-    model.initialize(_args(tiny_repository / "unet"))
-    return model
+    return initialize(host, tiny_repository / "unet")
 
 
 def _unet_inputs(rng, b, h=8, w=12, t_shape=None):
@@ -169,8 +156,7 @@ def test_runtime_failure_is_internal_and_isolated(pb, unet):
 
 
 def test_output_reshape_to_config_dims(pb, host, tiny_repository):
-    model = host.TritonPythonModel()
-    model.initialize(_args(tiny_repository / "safety_checker"))
+    model = initialize(host, tiny_repository / "safety_checker")
     rng = np.random.default_rng(3)
     checker_request = request(
         pb,
@@ -183,41 +169,31 @@ def test_output_reshape_to_config_dims(pb, host, tiny_repository):
     assert outputs(response)["out_images"].shape == (2, 8, 8, 3)
 
 
-def _config(folder: Path) -> dict:
-    """The config as Triton hands it to the model: JSON with proto field names."""
-    message = T.read_config(folder)
-    return json.loads(json_format.MessageToJson(message, preserving_proto_field_name=True))
-
-
 def test_initialize_rejects_config_that_disagrees_with_onnx(host, tiny_repository):
-    config = _config(tiny_repository / "unet")
+    config = model_config(tiny_repository / "unet")
     config["input"][0]["name"] = "latents"
     with pytest.raises(ValueError, match="differ"):
-        host.TritonPythonModel().initialize(_args(tiny_repository / "unet", config))
-    config = _config(tiny_repository / "unet")
+        initialize(host, tiny_repository / "unet", config=config)
+    config = model_config(tiny_repository / "unet")
     config["output"][0]["data_type"] = "TYPE_FP16"
     with pytest.raises(ValueError, match="out_sample"):
-        host.TritonPythonModel().initialize(_args(tiny_repository / "unet", config))
+        initialize(host, tiny_repository / "unet", config=config)
 
 
 def test_initialize_rejects_bad_parameters(host, tiny_repository):
-    config = _config(tiny_repository / "unet")
-    config["parameters"]["intra_op_num_threads"] = {"string_value": "many"}
     with pytest.raises(ValueError, match="intra_op_num_threads"):
-        host.TritonPythonModel().initialize(_args(tiny_repository / "unet", config))
+        initialize(host, tiny_repository / "unet", parameters={"intra_op_num_threads": "many"})
 
 
 def test_initialize_needs_the_onnx_file(host, tiny_repository, tmp_path):
     shutil.copy(tiny_repository / "unet" / "config.pbtxt", tmp_path)
     with pytest.raises(FileNotFoundError):
-        host.TritonPythonModel().initialize(_args(tmp_path, _config(tiny_repository / "unet")))
+        initialize(host, tmp_path, config=model_config(tiny_repository / "unet"))
 
 
 def test_threads_parameter_is_used(host, tiny_repository):
-    config = _config(tiny_repository / "vae_decoder")
-    config["parameters"]["intra_op_num_threads"] = {"string_value": "1"}
-    model = host.TritonPythonModel()
-    model.initialize(_args(tiny_repository / "vae_decoder", config))
+    parameters = {"intra_op_num_threads": "1"}
+    model = initialize(host, tiny_repository / "vae_decoder", parameters=parameters)
     assert model.session.get_session_options().intra_op_num_threads == 1
     assert model.session.get_providers() == ["CPUExecutionProvider"]
 
@@ -245,17 +221,7 @@ def sessions(monkeypatch):
 
 
 def _load(host, folder: Path, kind: str | None, device: str | None = None):
-    config = _config(folder)
-    if device is not None:
-        config["parameters"]["device"] = {"string_value": device}
-    args = _args(folder, config)
-    if kind is None:
-        del args["model_instance_kind"]
-    else:
-        args["model_instance_kind"] = kind
-    model = host.TritonPythonModel()
-    model.initialize(args)
-    return model
+    return initialize(host, folder, kind=kind, parameters={"device": device} if device else None)
 
 
 def test_gpu_instance_without_cuda_session_fails_at_load(host, tiny_repository, sessions):

@@ -23,8 +23,7 @@ import shutil
 import numpy as np
 import onnxruntime as ort
 import pytest
-from fake_pb_utils import import_model, install
-from google.protobuf import json_format
+from fake_pb_utils import import_model, initialize, install, model_config
 
 from sd_pipeline import Assets, OnnxComponents, generate, make_request
 from sd_pipeline import spec as S
@@ -95,21 +94,9 @@ def serve(pb, monkeypatch, repository, tag: str) -> dict:
     for name in S.COMPONENTS:
         folder = repository / name
         host = import_model(monkeypatch, folder / "1" / "model.py", name=f"{tag}_{name}")
-        config = json_format.MessageToDict(T.read_config(folder), preserving_proto_field_name=True)
-        parameters = config.get("parameters", {})
-        if parameters.get("dtype", {}).get("string_value") == "auto":
-            parameters["dtype"] = {"string_value": "float16"}  # auto on CUDA
-        model = host.TritonPythonModel()
-        model.initialize(
-            {
-                "model_config": json.dumps(config),
-                "model_repository": str(folder),
-                "model_version": "1",
-                "model_instance_kind": "CPU",
-                "model_instance_device_id": "0",
-            }
-        )
-        models[name] = model
+        dtype = model_config(folder).get("parameters", {}).get("dtype", {}).get("string_value")
+        parameters = {"dtype": "float16"} if dtype == "auto" else None  # auto on CUDA
+        models[name] = initialize(host, folder, parameters=parameters)
     pb.bls = lambda request: models[request.model_name].execute([request])[0]
     return models
 

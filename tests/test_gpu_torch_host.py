@@ -14,8 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from fake_pb_utils import TritonError, import_model, install, outputs
-from google.protobuf import json_format
+from fake_pb_utils import TritonError, import_model, initialize, install, outputs, request
 
 from sd_pipeline import spec as S
 from sd_triton.export import Contents, ExportOptions, Hosting, export_repository
@@ -49,27 +48,8 @@ def host(pb, module_monkeypatch, torch_repository):
     return import_model(module_monkeypatch, model_py, name="torch_host_under_test")
 
 
-def request(pb, **arrays):
-    return pb.InferenceRequest(inputs=[pb.Tensor(k, v) for k, v in arrays.items()])
-
-
 def load(host, repository, name, kind="CPU", **parameters):
-    config = json_format.MessageToDict(
-        T.read_config(repository / name), preserving_proto_field_name=True
-    )
-    for key, value in parameters.items():
-        config["parameters"][key] = {"string_value": value}
-    model = host.TritonPythonModel()
-    model.initialize(
-        {
-            "model_config": json.dumps(config),
-            "model_repository": str(repository / name),
-            "model_version": "1",
-            "model_instance_kind": kind,
-            "model_instance_device_id": "0",
-        }
-    )
-    return model
+    return initialize(host, repository / name, kind=kind, parameters=parameters)
 
 
 @pytest.fixture(scope="module")

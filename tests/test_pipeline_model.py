@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 import pytest
-from fake_pb_utils import InferenceResponse, Tensor, TritonError, install, outputs
+from fake_pb_utils import InferenceResponse, Tensor, TritonError, install, outputs, request
 from google.protobuf import json_format
 
 from sd_pipeline import OnnxComponents
@@ -108,15 +108,6 @@ def load(model_module, tiny_repository, *, decoupled=False, parameters=None):
     model = model_module.TritonPythonModel()
     model.initialize({"model_config": json.dumps(config)})
     return model
-
-
-def request(pb, **inputs):
-    tensors = []
-    for name, value in inputs.items():
-        if isinstance(value, str):
-            value = np.array([value.encode()], dtype=object)
-        tensors.append(pb.Tensor(name, value))
-    return pb.InferenceRequest(inputs=tensors)
 
 
 GOOD = {
