@@ -1,6 +1,6 @@
 """Export a diffusers Stable Diffusion folder to a complete Triton model repository.
 
-Layout written (see docs/TEAM_NOTES.md)::
+Layout written (see docs/development.md)::
 
     OUT/
       text_encoder/ unet/ vae_encoder/ vae_decoder/ safety_checker/
