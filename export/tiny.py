@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import tokenizer as clip_tokenizer
+
 __all__ = [
     "SD15",
     "TINY",
@@ -88,9 +90,10 @@ class Architecture:
     calibration_images: int = 8
 
 
+# The text encoder reads what SD 1.x's CLIP tokenizer writes: its vocabulary, its length.
 _CLIP_TEXT_COMMON = {
-    "vocab_size": 49408,
-    "max_position_embeddings": 77,
+    "vocab_size": clip_tokenizer.VOCAB_SIZE,
+    "max_position_embeddings": clip_tokenizer.MAX_LENGTH,
     "hidden_act": "quick_gelu",
     "layer_norm_eps": 1e-5,
     "bos_token_id": 0,
