@@ -203,7 +203,7 @@ def parse_request(
         _check_tensor(declared[name], np.asarray(array))
     for name in ("prompt", "negative_prompt"):
         if name in inputs:
-            _check_text_size(name, np.asarray(inputs[name]), limits)
+            _check_text_size(name, np.asarray(inputs[name]), config, limits)
     if "prompt" not in inputs:
         raise InvalidRequest("prompt is required: one UTF-8 string, BYTES with shape [1]")
     values = {name: _value(declared[name], np.asarray(a)) for name, a in inputs.items()}
@@ -227,14 +227,16 @@ def parse_request(
 # Validation
 
 
-def _too_long(name: str, size: int, limits: Limits) -> InvalidRequest:
+def _too_long(name: str, size: int, config: PipelineConfig, limits: Limits) -> InvalidRequest:
     return InvalidRequest(
         f"{name} is {size} bytes, over this model's limit of {limits.max_prompt_bytes} bytes "
-        f"(the text encoder reads at most the first 77 tokens anyway)"
+        f"(the text encoder reads at most the first {config.tokenizer_max_length} tokens anyway)"
     )
 
 
-def _check_text_size(name: str, array: np.ndarray, limits: Limits | None) -> None:
+def _check_text_size(
+    name: str, array: np.ndarray, config: PipelineConfig, limits: Limits | None
+) -> None:
     """Refuse an oversized text before it is decoded or tokenized."""
     if limits is None or array.size == 0:
         return
@@ -246,10 +248,12 @@ def _check_text_size(name: str, array: np.ndarray, limits: Limits | None) -> Non
     else:
         return  # not text: _text reports it
     if size > limits.max_prompt_bytes:
-        raise _too_long(name, size, limits)
+        raise _too_long(name, size, config, limits)
 
 
-def _check_prompt(request: GenerationRequest, limits: Limits | None) -> None:
+def _check_prompt(
+    request: GenerationRequest, config: PipelineConfig, limits: Limits | None
+) -> None:
     if not isinstance(request.prompt, str) or not request.prompt.strip():
         raise InvalidRequest("prompt is empty: send a non-empty UTF-8 string")
     if not isinstance(request.negative_prompt, str):
@@ -258,7 +262,7 @@ def _check_prompt(request: GenerationRequest, limits: Limits | None) -> None:
         for name in ("prompt", "negative_prompt"):
             size = len(getattr(request, name).encode("utf-8", "replace"))
             if size > limits.max_prompt_bytes:
-                raise _too_long(name, size, limits)
+                raise _too_long(name, size, config, limits)
 
 
 def _check_steps_and_guidance(request: GenerationRequest, limits: Limits | None) -> None:
@@ -378,7 +382,7 @@ def validate(
     request: GenerationRequest, config: PipelineConfig, limits: Limits | None = None
 ) -> None:
     """Raise :class:`InvalidRequest` unless ``request`` can run on this model (within ``limits``)."""
-    _check_prompt(request, limits)
+    _check_prompt(request, config, limits)
     _check_steps_and_guidance(request, limits)
     _check_size(request, config, limits)
     _check_images(request, limits)
