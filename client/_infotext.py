@@ -9,7 +9,10 @@ Civitai, ...) stores how an image was made in a PNG text chunk named
     Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 123, Size: 512x512, Model: stable_diffusion
 
 Writing the same format lets people's tools read our images. The sampler is
-named the web UI's way (:data:`A1111_SAMPLERS`); a value containing ``,``,
+named the web UI's way (:data:`A1111_SAMPLERS`); an alias with a sigma schedule
+(``dpmpp_2m_karras``) also writes ``Schedule type: Karras`` after it, as web UI
+1.9 and later do (``Sampler: DPM++ 2M, Schedule type: Karras``; older versions
+wrote ``Sampler: DPM++ 2M Karras``, which :func:`scheduler_alias` reads too); a value containing ``,``,
 ``:`` or a newline is JSON-quoted, as the web UI does. Several images from one
 request share its seed (one generator draws them all), so their position is
 written as ``Batch size`` / ``Batch pos``, the web UI's keys for that.
@@ -28,33 +31,92 @@ from ._types import GenerationSettings
 
 __all__ = [
     "A1111_SAMPLERS",
+    "A1111_SCHEDULE_TYPES",
     "format_infotext",
     "output_paths",
     "parse_infotext",
     "read_infotext",
     "sampler_name",
     "save_png",
+    "schedule_type",
+    "scheduler_alias",
 ]
 
 PARAMETERS_KEY = "parameters"
 
-# Our scheduler aliases (the pipeline's scheduler table) -> the web UI's sampler names.
-A1111_SAMPLERS: dict[str, str] = {
+# The web UI's sampler names of our solvers (aliases of the pipeline's scheduler table).
+_SOLVERS: dict[str, str] = {
     "ddim": "DDIM",
     "pndm": "PLMS",
     "lms": "LMS",
     "euler": "Euler",
     "euler_a": "Euler a",
     "heun": "Heun",
+    "dpm2": "DPM2",
+    "dpm2_a": "DPM2 a",
     "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_sde": "DPM++ SDE",
     "unipc": "UniPC",
+    "deis": "DEIS",
+    "ddpm": "DDPM",
+    "lcm": "LCM",
+    "tcd": "TCD",
+}
+# Alias suffix -> the web UI's "Schedule type", for the solvers that have one.
+A1111_SCHEDULE_TYPES: dict[str, str] = {
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "beta": "Beta",
+}
+_SCHEDULED = (
+    "lms",
+    "euler",
+    "heun",
+    "dpm2",
+    "dpm2_a",
+    "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "dpmpp_sde",
+    "unipc",
+    "deis",
+)
+
+# Every scheduler alias -> the web UI's sampler name (``dpmpp_2m_karras`` -> ``DPM++ 2M``).
+A1111_SAMPLERS: dict[str, str] = {
+    **_SOLVERS,
+    **{f"{s}_{k}": _SOLVERS[s] for s in _SCHEDULED for k in A1111_SCHEDULE_TYPES},
 }
 
 
 def sampler_name(scheduler: str) -> str:
     """The web UI's name for ``scheduler``; unknown names (e.g. ``"default"``) pass through."""
     return A1111_SAMPLERS.get(scheduler, scheduler)
+
+
+def schedule_type(scheduler: str) -> str | None:
+    """The web UI's "Schedule type" of ``scheduler`` (``Karras`` for ``*_karras``), or None."""
+    solver, _, suffix = scheduler.rpartition("_")
+    if solver in _SCHEDULED and suffix in A1111_SCHEDULE_TYPES:
+        return A1111_SCHEDULE_TYPES[suffix]
+    return None
+
+
+def scheduler_alias(fields: dict[str, str]) -> str | None:
+    """Our alias for parsed infotext ``fields`` (``Sampler`` and ``Schedule type``), or None.
+
+    Reads both the web UI's current form (``Sampler: DPM++ 2M, Schedule type:
+    Karras``) and its older one (``Sampler: DPM++ 2M Karras``).
+    """
+    sampler, schedule = fields.get("Sampler", ""), fields.get("Schedule type")
+    if schedule is None:
+        for label in A1111_SCHEDULE_TYPES.values():
+            if sampler.endswith(f" {label}"):
+                sampler, schedule = sampler.removesuffix(f" {label}"), label
+    for alias, name in A1111_SAMPLERS.items():
+        if name == sampler and schedule_type(alias) == schedule:
+            return alias
+    return None
 
 
 def _quote(value: object) -> str:
@@ -73,6 +135,7 @@ def format_infotext(settings: GenerationSettings, *, index: int = 0) -> str:
     fields: dict[str, object] = {
         "Steps": settings.num_inference_steps,
         "Sampler": sampler_name(settings.scheduler),
+        "Schedule type": schedule_type(settings.scheduler),
         "CFG scale": float(settings.guidance_scale),
         "Seed": settings.seed,
         "Size": f"{settings.width}x{settings.height}",
@@ -86,7 +149,7 @@ def format_infotext(settings: GenerationSettings, *, index: int = 0) -> str:
     lines = [settings.prompt]
     if settings.negative_prompt:
         lines.append(f"Negative prompt: {settings.negative_prompt}")
-    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items()))
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None))
     return "\n".join(lines)
 
 

@@ -47,6 +47,16 @@ def tiny_repository(build_dir, tiny_checkpoint) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def reference_pipe(tiny_checkpoint):
+    """diffusers' ``StableDiffusionPipeline`` on the tiny checkpoint: the reference side of parity."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def module_monkeypatch():
     """A ``MonkeyPatch`` undone at the end of the test module (e.g. for tests/fake_pb_utils.py)."""

@@ -84,7 +84,7 @@ def generate(
     # trip per step. Random draws stay on the CPU generator, as in diffusers.
     device = getattr(components, "device", None) or torch.device("cpu")
     # 1. per-request state: a fresh scheduler and the seeded generator
-    scheduler = make_scheduler(request.scheduler, assets.scheduler_config)
+    scheduler = make_scheduler(request.scheduler, assets.scheduler_config, request.seed)
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     # 2. text embeddings ([negative; positive] with guidance)
     embeddings = encode_prompt(request, components, assets).to(device)

@@ -1,0 +1,223 @@
+"""Every sampler beyond the first nine, served by a real tritonserver (tiny model, few steps).
+
+The first nine (DDIM ... UniPC) are checked in tests/test_pipeline.py and
+tests/test_served_pipeline.py; here, each newer alias of the scheduler table
+(DPM++ SDE, DPM++ 2M SDE, DPM2, DPM2 a, DEIS, DDPM, LCM, TCD and the Karras /
+exponential / beta sigma schedules):
+
+- parity: the served image equals diffusers' ``StableDiffusionPipeline`` with
+  that scheduler to within one uint8 level (non-square, guidance on);
+- DPM++ SDE draws its noise from a Brownian tree that ignores the generator:
+  the server seeds it from the request's seed, and diffusers given the same
+  ``noise_sampler_seed`` agrees, negative seeds included;
+- the stochastic samplers are deterministic for a seed, and the seed matters;
+- requests merged into shared UNet executions equal each one alone;
+- every alias has its web UI name and schedule type in the PNG infotext.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+
+from sd_pipeline.schedulers import SCHEDULERS, make_scheduler
+from sd_triton.client import GenerationSettings, format_infotext, parse_infotext, scheduler_alias
+
+pytestmark = pytest.mark.server
+
+MODEL = "stable_diffusion"
+FIRST_NINE = {"ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras"}
+FIRST_NINE |= {"unipc"}
+
+
+def reference_table() -> dict[str, tuple[str, dict]]:
+    """alias -> (diffusers class, config overrides), written from diffusers' own options."""
+    flags = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+    solvers = {
+        "lms": ("LMSDiscreteScheduler", {}),
+        "euler": ("EulerDiscreteScheduler", {}),
+        "heun": ("HeunDiscreteScheduler", {}),
+        "dpm2": ("KDPM2DiscreteScheduler", {}),
+        "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+        "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+        "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+        "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+        "unipc": ("UniPCMultistepScheduler", {}),
+        "deis": ("DEISMultistepScheduler", {}),
+    }
+    table = {
+        "ddpm": ("DDPMScheduler", {}),
+        "lcm": ("LCMScheduler", {}),
+        "tcd": ("TCDScheduler", {}),
+        **{a: s for a, s in solvers.items() if a not in FIRST_NINE},
+    }
+    for alias, (cls, extra) in solvers.items():
+        for suffix, flag in zip(("karras", "exponential", "beta"), flags, strict=True):
+            table[f"{alias}_{suffix}"] = (cls, {**extra, flag: True})
+    return {a: s for a, s in table.items() if a not in FIRST_NINE}
+
+
+REFERENCE = reference_table()
+SETTINGS = {
+    "prompt": "a photo of an astronaut riding a horse",
+    "negative_prompt": "blurry, low quality",
+    "height": 32,
+    "width": 48,
+    "num_inference_steps": 3,
+    "guidance_scale": 7.5,
+}
+# Samplers that draw noise at every step (from the generator, or DPM++ SDE's tree).
+STOCHASTIC = ["dpmpp_sde_karras", "dpmpp_2m_sde", "dpm2_a", "ddpm", "lcm", "tcd"]
+
+
+def test_the_table_is_the_first_nine_plus_these():
+    assert set(SCHEDULERS) == FIRST_NINE | set(REFERENCE)
+
+
+def reference(pipe, scheduler: str, seed: int, noise_seed: int | None = None, **settings):
+    """diffusers' uint8 image with ``scheduler``; DPM++ SDE's tree seeded with ``noise_seed``."""
+    import diffusers
+
+    cls_name, overrides = REFERENCE[scheduler]
+    if cls_name == "DPMSolverSDEScheduler":
+        overrides = {**overrides, "noise_sampler_seed": seed if noise_seed is None else noise_seed}
+    original = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(original.config, **overrides)
+    try:
+        out = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", **settings)
+    finally:
+        pipe.scheduler = original
+    return (out.images * 255).round().astype(np.uint8)
+
+
+def infer_inputs(**options) -> list[grpcclient.InferInput]:
+    inputs = []
+    for name, value in options.items():
+        if isinstance(value, str):
+            array, dtype = np.array([value.encode()], dtype=object), "BYTES"
+        elif name == "seed":
+            array, dtype = np.array([value], np.int64), "INT64"
+        elif isinstance(value, int):
+            array, dtype = np.array([value], np.int32), "INT32"
+        else:
+            array, dtype = np.array([value], np.float32), "FP32"
+        tensor = grpcclient.InferInput(name, [1], dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def served(url: str, **options) -> np.ndarray:
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        return client.infer(MODEL, infer_inputs(**options)).as_numpy("images")
+    finally:
+        client.close()
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+@pytest.mark.parametrize("scheduler", list(REFERENCE))
+def test_served_equals_diffusers(triton_url, reference_pipe, scheduler):
+    images = served(triton_url, **SETTINGS, scheduler=scheduler, seed=11)
+    expected = reference(reference_pipe, scheduler, 11, **SETTINGS)
+    assert images.shape == (1, 32, 48, 3)
+    assert max_diff(images, expected) <= 1
+
+
+def test_dpmpp_sde_reads_a_negative_seed_as_torch_does(triton_url, reference_pipe):
+    images = served(triton_url, **SETTINGS, scheduler="dpmpp_sde", seed=-3)
+    expected = reference(reference_pipe, "dpmpp_sde", -3, noise_seed=2**64 - 3, **SETTINGS)
+    assert max_diff(images, expected) <= 1
+
+
+def test_dpmpp_sde_noise_sampler_is_seeded_from_the_request():
+    config = {"_class_name": "DPMSolverSDEScheduler", "num_train_timesteps": 1000}
+    assert make_scheduler("dpmpp_sde_karras", config, seed=5).config.noise_sampler_seed == 5
+    assert make_scheduler(None, config, seed=-1).config.noise_sampler_seed == 2**64 - 1
+    assert make_scheduler("euler", config, seed=5).config.get("noise_sampler_seed") is None
+
+
+@pytest.mark.parametrize("scheduler", STOCHASTIC)
+def test_deterministic_for_a_seed(triton_url, scheduler):
+    options = {**SETTINGS, "num_inference_steps": 2, "scheduler": scheduler}
+    first = served(triton_url, **options, seed=21)
+    again = served(triton_url, **options, seed=21)
+    other = served(triton_url, **options, seed=22)
+    assert first.tobytes() == again.tobytes()
+    assert max_diff(first, other) > 1
+
+
+def unet_counts(url: str) -> tuple[int, int]:
+    """(UNet requests, UNet executions) so far."""
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        stats = client.get_inference_statistics("unet").model_stats[0]
+    finally:
+        client.close()
+    return stats.inference_stats.success.count, stats.execution_count
+
+
+CONCURRENT = [
+    {"prompt": "a lighthouse at dusk", "seed": 1, "scheduler": "dpmpp_sde_karras"},
+    {"prompt": "a bowl of ramen", "seed": 2, "scheduler": "dpmpp_2m_sde_karras"},
+    {"prompt": "an origami crane", "seed": 3, "scheduler": "dpm2_a"},
+]
+
+
+def test_merged_with_concurrent_requests_equals_alone(triton_url):
+    """Each request sent alone, then all at once until the UNet's batcher merged some calls.
+
+    Whether calls coincide within the batcher's queue delay depends on the
+    machine's load, so the concurrent round is repeated (at most 5 times)
+    until a merge is seen; every round must match the images alone.
+    """
+    base = {"height": 32, "width": 32, "num_inference_steps": 3}
+    alone = [served(triton_url, **base, **o) for o in CONCURRENT]
+    merges = 0
+    for _ in range(5):
+        requests_before, executions_before = unet_counts(triton_url)
+        with ThreadPoolExecutor(len(CONCURRENT)) as pool:
+            together = list(pool.map(lambda o: served(triton_url, **base, **o), CONCURRENT))
+        requests_after, executions_after = unet_counts(triton_url)
+        diffs = [max_diff(a, b) for a, b in zip(alone, together, strict=True)]
+        assert max(diffs) <= 1, diffs
+        merges = (requests_after - requests_before) - (executions_after - executions_before)
+        if merges > 0:
+            break
+    assert merges > 0, "the UNet's batcher merged no calls in 5 concurrent rounds"
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_infotext_names_the_sampler_and_reads_back(scheduler):
+    settings = GenerationSettings(
+        prompt="a cat",
+        negative_prompt="",
+        num_inference_steps=20,
+        guidance_scale=7.0,
+        height=512,
+        width=512,
+        seed=1,
+        scheduler=scheduler,
+        num_images_per_prompt=1,
+        model=MODEL,
+    )
+    fields = parse_infotext(format_infotext(settings))
+    assert fields["Sampler"] and fields["Sampler"] != scheduler
+    assert ("Schedule type" in fields) == scheduler.endswith(("_karras", "_exponential", "_beta"))
+    assert scheduler_alias(fields) == scheduler
+
+
+def test_infotext_examples_of_the_web_ui():
+    text = "Steps: 20, Sampler: DPM++ SDE, Schedule type: Karras, CFG scale: 7, Seed: 1"
+    assert scheduler_alias(parse_infotext(text)) == "dpmpp_sde_karras"
+    old = "Steps: 20, Sampler: DPM++ 2M SDE Exponential, CFG scale: 7, Seed: 1"
+    assert scheduler_alias(parse_infotext(old)) == "dpmpp_2m_sde_exponential"
+    assert scheduler_alias(parse_infotext("Steps: 20, Sampler: DPM fast, Seed: 1")) is None
