@@ -12,7 +12,9 @@ only. Modules:
 - ``components``: the components interface, onnxruntime and diffusers hosts;
 - ``triton_components``: the same interface as BLS calls (inside Triton);
 - ``loop``: ``generate()``, the sampler loop;
+- ``images``: image and mask pre- and post-processing (diffusers' ``VaeImageProcessor``);
 - ``preview``: cheap latent -> RGB previews for streaming;
+- ``telemetry``: the audit line and the ``sd_*`` metrics;
 - ``errors``: the exception tree.
 
 Names below are imported lazily, so ``import sd_pipeline.spec`` stays
