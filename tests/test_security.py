@@ -2,8 +2,8 @@
 
 Two servers, both on the tiny repository:
 
-- ``keyed``: explicit model control with an admin key and gRPC over TLS (a
-  throwaway self-signed certificate). Every admin call is tried without the
+- ``keyed``: explicit model control with an admin key and gRPC over TLS (the
+  session's throwaway self-signed certificate, ``tls_files``). Every admin call is tried without the
   key, with a wrong key and with the key; inference, health, metadata and
   statistics are used without one throughout.
 - the session's ``triton_server`` (the launcher's defaults: no key): admin APIs
@@ -17,7 +17,6 @@ running it.
 from __future__ import annotations
 
 import base64
-import datetime
 import ipaddress
 import json
 import os
@@ -39,6 +38,8 @@ from sd_triton.server.launcher import main as server_main
 from sd_triton.server.security import ADMIN_APIS, SecurityError, read_admin_key
 
 KEY = "test-admin-key-0123456789"
+# What txt2img needs (fewer models, a faster start).
+SERVED = ["text_encoder", "unet", "vae_decoder", "safety_checker", "stable_diffusion"]
 WRONG = {ADMIN_KEY_HEADER: "not-the-key-0123456789"}
 PROBE_CONFIG = {
     "backend": "python",
@@ -109,51 +110,7 @@ def generate(client: grpcclient.InferenceServerClient) -> np.ndarray:
     return images
 
 
-def self_signed_certificate(folder) -> tuple[str, str]:
-    """A throwaway certificate for 127.0.0.1 and localhost (its own root) and its key."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sd-triton test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=2))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "server.crt", folder / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return str(cert_path), str(key_path)
-
-
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
-
-
 @pytest.fixture(scope="module")
 def keyed(tiny_repository, tls_files):
     from sd_triton.server.security import GrpcTls
@@ -161,9 +118,9 @@ def keyed(tiny_repository, tls_files):
     server = TritonServer(
         tiny_repository,
         model_control="explicit",
-        load_models=["*"],
+        load_models=SERVED,
         admin_key=KEY,
-        grpc_tls=GrpcTls(*tls_files),
+        grpc_tls=GrpcTls(tls_files["cert"], tls_files["key"]),
     )
     server.start(timeout_s=300)
     try:
@@ -175,7 +132,7 @@ def keyed(tiny_repository, tls_files):
 @pytest.fixture(scope="module")
 def tls_client(keyed, tls_files):
     client = grpcclient.InferenceServerClient(
-        keyed.grpc_url, ssl=True, root_certificates=tls_files[0]
+        keyed.grpc_url, ssl=True, root_certificates=str(tls_files["cert"])
     )
     try:
         yield client
