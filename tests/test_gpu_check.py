@@ -84,3 +84,44 @@ def test_gpu_check_dry_run(tmp_path, tiny_checkpoint, monkeypatch):
     assert any(p["label"] == "stub:stable_diffusion" for p in result["memory"]["rss"])
     text = (tmp_path / "results" / "cpu-dry.md").read_text()
     assert "**PASS** over 3 seeds" in text and "| 3 |" in text
+
+
+# ------------------------------------------------------------ wheels for the GPU machine
+def test_wheels_split_into_parts_under_the_limit(tmp_path):
+    from sd_triton.benchmarks import gpu_wheels
+
+    sizes = {"a": 50, "b": 30, "c": 20, "d": 15, "e": 5}
+    wheels = []
+    for name, size in sizes.items():
+        path = tmp_path / f"{name}.whl"
+        path.write_bytes(b"x" * size)
+        wheels.append(path)
+    parts = gpu_wheels.split(wheels, limit=60)
+    assert sorted(w.name for part in parts for w in part) == sorted(w.name for w in wheels)
+    assert all(sum(w.stat().st_size for w in part) <= 60 for part in parts)
+    assert len(parts) == 3  # 50 fits beside 5 only, so two parts of 60 cannot hold 120
+
+
+def test_repack_drops_files_and_rewrites_record(tmp_path):
+    import zipfile
+
+    from sd_triton.benchmarks import gpu_wheels
+
+    wheel = tmp_path / "w-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("w/__init__.py", "import heavy\n")
+        z.writestr("w/stubs/3.12/stub", "keep")
+        z.writestr("w/stubs/3.13/stub", "drop")
+        z.writestr("w-1.0.dist-info/RECORD", "stale\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    repacked = gpu_wheels.repack(
+        wheel, out, lambda n: "/3.13/" in n, {"w/__init__.py": b"# light\n"}
+    )
+    with zipfile.ZipFile(repacked) as z:
+        names = set(z.namelist())
+        assert "w/stubs/3.13/stub" not in names and "w/stubs/3.12/stub" in names
+        assert z.read("w/__init__.py") == b"# light\n"
+        record = z.read("w-1.0.dist-info/RECORD").decode().splitlines()
+    assert {line.split(",")[0] for line in record} == names
+    assert any(line.startswith("w/__init__.py,sha256=") and line.endswith(",8") for line in record)
