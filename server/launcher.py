@@ -268,7 +268,7 @@ class TritonServer:
             cmd,
             stdout=self._log_handle,
             stderr=None if self.log_to_stdout else subprocess.STDOUT,
-            env=dict(os.environ) if self.tritonserver else server_env(),
+            env=self._env(),
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
@@ -279,6 +279,12 @@ class TritonServer:
                 self.stop()
                 raise
         return self
+
+    def _env(self) -> dict[str, str]:
+        """The server's environment, without the admin key (model code has no use for it)."""
+        env = dict(os.environ) if self.tritonserver else server_env()
+        env.pop(ADMIN_KEY_ENV, None)
+        return env
 
     def _get(self, path: str) -> int:
         try:

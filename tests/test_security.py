@@ -376,6 +376,8 @@ def test_launcher_flags_restrict_admin_apis_and_bind_loopback(tmp_path, monkeypa
         TritonServer(tmp_path, model_control="explicit")
     with pytest.raises(ServerError, match="--listen"):
         TritonServer(tmp_path, extra_args=["--http-address=0.0.0.0"])
+    monkeypatch.setenv(ADMIN_KEY_ENV, KEY)
+    assert ADMIN_KEY_ENV not in TritonServer(tmp_path)._env()  # not handed to model code
 
 
 def test_cli_takes_the_key_from_the_environment_only(tmp_path, monkeypatch, capsys):
