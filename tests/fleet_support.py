@@ -37,10 +37,14 @@ from pathlib import Path
 
 import yaml
 
+from sd_pipeline.spec import ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTER_VALUES = ROOT / "deploy" / "prometheus-adapter" / "values.yaml"
 CHART_VALUES = ROOT / "deploy" / "helm" / "sd-triton" / "values.yaml"
 HOST = "127.0.0.1"
+# The nodes are locked as deployed: admin APIs behind this key (server/security.py).
+ADMIN_KEY = "fleet-test-admin-key-0123456789abcdef"
 FAKE_AWS = {
     "AWS_ACCESS_KEY_ID": "fleet-test",
     "AWS_SECRET_ACCESS_KEY": "fleet-test",
@@ -168,8 +172,8 @@ class Instance:
             f"--metrics-port={self.metrics_port}",
             f"--log-file={self.workdir / f'{self.name}-tritonserver.log'}",
         ]
-        env = {**os.environ, **FAKE_AWS}
-        env.pop("SD_TRITON_ADMIN_KEY", None)
+        env = {**os.environ, **FAKE_AWS, ADMIN_KEY_ENV: ADMIN_KEY}
+        env.pop(ADMIN_KEY_FILE_ENV, None)
         self.workdir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -222,8 +226,12 @@ class Envoy:
 
     def __init__(self, instances: Sequence[Instance], workdir: Path) -> None:
         self.port, self.admin_port = free_ports(2)
+        self.endpoints_path = workdir / "endpoints.json"
+        self._version = 0
+        self.set_endpoints(instances)
         self.config_path = workdir / "envoy.json"
-        self.config_path.write_text(json.dumps(envoy_config(self.port, self.admin_port, instances)))
+        config = envoy_config(self.port, self.admin_port, self.endpoints_path)
+        self.config_path.write_text(json.dumps(config))
         self.log_path = workdir / "envoy.log"
         binary = Path(sys.executable).parent / "envoy"
         with open(self.log_path, "ab") as log:
@@ -237,6 +245,24 @@ class Envoy:
     def url(self) -> str:
         return f"{HOST}:{self.port}"
 
+    def set_endpoints(self, instances: Sequence[Instance]) -> None:
+        """The instances the Service has (what Kubernetes' endpoints controller maintains)."""
+        self._version += 1
+        endpoints = [
+            {"endpoint": {"address": _address(i.grpc_port), "health_check_config": {"port_value": i.http_port}}}
+            for i in instances
+        ]  # fmt: skip
+        assignment = {
+            "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+            "cluster_name": "triton",
+            "endpoints": [{"lb_endpoints": endpoints}],
+        }
+        staged = self.endpoints_path.with_suffix(".tmp")
+        staged.write_text(
+            json.dumps({"version_info": str(self._version), "resources": [assignment]})
+        )
+        os.replace(staged, self.endpoints_path)  # Envoy watches for the file being moved in
+
     def healthy_ports(self) -> set[int]:
         """gRPC ports of the backends Envoy currently sends traffic to."""
         text = http_text(f"http://{HOST}:{self.admin_port}/clusters?format=json")
@@ -244,7 +270,7 @@ class Envoy:
         for cluster in json.loads(text).get("cluster_statuses", []):
             for host in cluster.get("host_statuses", []):
                 health = host.get("health_status", {})
-                if health.get("eds_health_status") == "HEALTHY" and not any(
+                if health.get("eds_health_status", "HEALTHY") in ("HEALTHY", "UNKNOWN") and not any(
                     v for k, v in health.items() if k.startswith("failed_")
                 ):
                     ports.add(host["address"]["socket_address"]["port_value"])
@@ -260,14 +286,12 @@ class Envoy:
                 self.proc.wait()
 
 
-def envoy_config(port: int, admin_port: int, instances: Sequence[Instance]) -> dict:
-    def address(p: int) -> dict:
-        return {"socket_address": {"address": HOST, "port_value": p}}
+def _address(port: int) -> dict:
+    return {"socket_address": {"address": HOST, "port_value": port}}
 
-    endpoints = [
-        {"endpoint": {"address": address(i.grpc_port), "health_check_config": {"port_value": i.http_port}}}
-        for i in instances
-    ]  # fmt: skip
+
+def envoy_config(port: int, admin_port: int, endpoints_path: Path) -> dict:
+    """Listener, route with retries, and a cluster whose endpoints come from ``endpoints_path``."""
     route = {
         "match": {"prefix": "/"},
         "route": {
@@ -307,7 +331,15 @@ def envoy_config(port: int, admin_port: int, instances: Sequence[Instance]) -> d
     }
     cluster = {
         "name": "triton",
-        "type": "STATIC",
+        "type": "EDS",
+        "eds_cluster_config": {
+            "eds_config": {
+                "path_config_source": {"path": str(endpoints_path)},
+                "resource_api_version": "V3",
+            }
+        },
+        # An instance taken out of the endpoints gets no new requests, healthy or not.
+        "ignore_health_on_host_removal": True,
         "connect_timeout": "1s",
         "lb_policy": "ROUND_ROBIN",
         "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
@@ -329,15 +361,15 @@ def envoy_config(port: int, admin_port: int, instances: Sequence[Instance]) -> d
                 "http_health_check": {"path": "/v2/health/ready", "codec_client_type": "HTTP1"},
             }
         ],
-        "load_assignment": {"cluster_name": "triton", "endpoints": [{"lb_endpoints": endpoints}]},
     }
     return {
-        "admin": {"address": address(admin_port)},
+        "node": {"id": "sd-triton-fleet-test", "cluster": "sd-triton"},  # needed for file EDS
+        "admin": {"address": _address(admin_port)},
         "static_resources": {
             "listeners": [
                 {
                     "name": "grpc",
-                    "address": address(port),
+                    "address": _address(port),
                     "filter_chains": [
                         {
                             "filters": [

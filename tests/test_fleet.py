@@ -12,8 +12,9 @@ probes and a gRPC-aware proxy would. In order:
 2. a component's Python stub killed under load (as the OOM killer would):
    no request ends INTERNAL, the node stops being ready within seconds, and
    its watchdog brings it back (``server/watchdog.py``);
-3. a rolling update: one instance drained with SIGTERM and replaced by a new
-   repository version while clients run: no request fails;
+3. a rolling update: one instance taken out of the balancer, stopped with
+   SIGTERM and replaced by a new repository version while clients run: no
+   request fails;
 4. an instance killed outright mid-run: clients with retries lose nothing.
 """
 
@@ -34,6 +35,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from fleet_support import S3, AutoscalingRule, Envoy, Instance, autoscaling_value, wait_for
+from tritonclient.utils import InferenceServerException
 
 from sd_triton.client import Client, UnavailableError
 
@@ -185,6 +187,14 @@ def test_both_instances_serve_and_the_autoscaling_rule_sees_the_queue(fleet):
             f.result(timeout=300)
     # The HPA grows the fleet from 2 to ceil(2 * 3 / target 2) = 3 pods.
     assert desired == int(np.ceil(2 * average / rule.target_per_pod)) == 3
+    # Locked like every node: through the balancer, the admin API needs the key.
+    control = grpcclient.InferenceServerClient(fleet.envoy.url)
+    try:
+        with pytest.raises(InferenceServerException):
+            control.unload_model("unet")
+        assert control.is_model_ready("unet")
+    finally:
+        control.close()
     after = {i.name: _success_count(i.grpc_url) for i in (fleet.a, fleet.b)}
     served = {name: after[name] - before[name] for name in after}
     assert sum(served.values()) == in_flight and all(n > 0 for n in served.values()), served
@@ -238,15 +248,26 @@ def test_a_dead_component_stub_is_unavailable_not_ready_and_heals(fleet):
 
 
 def test_rolling_update_to_a_new_version_fails_no_request(fleet):
-    """Drain b with SIGTERM, start it on v2, while clients run through the balancer."""
+    """Replace b by v2 while clients run through the balancer, as a Deployment rolls a pod.
+
+    The order is Kubernetes': the pod leaves the Service's endpoints, then gets
+    SIGTERM; the new pod joins once it is ready. (SIGTERM alone is not a drain:
+    Triton then answers new requests NOT_FOUND as it unloads, and refuses the
+    BLS calls of those in flight, see docs/reliability.md.)
+    """
+    both = {fleet.a.grpc_port, fleet.b.grpc_port}
     load = Load(fleet.envoy.url, 3, retries=3)
     try:
         wait_for(lambda: load.count() >= 3, 60, "load running")
-        assert fleet.b.stop() == 0  # graceful: Triton finished what it had in flight
+        fleet.envoy.set_endpoints([fleet.a])
+        wait_for(lambda: _healthy(fleet.envoy) == {fleet.a.grpc_port}, 10, "b out of the Service")
+        assert fleet.b.stop() == 0  # SIGTERM; the launcher exits cleanly
         fleet.b.start(fleet.v2_url)
         fleet.b.wait_ready()
         v2_image = _image(fleet.b.grpc_url)
         assert np.abs(v2_image.astype(int) - fleet.v1_image).max() > 1, "v2 must differ from v1"
+        fleet.envoy.set_endpoints([fleet.a, fleet.b])
+        wait_for(lambda: _healthy(fleet.envoy) == both, 10, "b (v2) in the Service")
 
         def served_v2():
             with load._lock:
@@ -303,3 +324,16 @@ def test_watchdog_and_probe_command_see_a_dead_stub():
     finally:
         child.wait()
     assert child.pid not in Watchdog(server).dead_instances()
+
+
+def test_a_dead_stub_or_a_stopping_server_is_unavailable_not_internal():
+    """Triton's words for them (2.51, measured in the tests above) are retryable outcomes."""
+    from sd_pipeline.errors import ComponentError
+    from sd_pipeline.telemetry import outcome_of
+
+    for message in (
+        "Stub process 'unet_0' is not healthy.",
+        "Model text_encoder - Error when running inference: Server not ready",
+    ):
+        assert outcome_of(ComponentError("unet", message)) == "unavailable", message
+    assert outcome_of(ComponentError("unet", "onnxruntime: invalid shape")) == "error"
