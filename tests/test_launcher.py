@@ -64,18 +64,19 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
         time.sleep(0.1)  # the polling interval
 
 
-def _read_line_starting(proc: subprocess.Popen, prefix: str, timeout_s: float) -> str:
-    """The first line of ``proc``'s output that starts with ``prefix``, within a deadline."""
+def _read_until_line_starting(proc: subprocess.Popen, prefix: str, timeout_s: float) -> list[str]:
+    """``proc``'s output up to the first line that starts with ``prefix``, within a deadline."""
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
     deadline = time.monotonic() + timeout_s
+    seen = []
     while (left := deadline - time.monotonic()) > 0:
         try:
-            line = lines.get(timeout=left)
+            seen.append(lines.get(timeout=left))
         except queue.Empty:
             break
-        if line.startswith(prefix):
-            return line
+        if seen[-1].startswith(prefix):
+            return seen
     pytest.fail(f"no line starting with {prefix!r} within {timeout_s:.0f} s")
 
 
@@ -166,13 +167,16 @@ def test_cli_serves_in_foreground_and_stops_on_sigterm(echo_repo):
             "--http-port", str(ports.http),
             "--grpc-port", str(ports.grpc),
             "--metrics-port", str(ports.metrics),
+            "--log-file", "-",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )  # fmt: skip
     try:
-        line = _read_line_starting(proc, "ready:", timeout_s=180)
+        *before, line = _read_until_line_starting(proc, "ready:", timeout_s=180)
+        # --log-file -: the server's own log on the CLI's output (a container's log).
+        assert any("Started GRPCInferenceService" in x for x in before), before
         assert f"127.0.0.1:{ports.grpc}" in line
         assert "listening on 127.0.0.1" in line and "admin APIs off" in line
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports.grpc}")

@@ -365,6 +365,10 @@ def test_launcher_flags_restrict_admin_apis_and_bind_loopback(tmp_path, monkeypa
     for api in ("http", "grpc", "metrics"):
         assert f"--{api}-address=127.0.0.1" in keyed
     assert set(ADMIN_APIS) == {"model-repository", "shared-memory", "logging", "trace"}
+    from sd_triton.server.launcher import _redact
+
+    logged = " ".join(_redact(keyed))  # what start() logs
+    assert KEY not in logged and f"{ADMIN_KEY_HEADER}=<key>" in logged
 
     # No key: restricted to a random key nobody is told, a new one each time.
     first, second = (
