@@ -12,14 +12,13 @@
 from __future__ import annotations
 
 import json
-import re
 import time
-import urllib.request
 import uuid
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from polling import metric, scrape, wait_until
 from test_served_pipeline import bad_request_error, infer_inputs
 from tritonclient.utils import InferenceServerException
 
@@ -35,6 +34,7 @@ pytestmark = pytest.mark.server
 
 MODEL = "stable_diffusion"
 SMALL = {"height": 32, "width": 32, "num_inference_steps": 2}
+CANCELLED = {"model": MODEL, "version": "1", "outcome": "cancelled"}
 
 
 def test_limits_and_queue_policy_are_written_by_the_exporter(tiny_repository):
@@ -81,16 +81,23 @@ def test_work_budget_refuses_what_each_single_limit_allows(triton_url):
     assert "= 3276800 is over this model's work budget of 1638400" in error.message()
 
 
-def test_deadline_cancels_the_request_on_the_server(triton_url, grpc_client):
-    def unet_calls():
-        return grpc_client.get_inference_statistics("unet").model_stats[0].execution_count
+def test_deadline_cancels_the_request_on_the_server(triton_server, grpc_client):
+    def unet_requests():
+        stats = grpc_client.get_inference_statistics("unet").model_stats[0]
+        return stats.inference_stats.success.count
 
-    before = unet_calls()
-    with Client(triton_url) as client, pytest.raises(DeadlineExceededError):
+    def cancelled():
+        return metric(scrape(triton_server.metrics_url), "sd_requests_total", **CANCELLED)
+
+    before, cancelled_before = unet_requests(), cancelled()
+    with Client(triton_server.grpc_url) as client, pytest.raises(DeadlineExceededError):
         client.generate("a cat", height=64, width=64, num_inference_steps=150, timeout_s=0.5)
-    time.sleep(1.5)
-    ran = unet_calls() - before
-    assert ran < 100, f"{ran} UNet executions: the request kept running after its deadline"
+    wait_until(
+        lambda: cancelled() == cancelled_before + 1,
+        "the request whose deadline passed did not end as cancelled on the server",
+    )
+    ran = unet_requests() - before
+    assert ran < 150, f"{ran} UNet calls: the request ran all its 150 steps after its deadline"
 
 
 def audit_lines(server) -> list[dict]:
@@ -102,51 +109,49 @@ def audit_lines(server) -> list[dict]:
     return lines
 
 
+# A prompt found nowhere else, and a seed whose 3 images the tiny safety checker
+# partly flags, so the audit line's flags are checked against the response's.
+AUDIT_PROMPT = "my secret prompt 5d0c2f6e-audit"
+AUDIT_SEED = 0
+
+
 def test_every_request_leaves_one_audit_line_without_the_prompt(triton_server):
-    secret = f"my secret prompt {uuid.uuid4()}"
+    secret = AUDIT_PROMPT
     ok_id, bad_id = f"audit-{uuid.uuid4()}", f"audit-{uuid.uuid4()}"
+    inputs = infer_inputs(prompt=secret, seed=AUDIT_SEED, num_images_per_prompt=3, **SMALL)
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
     try:
-        client.infer(MODEL, infer_inputs(prompt=secret, seed=123, **SMALL), request_id=ok_id)
+        served = client.infer(MODEL, inputs, request_id=ok_id)
         with pytest.raises(InferenceServerException):
             client.infer(MODEL, infer_inputs(prompt=secret, scheduler="nope"), request_id=bad_id)
     finally:
         client.close()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def both_logged():
         by_id = {e["request_id"]: e for e in audit_lines(triton_server)}
-        if ok_id in by_id and bad_id in by_id:
-            break
-        time.sleep(0.2)
+        return ok_id in by_id and bad_id in by_id and by_id
+
+    by_id = wait_until(both_logged, "no audit line for one of the two requests", timeout_s=10)
     ok, bad = by_id[ok_id], by_id[bad_id]
     assert ok["outcome"] == "success" and ok["model"] == MODEL and ok["version"] == "1"
-    assert (ok["seed"], ok["steps"], ok["height"], ok["width"], ok["images"]) == (123, 2, 32, 32, 1)
-    assert ok["scheduler"] == "default" and ok["nsfw"] in ([True], [False])
+    settings = (ok["seed"], ok["steps"], ok["height"], ok["width"], ok["images"])
+    assert settings == (AUDIT_SEED, 2, 32, 32, 3)
+    assert ok["scheduler"] == "default"
+    flags = served.as_numpy("nsfw_content_detected").tolist()
+    assert ok["nsfw"] == flags
+    assert 0 < sum(flags) < len(flags), f"{flags}: the tiny checker must flag some images, not all"
     assert ok["prompt_bytes"] == len(secret) and ok["duration_s"] > 0
     assert bad["outcome"] == "invalid" and "unknown scheduler" in bad["error"]
     assert secret not in triton_server.log_path.read_text(errors="replace")
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"{name}\{{(.*)\}} (\S+)$", line)
-        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
-            total += float(match.group(2))
-    return total
-
-
 def test_metrics_count_requests_by_outcome(triton_server, triton_url):
-    def scrape() -> str:
-        with urllib.request.urlopen(triton_server.metrics_url, timeout=5) as r:
-            return r.read().decode()
-
-    before = scrape()
+    before = scrape(triton_server.metrics_url)
     with Client(triton_url) as client:
         client.generate("a cat", seed=1, num_images_per_prompt=2, **SMALL)
         with pytest.raises(InvalidRequestError):
             client.generate("a cat", scheduler="nope")
-    after = scrape()
+    after = scrape(triton_server.metrics_url)
     labels = {"model": MODEL, "version": "1"}
 
     def delta(name: str, **extra: str) -> float:

@@ -6,19 +6,19 @@
   uint8 level of each alone while the UNet merges their calls;
 - every bad input gets INVALID_ARG with its message, and requests in flight
   or sent right after are unaffected;
-- the streaming twin (stable_diffusion_stream), when the repository has it.
+- the streaming twin (stable_diffusion_stream), which the exporter always writes.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from polling import metric, scrape, wait_until
 from test_pipeline import (
     IMG2IMG,
     REFERENCE_SCHEDULERS,
@@ -29,7 +29,7 @@ from test_pipeline import (
     reference,
     reference_pipe,
 )
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 pytestmark = pytest.mark.server
 
@@ -37,15 +37,6 @@ __all__ = ["reference_pipe"]  # a fixture, re-used from test_pipeline
 
 MODEL = "stable_diffusion"
 STREAM_MODEL = "stable_diffusion_stream"
-TYPES = {
-    np.dtype(np.int32): "INT32",
-    np.dtype(np.int64): "INT64",
-    np.dtype(np.float32): "FP32",
-    np.dtype(np.float64): "FP64",
-    np.dtype(np.uint8): "UINT8",
-    np.dtype(np.bool_): "BOOL",
-    np.dtype(object): "BYTES",
-}
 
 
 def as_array(value) -> np.ndarray:
@@ -66,7 +57,7 @@ def infer_inputs(**options) -> list[grpcclient.InferInput]:
         if name == "seed" and not isinstance(value, np.ndarray):
             value = np.array([value], np.int64)
         array = as_array(value)
-        tensor = grpcclient.InferInput(name, list(array.shape), TYPES[array.dtype])
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
@@ -253,8 +244,7 @@ def test_bad_inputs_do_not_disturb_other_requests(triton_url):
 
 @pytest.fixture
 def stream_model(grpc_client):
-    if not grpc_client.is_model_ready(STREAM_MODEL):
-        pytest.skip(f"the repository has no {STREAM_MODEL} model")
+    assert grpc_client.is_model_ready(STREAM_MODEL), f"the exporter always writes {STREAM_MODEL}"
     return STREAM_MODEL
 
 
@@ -305,12 +295,17 @@ def test_stream_bad_input_is_invalid_arg(triton_url, stream_model):
     assert "unknown scheduler 'nope'" in error.message()
 
 
-def test_stream_cancel_leaves_the_server_serving(triton_url, stream_model):
+def test_stream_cancel_leaves_the_server_serving(triton_server, stream_model):
+    def cancelled() -> float:
+        labels = {"model": stream_model, "version": "1", "outcome": "cancelled"}
+        return metric(scrape(triton_server.metrics_url), "sd_requests_total", **labels)
+
+    url, before = triton_server.grpc_url, cancelled()
     options = {"prompt": "a cat", "height": 32, "width": 32, "num_inference_steps": 30}
-    progress, _ = stream(triton_url, stream_model, cancel_after=2, **options)
+    progress, _ = stream(url, stream_model, cancel_after=2, **options)
     assert len(progress) == 2
-    time.sleep(0.5)
-    progress, final = stream(triton_url, stream_model, **{**options, "num_inference_steps": 2})
+    wait_until(lambda: cancelled() == before + 1, "the cancelled stream did not end as cancelled")
+    progress, final = stream(url, stream_model, **{**options, "num_inference_steps": 2})
     assert len(progress) == 3 and final is not None  # PNDM: steps + 1
 
 
