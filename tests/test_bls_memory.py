@@ -11,6 +11,8 @@ outputs are consumed in, or these tests fail here, not on a GPU node.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,6 @@ from fake_pb_utils import import_model, initialize, install
 
 from sd_pipeline import Assets, OnnxComponents, generate, make_request
 from sd_pipeline import spec as S
-from sd_pipeline.config import PipelineConfig
 
 
 def onnx_answer(repository):
@@ -81,22 +82,11 @@ def test_cpu_loop_reads_every_output_wherever_the_callee_runs(
     assert all(r.preferred_memory == cpu for r in pb.bls_requests)
 
 
-def _config(**extra):
-    base = dict(
-        latent_channels=4,
-        unet_in_channels=4,
-        vae_scaling_factor=0.18215,
-        vae_scale_factor=8,
-        native_height=512,
-        native_width=512,
-        size_step=64,
-        text_width=32,
-        tokenizer_max_length=77,
-        unet_max_batch_size=8,
-        dtype="float16",
-        tensor_dtypes={"unet": {"sample": "float16", "timestep": "float32"}},
-    )
-    return PipelineConfig.from_dict({**base, **extra})
+@pytest.fixture
+def fp16_config(assets):
+    """The tiny export's config, as an fp16 export's (the UNet's sample in float16)."""
+    fp16 = {"unet": {"sample": "float16", "timestep": "float32"}}
+    return dataclasses.replace(assets.config, tensor_dtypes=fp16)
 
 
 def _zeros(request):
@@ -104,12 +94,14 @@ def _zeros(request):
     return {n: np.zeros((batch, 4, 2, 2), np.float16) for n in request.requested_output_names()}
 
 
-def test_bls_calls_the_models_and_versions_of_pipeline_json(monkeypatch):
+def test_bls_calls_the_models_and_versions_of_pipeline_json(monkeypatch, fp16_config):
     from sd_pipeline.triton_components import TritonComponents
 
     pb = install(monkeypatch, _zeros)
-    config = _config(
-        component_models={"unet": "sd21_unet"}, component_versions={"unet": 3, "text_encoder": 3}
+    config = dataclasses.replace(
+        fp16_config,
+        component_models={"unet": "sd21_unet"},
+        component_versions={"unet": 3, "text_encoder": 3},
     )
     components = TritonComponents(config)
     out = components.unet(torch.zeros(2, 4, 2, 2), torch.ones(2), torch.zeros(2, 77, 32))
@@ -120,18 +112,20 @@ def test_bls_calls_the_models_and_versions_of_pipeline_json(monkeypatch):
     assert sample.as_numpy().dtype == np.float16  # the export's dtype
     assert timestep.as_numpy().shape == (2, 1)  # the config's timestep dims
 
-    plain = TritonComponents(_config())
+    plain = TritonComponents(
+        dataclasses.replace(fp16_config, component_models={}, component_versions={})
+    )
     plain.unet(torch.zeros(1, 4, 2, 2), torch.ones(1), torch.zeros(1, 77, 32))
     assert pb.bls_requests[-1].model_name == "unet"
     assert pb.bls_requests[-1].model_version == -1
 
 
-def test_gpu_calls_ask_for_outputs_where_they_are_consumed(monkeypatch):
+def test_gpu_calls_ask_for_outputs_where_they_are_consumed(monkeypatch, fp16_config):
     """CUDA can't run here: the choice for a loop on cuda:1 is checked directly."""
     from sd_pipeline.triton_components import TritonComponents
 
     pb = install(monkeypatch)
-    components = TritonComponents(_config(), device="cuda:1")
+    components = TritonComponents(fp16_config, device="cuda:1")
     assert components.device == torch.device("cuda", 1)
     gpu1 = pb.PreferredMemory(pb.TRITONSERVER_MEMORY_GPU, 1)
     cpu = pb.PreferredMemory(pb.TRITONSERVER_MEMORY_CPU, 0)
