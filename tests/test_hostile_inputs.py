@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from sd_pipeline import spec as S
 
@@ -25,23 +25,8 @@ MODEL = "stable_diffusion"
 CALL_TIMEOUT_S = 60.0  # far above any answer these requests need: a hang fails, not waits
 NAMES = [t.name for t in S.STABLE_DIFFUSION.inputs] + ["preview", "bogus_input"]
 SPEC = {t.name: t for t in S.STABLE_DIFFUSION.inputs}
-TRITON_NAMES = {
-    "bytes": "BYTES",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float32": "FP32",
-    "uint8": "UINT8",
-    "bool": "BOOL",
-}
-DTYPES = {
-    "BYTES": np.object_,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "UINT8": np.uint8,
-    "BOOL": np.bool_,
-}
+# Triton's names of the types a hostile client may send (tritonclient maps them to numpy).
+DTYPES = ("BYTES", "INT32", "INT64", "FP32", "FP64", "UINT8", "BOOL")
 # Few enough pixels and steps that an accidentally valid request stays cheap.
 INTS = st.one_of(
     st.integers(-3, 4),
@@ -73,9 +58,9 @@ def tensors(draw):
     # Mostly the declared dtype and shape, so that the values reach the model
     # (Triton itself rejects wrong dtypes and fixed dims of the wrong size).
     if spec is not None and draw(st.integers(0, 3)):
-        dtype = TRITON_NAMES[spec.dtype]
+        dtype = spec.datatype
     else:
-        dtype = draw(st.sampled_from(list(DTYPES)))
+        dtype = draw(st.sampled_from(DTYPES))
     if spec is not None and draw(st.integers(0, 3)):
         shape = [
             d if isinstance(d, int) else draw(st.sampled_from([0, 1, 8, 32])) for d in spec.dims
@@ -87,18 +72,20 @@ def tensors(draw):
         values = draw(st.lists(TEXTS, min_size=size, max_size=size))
         array = np.array(values + [b""], dtype=object)[:-1]  # keep bytes objects as they are
     elif dtype in ("FP32", "FP64"):
-        array = np.array(draw(st.lists(FLOATS, min_size=size, max_size=size)), DTYPES[dtype])
+        array = np.array(
+            draw(st.lists(FLOATS, min_size=size, max_size=size)), triton_to_np_dtype(dtype)
+        )
     elif dtype == "BOOL":
         array = np.array(draw(st.lists(st.booleans(), min_size=size, max_size=size)), bool)
     elif dtype == "UINT8":
         array = np.frombuffer(draw(st.binary(min_size=size, max_size=size)), np.uint8).copy()
     else:
-        info = np.iinfo(DTYPES[dtype])
+        info = np.iinfo(triton_to_np_dtype(dtype))
         values = [
             min(max(v, info.min), info.max)
             for v in draw(st.lists(INTS, min_size=size, max_size=size))
         ]
-        array = np.array(values, DTYPES[dtype])
+        array = np.array(values, triton_to_np_dtype(dtype))
     return name, dtype, array.reshape(shape)
 
 

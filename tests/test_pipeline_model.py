@@ -280,3 +280,50 @@ def test_stream_cancellation_ends_with_a_cancelled_final_response(
     model.finalize()
     response, flags = r.sender.sent[-1]
     assert flags == 1 and response.error().code() == TritonError.CANCELLED
+
+
+# ---------------------------------------------------------------------------
+# Which sd_pipeline the served model imports
+
+SHOW_IMPORTED = """
+import importlib.util, json, sys, types
+installed = importlib.util.find_spec("sd_pipeline").origin  # before model.py runs
+sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")
+spec = importlib.util.spec_from_file_location("model", sys.argv[1])
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+imported = {n: m.__file__ for n, m in sys.modules.items() if n.split(".")[0] == "sd_pipeline"}
+shipped = getattr(sys.modules["sd_pipeline"], "SHIPPED_COPY", None)
+print(json.dumps({"installed": installed, "imported": imported, "shipped": shipped}))
+"""
+
+
+def test_model_imports_the_sd_pipeline_shipped_beside_it(tiny_repository, tmp_path):
+    """A version folder's own sd_pipeline wins over the installed one (a rollback runs old code).
+
+    A fresh interpreter in which ``sd_pipeline`` is installed imports the
+    exported ``model.py`` (pb_utils faked: only its import matters) from a
+    copy of the version folder whose ``sd_pipeline`` carries a sentinel.
+    """
+    import shutil
+    import subprocess
+
+    version = tmp_path / "1"
+    exported = tiny_repository / "stable_diffusion" / "1"
+    shutil.copytree(exported, version, ignore=shutil.ignore_patterns("assets", "__pycache__"))
+    with open(version / "sd_pipeline" / "__init__.py", "a") as f:
+        f.write("\nSHIPPED_COPY = 'the copy beside model.py'\n")
+    out = subprocess.run(
+        [sys.executable, "-c", SHOW_IMPORTED, str(version / "model.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert not seen["installed"].startswith(str(version)), (
+        "no installed copy: the test proves nothing"
+    )
+    assert seen["shipped"] == "the copy beside model.py"
+    assert len(seen["imported"]) > 5  # the package and the modules model.py imports
+    for name, path in seen["imported"].items():
+        assert path.startswith(str(version / "sd_pipeline")), f"{name} came from {path}"
