@@ -21,6 +21,7 @@ probes and a gRPC-aware proxy would. In order:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -247,7 +248,18 @@ def test_a_dead_component_stub_is_unavailable_not_ready_and_heals(fleet):
     wait_for(lambda: _healthy(fleet.envoy) == both, 10, "a back in the balancer")
 
 
-def test_rolling_update_to_a_new_version_fails_no_request(fleet):
+def _verify(new: Instance, old: Instance, folder: Path, **options) -> int:
+    """``sd-triton verify`` of one small case on ``new`` against ``old``: its exit status."""
+    from sd_triton.client.cli import main
+
+    cases = folder / "cases.json"
+    case = {"name": "fleet", "prompt": PROMPT, "seed": SEED, **SMALL, **options}
+    cases.write_text(json.dumps({"cases": [case]}))
+    argv = ["verify", "--url", new.grpc_url, "--against-url", old.grpc_url, "--cases", str(cases)]
+    return main(argv)
+
+
+def test_rolling_update_to_a_new_version_fails_no_request(fleet, tmp_path):
     """Replace b by v2 while clients run through the balancer, as a Deployment rolls a pod.
 
     The order is Kubernetes': the pod leaves the Service's endpoints, then gets
@@ -266,6 +278,10 @@ def test_rolling_update_to_a_new_version_fails_no_request(fleet):
         fleet.b.wait_ready()
         v2_image = _image(fleet.b.grpc_url)
         assert np.abs(v2_image.astype(int) - fleet.v1_image).max() > 1, "v2 must differ from v1"
+        # The golden-set gate before it takes traffic: a case that names its scheduler
+        # renders as on v1; one that relies on the default shows v2's change.
+        assert _verify(fleet.b, fleet.a, tmp_path, scheduler="ddim") == 0
+        assert _verify(fleet.b, fleet.a, tmp_path) == 1
         fleet.envoy.set_endpoints([fleet.a, fleet.b])
         wait_for(lambda: _healthy(fleet.envoy) == both, 10, "b (v2) in the Service")
 
