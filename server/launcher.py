@@ -67,6 +67,9 @@ from .watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 SHM_PATTERN = "/dev/shm/triton_python_backend_shm_region_*"
+# tritonserver's --exit-timeout-secs default, and what stop() waits beyond it.
+TRITON_EXIT_TIMEOUT_S = 30.0
+STOP_MARGIN_S = 30.0
 
 
 class ServerError(RuntimeError):
@@ -325,8 +328,25 @@ class TritonServer:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def stop(self, timeout_s: float = 60.0) -> int | None:
-        """SIGTERM, wait; SIGKILL only as a last resort (then clean its /dev/shm regions)."""
+    @property
+    def exit_timeout_s(self) -> float:
+        """How long tritonserver drains in-flight requests after SIGTERM (--exit-timeout-secs)."""
+        value = None
+        for arg, following in zip(self.extra_args, (*self.extra_args[1:], None), strict=False):
+            if arg.startswith("--exit-timeout-secs="):
+                value = arg.partition("=")[2]
+            elif arg == "--exit-timeout-secs":
+                value = following
+        return TRITON_EXIT_TIMEOUT_S if value is None else float(value)
+
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """SIGTERM, wait; SIGKILL only as a last resort (then clean its /dev/shm regions).
+
+        The default wait is the server's drain time plus :data:`STOP_MARGIN_S`
+        (to unload the models), so a drain is never cut short.
+        """
+        if timeout_s is None:
+            timeout_s = self.exit_timeout_s + STOP_MARGIN_S
         proc, self._proc = self._proc, None
         code = None
         if proc is not None:

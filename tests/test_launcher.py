@@ -154,6 +154,29 @@ def test_model_that_fails_to_load_reports_the_log(tmp_path):
     assert server.pid is None
 
 
+def test_stop_waits_for_the_servers_drain(tmp_path, monkeypatch):
+    # A drain of --exit-timeout-secs is never cut short by the launcher's SIGKILL.
+    assert TritonServer(tmp_path).exit_timeout_s == 30.0  # tritonserver's default
+    server = TritonServer(tmp_path, extra_args=["--exit-timeout-secs=120"])
+    assert server.exit_timeout_s == 120.0
+    assert TritonServer(tmp_path, extra_args=["--exit-timeout-secs", "90"]).exit_timeout_s == 90.0
+    waited = []
+
+    class Running:  # a process that stops within the wait it is given
+        pid, returncode = 0, 0
+
+        def poll(self):
+            return None
+
+        def wait(self, timeout=None):
+            waited.append(timeout)
+
+    server._proc = Running()
+    monkeypatch.setattr(os, "killpg", lambda pid, sig: None)
+    server.stop()
+    assert waited == [120.0 + 30.0]
+
+
 def test_missing_repository_is_a_clear_error(tmp_path):
     with pytest.raises(ServerError, match="does not exist"):
         TritonServer(tmp_path / "nope")
