@@ -383,16 +383,14 @@ class ClientCore(Generic[ResultT, PendingT, StreamT]):
         prompt: str,
         image: Image.Image | np.ndarray,
         *,
-        left: int = 0,
-        right: int = 0,
-        top: int = 0,
-        bottom: int = 0,
-        overlap: int = 0,
         strength: float | None = None,
         timeout_s: float | None = None,
         **options: Any,
     ) -> ResultT:
-        """Extend ``image`` by the margins (pixels) and paint them in (see ``outpaint_canvas``)."""
-        margins = {"left": left, "right": right, "top": top, "bottom": bottom, "overlap": overlap}
-        request = outpaint_request(prompt, image, **margins, strength=strength, **options)
+        """Extend ``image`` by the margins (pixels) and paint them in.
+
+        ``options``: the margins ``left``, ``right``, ``top``, ``bottom`` and
+        ``overlap`` (see ``outpaint_canvas``) and :meth:`generate`'s options.
+        """
+        request = outpaint_request(prompt, image, strength=strength, **options)
         return self.run(request, timeout_s=timeout_s)

@@ -24,6 +24,9 @@ from ._request import GenerationRequest
 
 __all__ = ["img2img_request", "inpaint_request", "outpaint_canvas", "outpaint_request"]
 
+# outpaint_canvas's keyword arguments, in pixels.
+MARGINS = ("left", "right", "top", "bottom", "overlap")
+
 
 def _rgb(image: Image.Image | np.ndarray) -> np.ndarray:
     if isinstance(image, Image.Image):
@@ -69,7 +72,7 @@ def outpaint_canvas(
     ``overlap``, that many pixels into the image along each extended side
     (so the seam is repainted too).
     """
-    margins = {"left": left, "right": right, "top": top, "bottom": bottom, "overlap": overlap}
+    margins = dict(zip(MARGINS, (left, right, top, bottom, overlap), strict=True))
     for name, value in margins.items():
         if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
             raise InvalidRequestError(
@@ -89,18 +92,13 @@ def outpaint_canvas(
 
 
 def outpaint_request(
-    prompt: str,
-    image: Image.Image | np.ndarray,
-    *,
-    left: int = 0,
-    right: int = 0,
-    top: int = 0,
-    bottom: int = 0,
-    overlap: int = 0,
-    **options: Any,
+    prompt: str, image: Image.Image | np.ndarray, **options: Any
 ) -> GenerationRequest:
-    """An inpainting request on ``image`` extended by the margins (see :func:`outpaint_canvas`)."""
-    canvas, mask = outpaint_canvas(
-        image, left=left, right=right, top=top, bottom=bottom, overlap=overlap
-    )
+    """An inpainting request on ``image`` extended by the margins (see :func:`outpaint_canvas`).
+
+    ``options``: the margins (``left``, ``right``, ``top``, ``bottom``,
+    ``overlap``; pixels, default 0) and any other request option.
+    """
+    margins = {k: options.pop(k) for k in MARGINS if k in options}
+    canvas, mask = outpaint_canvas(image, **margins)
     return inpaint_request(prompt, canvas, mask, **options)

@@ -29,7 +29,7 @@ from typing import TextIO
 from sd_pipeline import spec as S
 
 from ._core import DEFAULT_URL
-from ._edit import img2img_request, inpaint_request, outpaint_request
+from ._edit import MARGINS, img2img_request, inpaint_request, outpaint_request
 from ._errors import (
     CancelledError,
     DeadlineExceededError,
@@ -349,7 +349,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     elif args.command == "inpaint":
         request = inpaint_request(args.prompt, image, _open_image(args.mask, "L"), **options)
     else:
-        margins = {k: getattr(args, k) for k in ("left", "right", "top", "bottom", "overlap")}
+        margins = {k: getattr(args, k) for k in MARGINS}
         request = outpaint_request(args.prompt, image, **margins, **options)
     with _client(args) as client:
         pending = PendingGeneration(client, request, args.timeout)
