@@ -28,7 +28,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from polling import metric, scrape, wait_until
 
 from sd_pipeline.spec import ADMIN_KEY_ENV, ADMIN_KEY_FILE_ENV
 
@@ -75,23 +75,6 @@ def http_status(url: str, timeout_s: float = 2.0) -> int:
         return e.code
     except OSError:
         return 0
-
-
-def http_text(url: str, timeout_s: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout_s) as r:
-        return r.read().decode()
-
-
-def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.2):
-    """Poll ``condition()`` until it returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s:.0f} s: {what}")
-        time.sleep(poll_s)
 
 
 # ------------------------------------------------------------------ storage
@@ -190,7 +173,7 @@ class Instance:
                 raise AssertionError(f"{self.name} exited {self.proc.returncode}:\n{self.log()}")
             return self.is_ready()
 
-        wait_for(ready, timeout_s, f"{self.name} ready")
+        wait_until(ready, f"{self.name} ready", timeout_s)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
@@ -265,7 +248,7 @@ class Envoy:
 
     def healthy_ports(self) -> set[int]:
         """gRPC ports of the backends Envoy currently sends traffic to."""
-        text = http_text(f"http://{HOST}:{self.admin_port}/clusters?format=json")
+        text = scrape(f"http://{HOST}:{self.admin_port}/clusters?format=json")
         ports = set()
         for cluster in json.loads(text).get("cluster_statuses", []):
             for host in cluster.get("host_statuses", []):
@@ -388,19 +371,9 @@ def envoy_config(port: int, admin_port: int, endpoints_path: Path) -> dict:
 
 
 # -------------------------------------------------------------- autoscaling
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
-
-
-def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
-    """Samples of the Prometheus text format: (name, labels, value)."""
-    samples = []
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match and not line.startswith("#"):
-            labels = {k: v for k, _, v in _LABEL.findall(match.group(2) or "")}
-            samples.append((match.group(1), labels, float(match.group(3))))
-    return samples
+# Labels Prometheus adds to every scraped series from the pod it scrapes.
+POD_LABELS = ("namespace", "pod")
 
 
 @dataclass(frozen=True)
@@ -425,26 +398,21 @@ class AutoscalingRule:
         assert "sum(" in rule["metricsQuery"] and "by (<<.GroupBy>>)" in rule["metricsQuery"]
         return cls(series, matchers, rule["name"]["as"], float(values["targetPendingPerPod"]))
 
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        for key, op, value in self.matchers:
-            have = labels.get(key, "")
-            if (op == "=" and have != value) or (op == "!=" and have == value):
-                return False
-            if op == "=~" and not re.fullmatch(value, have):
-                return False
-        return True
+    def per_pod(self, scrapes: Mapping[str, str]) -> dict[str, float]:
+        """``sum(series{matchers}) by (pod)`` on each pod's own scrape.
 
-    def per_pod(self, scrapes: Mapping[str, str], namespace: str = "fleet") -> dict[str, float]:
-        """``sum(series{matchers}) by (pod)`` on each pod's scrape (Prometheus adds the pod labels)."""
-        values = {}
-        for pod, text in scrapes.items():
-            values[pod] = sum(
-                value
-                for name, labels, value in parse_metrics(text)
-                if name == self.series
-                and self.matches({**labels, "namespace": namespace, "pod": pod})
-            )
-        return values
+        The rule's matchers on the labels Prometheus adds (``namespace!=""``,
+        ``pod!=""``) hold for every scraped pod; the others must be equalities
+        on the series' own labels (the chart's rule has ``model=...``).
+        """
+        equal = {}
+        for key, op, value in self.matchers:
+            if key in POD_LABELS:
+                assert (op, value) == ("!=", ""), (key, op, value)
+            else:
+                assert op == "=", f"unsupported matcher {key}{op}{value!r}"
+                equal[key] = value
+        return {pod: metric(text, self.series, **equal) for pod, text in scrapes.items()}
 
 
 def autoscaling_value(rule: AutoscalingRule, scrapes: Mapping[str, str]) -> tuple[float, int]:

@@ -35,7 +35,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from fleet_support import S3, AutoscalingRule, Envoy, Instance, autoscaling_value, wait_for
+from fleet_support import S3, AutoscalingRule, Envoy, Instance, autoscaling_value
+from polling import scrape as read_metrics
+from polling import wait_until
 from tritonclient.utils import InferenceServerException
 
 from sd_triton.client import Client, UnavailableError
@@ -49,7 +51,7 @@ LONG = {"height": 64, "width": 64, "num_inference_steps": 12}
 PROMPT = "a fleet test"
 SEED = 7
 READY_DROP_S = 10.0  # readiness gone this long after a stub dies, at most
-HEAL_S = 180.0  # serving again this long after a stub dies (a server restart), at most
+HEAL_S = 240.0  # serving again this long after a stub dies (a server restart), at most
 
 
 @dataclass
@@ -100,7 +102,7 @@ def fleet(tiny_checkpoint, tmp_path_factory):
             instance.wait_ready()
         envoy = Envoy(instances, work)
         ports = {i.grpc_port for i in instances}
-        wait_for(lambda: _healthy(envoy) == ports, 30, "Envoy sees both instances healthy")
+        wait_until(lambda: _healthy(envoy) == ports, "Envoy sees both instances healthy", 30)
         yield Fleet(*instances, envoy, v2_url, _image(instances[0].grpc_url))
     finally:
         if envoy is not None:
@@ -168,8 +170,6 @@ def _success_count(url: str) -> int:
 
 def test_both_instances_serve_and_the_autoscaling_rule_sees_the_queue(fleet):
     """8 long requests in flight on 2 instances that run one each: 6 wait, 3 per pod."""
-    from fleet_support import http_text
-
     rule = AutoscalingRule.from_chart()
     assert rule.series == "nv_inference_pending_request_count"
     before = {i.name: _success_count(i.grpc_url) for i in (fleet.a, fleet.b)}
@@ -177,13 +177,13 @@ def test_both_instances_serve_and_the_autoscaling_rule_sees_the_queue(fleet):
     expected_average = (in_flight - executing) / 2
 
     def scrape():
-        scrapes = {i.name: http_text(i.metrics_url) for i in (fleet.a, fleet.b)}
+        scrapes = {i.name: read_metrics(i.metrics_url) for i in (fleet.a, fleet.b)}
         value = autoscaling_value(rule, scrapes)
         return value if value[0] == expected_average else None
 
     with ThreadPoolExecutor(in_flight) as pool:
         futures = [pool.submit(_image, fleet.envoy.url, **LONG) for _ in range(in_flight)]
-        average, desired = wait_for(scrape, 60, f"{expected_average} waiting requests per pod")
+        average, desired = wait_until(scrape, f"{expected_average} waiting requests per pod", 60)
         for f in futures:
             f.result(timeout=300)
     # The HPA grows the fleet from 2 to ceil(2 * 3 / target 2) = 3 pods.
@@ -224,12 +224,14 @@ def test_a_dead_component_stub_is_unavailable_not_ready_and_heals(fleet):
     direct = Load(fleet.a.grpc_url, 1, retries=0)  # sees what a itself answers
     balanced = Load(fleet.envoy.url, 2, retries=3)
     try:
-        wait_for(lambda: direct.count() >= 1 and balanced.count() >= 2, 60, "load running")
+        wait_until(lambda: direct.count() >= 1 and balanced.count() >= 2, "load running", 60)
         killed_at = time.monotonic()
         os.kill(_stub_of(fleet.a, "unet_0"), signal.SIGKILL)
-        wait_for(lambda: not fleet.a.is_ready(), READY_DROP_S, "a stops being ready")
+        wait_until(lambda: not fleet.a.is_ready(), "a stops being ready", READY_DROP_S)
         not_ready_s = time.monotonic() - killed_at
-        wait_for(lambda: _serves(fleet.a.grpc_url), HEAL_S, "a serves images again", poll_s=1.0)
+        wait_until(
+            lambda: fleet.a.is_ready() and _serves(fleet.a.grpc_url), "a serves again", HEAL_S
+        )
         healed_s = time.monotonic() - killed_at
     finally:
         seen_direct, seen_balanced = direct.stop(), balanced.stop()
@@ -245,7 +247,7 @@ def test_a_dead_component_stub_is_unavailable_not_ready_and_heals(fleet):
     assert not balanced.failures(), balanced.failures()
     assert "watchdog: stub process of unet_0" in fleet.a.log()
     both = {fleet.a.grpc_port, fleet.b.grpc_port}
-    wait_for(lambda: _healthy(fleet.envoy) == both, 10, "a back in the balancer")
+    wait_until(lambda: _healthy(fleet.envoy) == both, "a back in the balancer", 10)
 
 
 def _verify(new: Instance, old: Instance, folder: Path, **options) -> int:
@@ -270,9 +272,9 @@ def test_rolling_update_to_a_new_version_fails_no_request(fleet, tmp_path):
     both = {fleet.a.grpc_port, fleet.b.grpc_port}
     load = Load(fleet.envoy.url, 3, retries=3)
     try:
-        wait_for(lambda: load.count() >= 3, 60, "load running")
+        wait_until(lambda: load.count() >= 3, "load running", 60)
         fleet.envoy.set_endpoints([fleet.a])
-        wait_for(lambda: _healthy(fleet.envoy) == {fleet.a.grpc_port}, 10, "b out of the Service")
+        wait_until(lambda: _healthy(fleet.envoy) == {fleet.a.grpc_port}, "b out of the Service", 10)
         assert fleet.b.stop() == 0  # SIGTERM; the launcher exits cleanly
         fleet.b.start(fleet.v2_url)
         fleet.b.wait_ready()
@@ -283,13 +285,13 @@ def test_rolling_update_to_a_new_version_fails_no_request(fleet, tmp_path):
         assert _verify(fleet.b, fleet.a, tmp_path, scheduler="ddim") == 0
         assert _verify(fleet.b, fleet.a, tmp_path) == 1
         fleet.envoy.set_endpoints([fleet.a, fleet.b])
-        wait_for(lambda: _healthy(fleet.envoy) == both, 10, "b (v2) in the Service")
+        wait_until(lambda: _healthy(fleet.envoy) == both, "b (v2) in the Service", 10)
 
         def served_v2():
             with load._lock:
                 return any(k == "ok" and _same(v, v2_image) for _, k, v in load.outcomes)
 
-        wait_for(served_v2, 60, "the balancer sends requests to the new version")
+        wait_until(served_v2, "the balancer sends requests to the new version", 60)
     finally:
         seen = load.stop()
     print(f"\nrolling update: {dict(seen)}")
@@ -303,11 +305,11 @@ def test_an_instance_killed_mid_run_loses_no_request(fleet):
 
     load = Load(fleet.envoy.url, 3, retries=5)
     try:
-        wait_for(lambda: load.count() >= 3, 60, "load running")
+        wait_until(lambda: load.count() >= 3, "load running", 60)
         killed_at = time.monotonic()
         os.killpg(fleet.a.tritonserver_pid(), signal.SIGKILL)  # a crash, no drain
-        wait_for(lambda: fleet.a.proc.poll() is not None, 30, "a's launcher notices and exits")
-        wait_for(lambda: load.count(since=killed_at) >= 6, 120, "requests go on after the kill")
+        wait_until(lambda: fleet.a.proc.poll() is not None, "a's launcher notices and exits", 30)
+        wait_until(lambda: load.count(since=killed_at) >= 6, "requests go on after the kill", 120)
     finally:
         seen = load.stop()
         _remove_orphan_shm()
@@ -332,8 +334,11 @@ def test_watchdog_and_probe_command_see_a_dead_stub():
     try:
         server = type("Server", (), {"pid": os.getpid()})()
         watchdog = Watchdog(server)
-        wait_for(lambda: Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][0] == "Z",
-                 30, "the child is a zombie")  # fmt: skip
+        wait_until(
+            lambda: Path(f"/proc/{child.pid}/stat").read_text().split(") ")[1][0] == "Z",
+            "the child is a zombie",
+            30,
+        )
         assert watchdog.dead_instances() == {}  # seen once: could be an unload reaping it
         assert watchdog.dead_instances() == {child.pid: "?"}
         assert subprocess.run(PROBE_COMMAND).returncode == 1

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fleet_support import http_text, parse_metrics
+from polling import metric, scrape, wait_until
 
 from sd_triton.client import CancelledError, Client, InvalidRequestError
 
@@ -106,31 +106,25 @@ def shm_bytes(pid: int) -> int:
 
 def finished_and_queued(metrics_url: str) -> tuple[float, float]:
     """(requests the pipeline model has finished, successes and failures; requests in its queue)."""
-    finished = queued = 0.0
-    for name, labels, value in parse_metrics(http_text(metrics_url)):
-        if labels.get("model") != "stable_diffusion":
-            continue
-        if name in ("nv_inference_request_success", "nv_inference_request_failure"):
-            finished += value
-        elif name == "nv_inference_pending_request_count":
-            queued += value
-    return finished, queued
+    text, model = scrape(metrics_url), "stable_diffusion"
+    finished = metric(text, "nv_inference_request_success", model=model) + metric(
+        text, "nv_inference_request_failure", model=model
+    )
+    return finished, metric(text, "nv_inference_pending_request_count", model=model)
 
 
-def wait_until_quiet(metrics_url: str, finished_before: float, answered: int, timeout_s=30.0):
+def wait_until_quiet(metrics_url: str, finished_before: float, answered: int) -> None:
     """Return once the queue is empty and the server counts every request a client got an answer to.
 
     A cancelled request the client gave up on may still be finishing its
     current step, or may never have reached the server: those are not waited for.
     """
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def quiet():
         finished, queued = finished_and_queued(metrics_url)
-        if queued == 0 and finished - finished_before >= answered:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"server not quiet: {finished - finished_before} of {answered}")
-        time.sleep(0.1)
+        return queued == 0 and finished - finished_before >= answered
+
+    wait_until(quiet, f"an empty queue and {answered} requests counted", timeout_s=30)
 
 
 def one(url: str, kind: str, index: int, expected: dict) -> str:
