@@ -9,6 +9,7 @@ them fresh.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,27 @@ def tiny_repository(build_dir, tiny_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def copy_onnx_export():
+    """``copy_onnx_export(monkeypatch, source)``: the exporter copies ``source``'s ONNX files.
+
+    For exports of the tiny checkpoint whose weights are ``source``'s (the session
+    repository, or a variant of it): no tracing again, only the configs differ.
+    """
+    from sd_triton.export import component_models as CM
+
+    def patch(monkeypatch, source: Path) -> None:
+        def copy(component, modules, sizes, trace_sizes, dtype, version_dir, opts):
+            version_dir.mkdir(parents=True, exist_ok=True)
+            onnx = version_dir / CM.ONNX_NAME
+            shutil.copyfile(source / component.name / "1" / CM.ONNX_NAME, onnx)
+            return onnx
+
+        monkeypatch.setattr(CM, "_export_onnx", copy)
+
+    return patch
+
+
+@pytest.fixture(scope="session")
 def reference_pipe(tiny_checkpoint):
     """diffusers' ``StableDiffusionPipeline`` on the tiny checkpoint: the reference side of parity."""
     from diffusers import StableDiffusionPipeline
@@ -69,12 +91,8 @@ def triton_server(tiny_repository):
     """A real tritonserver process serving the tiny repository on free ports."""
     from sd_triton.server import TritonServer
 
-    server = TritonServer(tiny_repository)
-    server.start(timeout_s=300)
-    try:
+    with TritonServer(tiny_repository).start(timeout_s=300) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -96,8 +114,9 @@ def tls_files(tmp_path_factory) -> dict[str, Path]:
 def locked_server(tiny_repository, tls_files):
     """The tiny repository locked as deployed: admin APIs behind a key, gRPC over TLS.
 
-    Explicit model control with only ``text_encoder`` loaded (starts in seconds);
-    ``locked_server.admin_key`` is the key.
+    Explicit model control with only what txt2img needs loaded (no VAE encoder, no
+    stream model: a faster start); ``locked_server.admin_key`` is the key. Tests
+    that unload a model load it again, and models they load stay loaded.
     """
     from sd_triton.server import TritonServer
     from sd_triton.server.security import GrpcTls
@@ -105,15 +124,12 @@ def locked_server(tiny_repository, tls_files):
     server = TritonServer(
         tiny_repository,
         model_control="explicit",
-        load_models=["text_encoder"],
+        load_models=["text_encoder", "unet", "vae_decoder", "safety_checker", "stable_diffusion"],
         admin_key="test-admin-key-0123456789",
         grpc_tls=GrpcTls(tls_files["cert"], tls_files["key"]),
     )
-    server.start(timeout_s=300)
-    try:
+    with server.start(timeout_s=300):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

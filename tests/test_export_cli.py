@@ -253,10 +253,9 @@ def no_checker_checkpoint(tiny_checkpoint, tmp_path_factory):
 
 
 def test_checkpoint_without_safety_checker_exports_as_is(
-    no_checker_checkpoint, tiny_repository, tmp_path, monkeypatch, caplog
+    no_checker_checkpoint, tiny_repository, tmp_path, monkeypatch, caplog, copy_onnx_export
 ):
     from diffusers import StableDiffusionPipeline
-    from test_gpu_configs import copy_onnx_export
     from test_pipeline import max_diff
 
     from sd_pipeline import Assets, OnnxComponents, generate, make_request

@@ -10,13 +10,12 @@ The pipeline's BLS calls are tested in tests/test_bls_memory.py, the device
 rule and the torch host in tests/test_gpu_torch_host.py.
 
 The exports here copy the session repository's ONNX files instead of tracing
-again (:func:`copy_onnx_export`): only the configs differ between flavours.
+again (the ``copy_onnx_export`` fixture): only the configs differ between flavours.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -87,17 +86,6 @@ ONNXRUNTIME_BACKEND_TRT_KEYS = frozenset(
 )
 
 
-def copy_onnx_export(monkeypatch, source: Path) -> None:
-    """Make the exporter copy ``source``'s ONNX files (same checkpoint) instead of tracing."""
-
-    def copy(component, modules, sizes, trace_sizes, dtype, version_dir, opts):
-        version_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / component.name / "1" / CM.ONNX_NAME, version_dir / CM.ONNX_NAME)
-        return version_dir / CM.ONNX_NAME
-
-    monkeypatch.setattr(CM, "_export_onnx", copy)
-
-
 GPU_OPTIONS = ExportOptions(
     hosting=Hosting(
         host="onnxruntime",
@@ -111,7 +99,7 @@ GPU_OPTIONS = ExportOptions(
 
 
 @pytest.fixture(scope="module")
-def gpu_repository(tiny_checkpoint, tiny_repository, tmp_path_factory):
+def gpu_repository(tiny_checkpoint, tiny_repository, tmp_path_factory, copy_onnx_export):
     out = tmp_path_factory.mktemp("gpu") / "repo"
     with pytest.MonkeyPatch.context() as mp:
         copy_onnx_export(mp, tiny_repository)

@@ -1,11 +1,12 @@
 """Lock the node: admin APIs behind the key, loopback by default, gRPC TLS, safe weights.
 
-Two servers, both on the tiny repository:
+Two servers, both the session's, on the tiny repository:
 
-- ``keyed``: explicit model control with an admin key and gRPC over TLS (the
-  session's throwaway self-signed certificate, ``tls_files``). Every admin call is tried without the
-  key, with a wrong key and with the key; inference, health, metadata and
-  statistics are used without one throughout.
+- ``locked_server``: explicit model control with an admin key and gRPC over TLS
+  (the session's throwaway self-signed certificate, ``tls_files``); the client
+  tests use it too. Every admin call is tried without the key, with a wrong key
+  and with the key; inference, health, metadata and statistics are used without
+  one throughout.
 - the session's ``triton_server`` (the launcher's defaults: no key): admin APIs
   are unavailable on every port, and every port listens on loopback only.
 
@@ -38,8 +39,6 @@ from sd_triton.server.launcher import main as server_main
 from sd_triton.server.security import ADMIN_APIS, SecurityError, read_admin_key
 
 KEY = "test-admin-key-0123456789"
-# What txt2img needs (fewer models, a faster start).
-SERVED = ["text_encoder", "unet", "vae_decoder", "safety_checker", "stable_diffusion"]
 WRONG = {ADMIN_KEY_HEADER: "not-the-key-0123456789"}
 PROBE_CONFIG = {
     "backend": "python",
@@ -112,27 +111,9 @@ def generate(client: grpcclient.InferenceServerClient) -> np.ndarray:
 
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def keyed(tiny_repository, tls_files):
-    from sd_triton.server.security import GrpcTls
-
-    server = TritonServer(
-        tiny_repository,
-        model_control="explicit",
-        load_models=SERVED,
-        admin_key=KEY,
-        grpc_tls=GrpcTls(tls_files["cert"], tls_files["key"]),
-    )
-    server.start(timeout_s=300)
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def tls_client(keyed, tls_files):
+def tls_client(locked_server, tls_files):
     client = grpcclient.InferenceServerClient(
-        keyed.grpc_url, ssl=True, root_certificates=str(tls_files["cert"])
+        locked_server.grpc_url, ssl=True, root_certificates=str(tls_files["cert"])
     )
     try:
         yield client
@@ -141,32 +122,38 @@ def tls_client(keyed, tls_files):
 
 
 @pytest.fixture
-def admin(keyed):
-    return keyed.grpc_admin_headers
+def admin(locked_server):
+    return locked_server.grpc_admin_headers
 
 
-# ------------------------------------------------ the keyed server (TLS gRPC)
-def test_remote_code_probe_over_http_needs_the_key(keyed, tls_client, tmp_path):
+# ------------------------------------------------ the locked_server server (TLS gRPC)
+def test_remote_code_probe_over_http_needs_the_key(locked_server, tls_client, tmp_path):
     marker = tmp_path / "ran"
     body = probe_body("probe_http", marker)
     for headers in (None, WRONG):
-        status, text = http(keyed, "POST", "/v2/repository/models/probe_http/load", body, headers)
+        status, text = http(
+            locked_server, "POST", "/v2/repository/models/probe_http/load", body, headers
+        )
         assert status == 403 and ADMIN_KEY_HEADER in text, (status, text)
     assert not marker.exists(), "the server ran code from a request without the key"
-    assert keyed.is_ready() and not tls_client.is_model_ready("probe_http")
+    assert locked_server.is_ready() and not tls_client.is_model_ready("probe_http")
     generate(tls_client)
 
     # The same request with the key: the operator may load code (that is what the key is for).
     status, text = http(
-        keyed, "POST", "/v2/repository/models/probe_http/load", body, keyed.http_admin_headers
+        locked_server,
+        "POST",
+        "/v2/repository/models/probe_http/load",
+        body,
+        locked_server.http_admin_headers,
     )
     assert status == 200, text
     assert marker.read_text() == "ran" and tls_client.is_model_ready("probe_http")
     # Left loaded: with --strict-readiness an unloaded model would make the server not ready.
-    assert keyed.is_ready()
+    assert locked_server.is_ready()
 
 
-def test_remote_code_probe_over_grpc_needs_the_key(keyed, tls_client, admin, tmp_path):
+def test_remote_code_probe_over_grpc_needs_the_key(locked_server, tls_client, admin, tmp_path):
     marker = tmp_path / "ran"
     body = probe_body("probe_grpc", marker)["parameters"]
     config = body["config"]
@@ -174,15 +161,15 @@ def test_remote_code_probe_over_grpc_needs_the_key(keyed, tls_client, admin, tmp
     grpc_refused(tls_client.load_model, "probe_grpc", config=config, files=files)
     assert not marker.exists(), "the server ran code from a request without the key"
     tls_client.load_model("probe_grpc", config=config, files=files, headers=admin)
-    assert marker.read_text() == "ran" and keyed.is_ready()
+    assert marker.read_text() == "ran" and locked_server.is_ready()
 
 
-def test_unload_needs_the_key_and_inference_carries_on(keyed, tls_client, admin):
-    status, _ = http(keyed, "POST", "/v2/repository/models/unet/unload", {})
+def test_unload_needs_the_key_and_inference_carries_on(locked_server, tls_client, admin):
+    status, _ = http(locked_server, "POST", "/v2/repository/models/unet/unload", {})
     assert status == 403
     grpc_refused(tls_client.unload_model, "unet")
     grpc_refused(tls_client.get_model_repository_index)
-    assert tls_client.is_model_ready("unet") and keyed.is_ready()
+    assert tls_client.is_model_ready("unet") and locked_server.is_ready()
     generate(tls_client)
 
     tls_client.unload_model("unet", headers=admin)
@@ -196,13 +183,15 @@ def test_unload_needs_the_key_and_inference_carries_on(keyed, tls_client, admin)
     generate(tls_client)
 
 
-def test_log_settings_need_the_key(keyed, tls_client, admin):
+def test_log_settings_need_the_key(locked_server, tls_client, admin):
     for headers in (None, WRONG):
-        status, _ = http(keyed, "POST", "/v2/logging", {"log_verbose_level": 1}, headers)
+        status, _ = http(locked_server, "POST", "/v2/logging", {"log_verbose_level": 1}, headers)
         assert status == 403
     grpc_refused(tls_client.update_log_settings, {"log_verbose_level": 1})
     grpc_refused(tls_client.get_log_settings)
-    status, text = http(keyed, "GET", "/v2/logging", headers=keyed.http_admin_headers)
+    status, text = http(
+        locked_server, "GET", "/v2/logging", headers=locked_server.http_admin_headers
+    )
     assert status == 200 and json.loads(text)["log_verbose_level"] == 0
 
     tls_client.update_log_settings({"log_verbose_level": 1}, headers=admin)
@@ -213,30 +202,34 @@ def test_log_settings_need_the_key(keyed, tls_client, admin):
         tls_client.update_log_settings({"log_verbose_level": 0}, headers=admin)
 
 
-def test_trace_settings_need_the_key(keyed, tls_client, admin):
-    assert http(keyed, "GET", "/v2/trace/setting")[0] == 403
-    assert http(keyed, "POST", "/v2/trace/setting", {"trace_level": ["TIMESTAMPS"]})[0] == 403
+def test_trace_settings_need_the_key(locked_server, tls_client, admin):
+    assert http(locked_server, "GET", "/v2/trace/setting")[0] == 403
+    assert (
+        http(locked_server, "POST", "/v2/trace/setting", {"trace_level": ["TIMESTAMPS"]})[0] == 403
+    )
     grpc_refused(tls_client.get_trace_settings)
-    status, _ = http(keyed, "GET", "/v2/trace/setting", headers=keyed.http_admin_headers)
+    status, _ = http(
+        locked_server, "GET", "/v2/trace/setting", headers=locked_server.http_admin_headers
+    )
     assert status == 200
     assert tls_client.get_trace_settings(headers=admin) is not None
 
 
-def test_shared_memory_registration_needs_the_key(keyed, tls_client, admin):
+def test_shared_memory_registration_needs_the_key(locked_server, tls_client, admin):
     regions = [shared_memory.SharedMemory(create=True, size=64) for _ in range(2)]
     try:
         body = {"key": f"/{regions[0].name}", "offset": 0, "byte_size": 64}
         path = "/v2/systemsharedmemory/region/sd_http/register"
         grpc_key = f"/{regions[1].name}"
         for headers in (None, WRONG):
-            assert http(keyed, "POST", path, body, headers)[0] == 403
-        assert http(keyed, "GET", "/v2/systemsharedmemory/status")[0] == 403
+            assert http(locked_server, "POST", path, body, headers)[0] == 403
+        assert http(locked_server, "GET", "/v2/systemsharedmemory/status")[0] == 403
         grpc_refused(tls_client.register_system_shared_memory, "sd_grpc", grpc_key, 64)
         grpc_refused(tls_client.get_system_shared_memory_status)
         status = tls_client.get_system_shared_memory_status(headers=admin, as_json=True)
         assert status.get("regions", {}) == {}, "a refused registration went through"
 
-        assert http(keyed, "POST", path, body, keyed.http_admin_headers)[0] == 200
+        assert http(locked_server, "POST", path, body, locked_server.http_admin_headers)[0] == 200
         tls_client.register_system_shared_memory("sd_grpc", grpc_key, 64, headers=admin)
         status = tls_client.get_system_shared_memory_status(headers=admin, as_json=True)
         assert set(status["regions"]) == {"sd_http", "sd_grpc"}
@@ -247,7 +240,7 @@ def test_shared_memory_registration_needs_the_key(keyed, tls_client, admin):
             region.unlink()
 
 
-def test_open_apis_need_no_key(keyed, tls_client):
+def test_open_apis_need_no_key(locked_server, tls_client):
     for path in (
         "/v2/health/ready",
         "/v2",
@@ -255,16 +248,16 @@ def test_open_apis_need_no_key(keyed, tls_client):
         "/v2/models/stable_diffusion/config",
         "/v2/models/stable_diffusion/stats",
     ):
-        assert http(keyed, "GET", path)[0] == 200, path
+        assert http(locked_server, "GET", path)[0] == 200, path
     assert tls_client.is_server_ready() and tls_client.is_model_ready("stable_diffusion")
     assert tls_client.get_model_metadata("stable_diffusion").name == "stable_diffusion"
     assert tls_client.get_inference_statistics("stable_diffusion").model_stats
     assert tls_client.get_model_config("stable_diffusion").config.name == "stable_diffusion"
 
 
-def test_grpc_over_tls_serves_and_refuses_plain_text(keyed, tls_client):
+def test_grpc_over_tls_serves_and_refuses_plain_text(locked_server, tls_client):
     assert generate(tls_client).shape == (1, 32, 32, 3)
-    plain = grpcclient.InferenceServerClient(keyed.grpc_url)
+    plain = grpcclient.InferenceServerClient(locked_server.grpc_url)
     try:
         with pytest.raises(InferenceServerException):
             plain.is_server_live(client_timeout=10)

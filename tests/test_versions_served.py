@@ -25,7 +25,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
-from test_gpu_configs import copy_onnx_export
 
 from sd_triton.client import Client
 from sd_triton.export import (
@@ -49,15 +48,21 @@ EXPORTED = [n for n in C.COMPONENTS if n != "safety_checker"]  # exported withou
 REQUEST = dict(prompt="a red bicycle", num_inference_steps=2, height=32, width=24, seed=7)
 
 
-def _export(checkpoint, out, onnx_source, *, new_version=False, precision="fp32"):
-    options = ExportOptions(
-        contents=Contents(precision=precision, safety_checker=False, stream_model=False),
-        hosting=Hosting(host="python", pipeline_instances=1),
-        naming=Naming(model_prefix=PREFIX, new_version=new_version),
-    )
-    with pytest.MonkeyPatch.context() as mp:
-        copy_onnx_export(mp, onnx_source)
-        export_repository(checkpoint, out, options)
+@pytest.fixture(scope="module")
+def export(tiny_checkpoint, copy_onnx_export):
+    """Export the tiny checkpoint into ``out`` with ``onnx_source``'s ONNX files."""
+
+    def run(out, onnx_source, *, new_version=False, precision="fp32"):
+        options = ExportOptions(
+            contents=Contents(precision=precision, safety_checker=False, stream_model=False),
+            hosting=Hosting(host="python", pipeline_instances=1),
+            naming=Naming(model_prefix=PREFIX, new_version=new_version),
+        )
+        with pytest.MonkeyPatch.context() as mp:
+            copy_onnx_export(mp, onnx_source)
+            export_repository(tiny_checkpoint, out, options)
+
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +83,9 @@ def other_weights(tiny_repository, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def repository(tiny_checkpoint, tiny_repository, tmp_path_factory):
+def repository(tiny_checkpoint, tiny_repository, tmp_path_factory, export):
     out = tmp_path_factory.mktemp("versions") / "repo"
-    _export(tiny_checkpoint, out, tiny_repository)
+    export(out, tiny_repository)
     # A second namespace beside the first: no --overwrite needed, nothing of v_ touched.
     options = ExportOptions(
         contents=Contents(safety_checker=False, stream_model=False),
@@ -101,11 +106,8 @@ def server(repository):
         load_models=[*COMPONENTS, "torch_unet"],
         admin_key="versions-test-admin-key",
     )
-    server.start(timeout_s=300)
-    try:
+    with server.start(timeout_s=300):
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +179,9 @@ def test_torch_host_serves_like_the_onnx_host(grpc, tiny_repository):
 
 
 @pytest.fixture(scope="module")
-def version_2(tiny_checkpoint, repository, other_weights, server, grpc):
+def version_2(repository, other_weights, server, grpc, export):
     """Export version 2 next to the running version 1, load it as docs/gpu.md says."""
-    _export(tiny_checkpoint, repository, other_weights, new_version=True)
+    export(repository, other_weights, new_version=True)
     for model in COMPONENTS:
         # version_policy latest 2: versions 1 and 2 both served
         grpc.load_model(model, headers=server.grpc_admin_headers)
@@ -227,12 +229,10 @@ def test_served_version_is_reported_and_rolled_back(version_2, server, grpc):
     assert max_diff(rolled_back, image_1) <= 1  # version 1 called the version-1 components
 
 
-def test_new_version_must_keep_the_contract(tiny_checkpoint, version_2, tiny_repository):
+def test_new_version_must_keep_the_contract(tiny_checkpoint, version_2, tiny_repository, export):
     before = sorted(p.name for p in (version_2 / f"{PREFIX}unet").iterdir())
     with pytest.raises(ExportError, match="would change its (input|output)"):
-        _export(
-            tiny_checkpoint, version_2, tiny_repository, new_version=True, precision="fp16-vae-fp32"
-        )
+        export(version_2, tiny_repository, new_version=True, precision="fp16-vae-fp32")
     with pytest.raises(ExportError, match="choose one"):
         options = ExportOptions(naming=Naming(new_version=True))
         export_repository(tiny_checkpoint, version_2, options, overwrite=True)
