@@ -14,8 +14,8 @@ from sd_pipeline.errors import Cancelled, ComponentError, InvalidRequest
 from sd_pipeline.request import make_request, parse_request
 from sd_pipeline.telemetry import Unavailable, log_line, outcome_of, record
 from sd_triton.client import Client, UnavailableError
-from sd_triton.client._errors import translate
 from sd_triton.client._core import backoff_delay
+from sd_triton.client._errors import translate
 from sd_triton.export import triton_config as T
 
 CONFIG = PipelineConfig(
