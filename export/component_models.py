@@ -25,7 +25,14 @@ from .checkpoint import ExportError
 from .options import ExportOptions
 from .tensorrt import TRT_COMPONENTS, tensorrt_parameters
 
-__all__ = ["BACKENDS", "ONNX_NAME", "check_host_code", "component_config", "write_component"]
+__all__ = [
+    "BACKENDS",
+    "ONNX_NAME",
+    "check_host_code",
+    "component_config",
+    "copy_code",
+    "write_component",
+]
 
 # Triton backend of each host: the ONNX and torch runners are Python-backend models.
 BACKENDS = {"python": "python", "onnxruntime": "onnxruntime", "torch": "python"}
@@ -44,11 +51,38 @@ COMPONENT_HOST_SOURCE = _TEMPLATES / "component_host.py"
 WRAPPERS_SOURCE = Path(__file__).resolve().parent / "wrappers.py"
 
 
+def _host_files(host: str) -> dict[str, Path]:
+    """A Python-backend host's code (name in the version folder -> source); none for
+    Triton's own backend."""
+    if host not in HOST_TEMPLATES:
+        return {}
+    files = {"model.py": HOST_TEMPLATES[host], COMPONENT_HOST_SOURCE.name: COMPONENT_HOST_SOURCE}
+    if host == "torch":
+        files[WRAPPERS_SOURCE.name] = WRAPPERS_SOURCE
+    return files
+
+
+def _required(source: Path) -> Path:
+    """``source``, package data no exported repository runs without, or an ExportError."""
+    if not source.is_file():
+        raise ExportError(
+            f"{source.name} not found at {source}: the sd-triton install is incomplete "
+            "(package data of sd_triton.model_repository); reinstall it"
+        )
+    return source
+
+
+def copy_code(files: Mapping[str, Path], version_dir: Path) -> None:
+    """Copy each hand-written source to ``version_dir/<name>``; a missing one is an ExportError."""
+    for name, source in files.items():
+        shutil.copyfile(_required(source), version_dir / name)
+
+
 def check_host_code(host: str) -> None:
-    """Fail before any work when a host's hand-written code is missing from the install."""
-    template = HOST_TEMPLATES.get(host)
-    if template is not None and not template.is_file():
-        raise ExportError(f"{host} host template not found: {template}")
+    """Fail before any work when code the repository needs is missing from the install:
+    the host's, and ``component_host.py`` (the pipeline model imports it too)."""
+    for source in (*_host_files(host).values(), COMPONENT_HOST_SOURCE):
+        _required(source)
 
 
 def _convert(modules: dict[str, Any], folders: tuple[str, ...], dtype: str) -> None:
@@ -104,13 +138,7 @@ def _save_torch_modules(
 
 def _copy_host_code(host: str, version_dir: Path) -> None:
     """A Python-backend host's code beside the weights: its model.py and the modules it imports."""
-    if host not in HOST_TEMPLATES:
-        return  # Triton's own backend: no code
-    shutil.copyfile(HOST_TEMPLATES[host], version_dir / "model.py")
-    if COMPONENT_HOST_SOURCE.is_file():
-        shutil.copyfile(COMPONENT_HOST_SOURCE, version_dir / COMPONENT_HOST_SOURCE.name)
-    if host == "torch":
-        shutil.copyfile(WRAPPERS_SOURCE, version_dir / WRAPPERS_SOURCE.name)
+    copy_code(_host_files(host), version_dir)
 
 
 def _host_parameters(name: str, opts: ExportOptions) -> dict[str, Any]:
@@ -155,10 +183,8 @@ def component_config(
         parameters=_host_parameters(name, opts),
     )
     config.name = opts.model_name(name)
-    if hosting.on_gpu:
-        T.set_instance_group(config, gpu=True, count=hosting.component_instances)
-    elif hosting.component_instances != 1:
-        T.set_instance_group(config, gpu=None, count=hosting.component_instances)
+    # Always an explicit kind: a CPU export runs on the CPU even on a GPU node.
+    T.set_instance_group(config, gpu=hosting.on_gpu, count=hosting.component_instances)
     T.set_version_policy(config, opts.naming.keep_versions)
     if hosting.tensorrt and name in TRT_COMPONENTS:
         trt = tensorrt_parameters(

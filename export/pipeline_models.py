@@ -24,9 +24,9 @@ from typing import Any
 from sd_pipeline import spec as S
 from sd_pipeline.config import Limits, PipelineConfig
 
+from . import component_models as CM
 from . import triton_config as T
 from .checkpoint import Checkpoint, ExportError
-from .component_models import COMPONENT_HOST_SOURCE
 from .options import ExportOptions
 
 __all__ = [
@@ -117,8 +117,8 @@ def _copy_pipeline_code(version_dir: Path) -> None:
     package = Path(S.__file__).resolve().parent
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(package, version_dir / "sd_pipeline", ignore=ignore)
-    shutil.copyfile(PIPELINE_MODEL_TEMPLATE, version_dir / "model.py")
-    shutil.copyfile(COMPONENT_HOST_SOURCE, version_dir / COMPONENT_HOST_SOURCE.name)
+    host = CM.COMPONENT_HOST_SOURCE
+    CM.copy_code({"model.py": PIPELINE_MODEL_TEMPLATE, host.name: host}, version_dir)
 
 
 def write_pipeline_models(
@@ -147,8 +147,7 @@ def write_pipeline_models(
             queue_timeout_s=float(parameters.get("queue_timeout_s") or 0),
         )
         config.name = model_name
-        if opts.hosting.on_gpu:
-            T.set_instance_group(config, gpu=True, count=instances)
+        T.set_instance_group(config, gpu=opts.hosting.on_gpu, count=instances)
         # The served pipeline version picks the component versions (pipeline.json).
         T.set_version_policy(config, 1)
         T.write_config(config, staging / model_name)

@@ -146,14 +146,18 @@ def pipeline_config(
     return config
 
 
-def set_instance_group(config: pb.ModelConfig, *, gpu: bool | None, count: int) -> None:
-    """One instance group of ``count`` instances: ``KIND_GPU`` (per GPU), ``KIND_CPU``,
-    or, with ``gpu=None``, ``KIND_AUTO`` (GPU where the server has one)."""
+def set_instance_group(config: pb.ModelConfig, *, gpu: bool, count: int) -> None:
+    """One instance group of ``count`` instances, ``KIND_GPU`` (per GPU) or ``KIND_CPU``.
+
+    Never left to Triton (no kind, or ``KIND_AUTO``): that means a GPU
+    instance wherever the server sees a GPU, so a repository exported for the
+    CPU would ask its hosts for CUDA on a GPU node, which they refuse.
+    """
     if count < 1:
         raise ValueError(f"{config.name}: instance count must be >= 1, got {count}")
-    kinds = {True: "KIND_GPU", False: "KIND_CPU", None: "KIND_AUTO"}
+    kind = pb.ModelInstanceGroup.KIND_GPU if gpu else pb.ModelInstanceGroup.KIND_CPU
     del config.instance_group[:]
-    config.instance_group.add(kind=pb.ModelInstanceGroup.Kind.Value(kinds[gpu]), count=count)
+    config.instance_group.add(kind=kind, count=count)
 
 
 def set_version_policy(config: pb.ModelConfig, latest: int) -> None:

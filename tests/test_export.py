@@ -158,7 +158,14 @@ def test_component_config_agrees_with_onnx(name, tiny_repository):
     assert config.backend == "python"
     assert config.max_batch_size > 0
     assert (tiny_repository / name / "1" / "model.py").is_file()
+    assert (tiny_repository / name / "1" / "component_host.py").is_file()
     assert_config_matches_onnx(config, tiny_repository / name / "1" / "model.onnx")
+    assert_runs_on_cpu(config)
+
+
+def assert_runs_on_cpu(config) -> None:
+    """A CPU export names KIND_CPU: left to Triton, a GPU node would make KIND_GPU instances."""
+    assert [g.kind for g in config.instance_group] == [T.pb.ModelInstanceGroup.KIND_CPU]
 
 
 def test_unet_config_batches_dynamically(tiny_repository):
@@ -205,8 +212,10 @@ def test_pipeline_model(model, tiny_repository):
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params["max_steps"] == "150" and params["max_images"] == "8"
     assert int(params["max_pixels"]) == 4 * 64 * 64
+    assert_runs_on_cpu(config)
     version = tiny_repository / model / "1"
     assert (version / "sd_pipeline" / "spec.py").is_file()
+    assert (version / "component_host.py").is_file()
     assert (version / "assets" / "pipeline.json").is_file()
 
 

@@ -107,6 +107,28 @@ def test_bad_request_limit_is_a_clean_error(tiny_checkpoint, tmp_path, capsys):
     assert not out.exists() or not list(out.iterdir())
 
 
+@pytest.mark.parametrize("host", ["python", "torch", "onnxruntime"])
+def test_missing_component_host_is_an_error_naming_it(tiny_checkpoint, tmp_path, monkeypatch, host):
+    """component_host.py is package data: every host's model.py and the pipeline's import
+    it, so an install without it must not write a repository that fails at load."""
+    from sd_triton.export import component_models as CM
+    from sd_triton.export import pipeline_models as PM
+
+    monkeypatch.setattr(CM, "COMPONENT_HOST_SOURCE", tmp_path / "gone" / "component_host.py")
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=r"component_host\.py not found at .*gone"):
+        export_repository(tiny_checkpoint, out, ExportOptions(hosting=Hosting(host=host)))
+    assert not out.exists()  # refused before any work
+    # Where it is copied, too (each copy is checked, not only the first).
+    version = tmp_path / "1"
+    version.mkdir()
+    with pytest.raises(ExportError, match=r"component_host\.py not found"):
+        PM._copy_pipeline_code(version)
+    if host != "onnxruntime":  # Triton's own backend runs no code of ours
+        with pytest.raises(ExportError, match=r"component_host\.py not found"):
+            CM._copy_host_code(host, version)
+
+
 # ------------------------------------------------- fp16 + onnxruntime host
 
 

@@ -65,6 +65,8 @@ def test_component_loaded_with_its_config(grpc_client, tiny_repository, name):
     written = T.read_config(tiny_repository / name)
     assert [i.name for i in served.input] == [i.name for i in written.input]
     assert served.max_batch_size == written.max_batch_size
+    # The CPU export's kind is the server's: a CPU instance (not one Triton chose).
+    assert [g.kind for g in served.instance_group] == [T.pb.ModelInstanceGroup.KIND_CPU]
 
 
 def test_concurrent_unet_requests_batch_and_match(
