@@ -45,15 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default=None,
-        help="fp32; fp16 (float16 weights and tensors; the UNet timestep stays fp32); "
-        "fp16-vae-fp32 (fp16, but the VAE decoder stays fp32: SD 1.x's overflows in fp16). "
-        "Default: fp16-vae-fp32 with --tensorrt, else fp32",
+        help="fp32; fp16 (float16 weights and tensors, the VAE decoder too; the UNet "
+        "timestep stays fp32); fp16-vae-fp32 (fp16, but the VAE decoder stays fp32); "
+        "fp16-vae-auto (fp16; the VAE decoder stays fp32 when the VAE's config says "
+        "force_upcast: true, as the SD 1.x and SDXL VAEs do since they overflow in fp16, "
+        "and goes fp16 when it says false). Default: fp16-vae-auto with --tensorrt, else fp32",
     )
-    p.add_argument("--fp16", action="store_true", help="same as --precision fp16-vae-fp32")
+    p.add_argument("--fp16", action="store_true", help="same as --precision fp16-vae-auto")
     p.add_argument(
         "--fp16-vae-decoder",
         action="store_true",
-        help="with --fp16: --precision fp16 (the VAE decoder float16 too)",
+        help="with --fp16: --precision fp16 (the VAE decoder float16 whatever its config says)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing repository")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
@@ -93,12 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out the streaming model (stable_diffusion_stream)",
     )
     gpu = p.add_argument_group("GPU deployment")
-    gpu.add_argument("--gpu", action="store_true", help="KIND_GPU instance groups for every model")
+    gpu.add_argument(
+        "--gpu",
+        action="store_true",
+        help="KIND_GPU instance groups for every model (default: KIND_CPU)",
+    )
     gpu.add_argument(
         "--tensorrt",
         action="store_true",
         help="with --host onnxruntime: TensorRT execution provider (implies --gpu; precision "
-        "fp16-vae-fp32 unless --precision says otherwise; engines FP16 where the weights are)",
+        "fp16-vae-auto unless --precision says otherwise; engines FP16 where the weights are)",
     )
     gpu.add_argument(
         "--trt-cache",
@@ -149,7 +155,7 @@ def _precision(args: argparse.Namespace) -> Precision:
     """``--precision``, or what ``--fp16`` / ``--fp16-vae-decoder`` / ``--tensorrt`` imply."""
     implied: Precision = "fp32"
     if args.fp16 or args.tensorrt:
-        implied = "fp16" if args.fp16_vae_decoder else "fp16-vae-fp32"
+        implied = "fp16" if args.fp16_vae_decoder else "fp16-vae-auto"
     if args.precision is None:
         return implied
     if (args.fp16 or args.fp16_vae_decoder) and args.precision != implied:

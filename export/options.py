@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import string
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Literal, get_args
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, get_args
 
 from sd_pipeline import spec as S
 
@@ -37,9 +37,14 @@ __all__ = [
 ]
 
 # fp32: float32 everywhere. fp16: float16 weights and tensors (the UNet
-# timestep and the safety checker's pass-through images stay float32).
-# fp16-vae-fp32: fp16, but the VAE decoder stays float32 (SD 1.x's overflows).
-Precision = Literal["fp32", "fp16", "fp16-vae-fp32"]
+# timestep and the safety checker's pass-through images stay float32), the
+# VAE decoder too. fp16-vae-fp32: fp16, but the VAE decoder stays float32.
+# fp16-vae-auto (``--fp16``): the VAE decides, as diffusers does: its decoder
+# stays float32 when the VAE's config says ``force_upcast`` (true, the
+# default, for the SD 1.x and SDXL VAEs, which overflow in fp16) and goes
+# float16 when it says false (fp16-safe VAEs); the export resolves it to one
+# of the other two (:meth:`ExportOptions.for_vae`).
+Precision = Literal["fp32", "fp16", "fp16-vae-fp32", "fp16-vae-auto"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 # python: a Python-backend model runs each ONNX file with onnxruntime (any
@@ -79,7 +84,8 @@ class Hosting:
     """How Triton runs it.
 
     ``gpu``: ``KIND_GPU`` instance groups (``component_instances`` per GPU
-    for each component, ``pipeline_instances`` for the pipeline).
+    for each component, ``pipeline_instances`` for the pipeline); without it
+    ``KIND_CPU``, also on a GPU node.
     ``tensorrt`` (host onnxruntime, implies ``gpu``): the TensorRT execution
     provider, engines cached in ``trt_cache``, shape profiles up to the
     request limits (:mod:`.tensorrt`). ``unet_max_batch_size``: the UNet's
@@ -171,8 +177,19 @@ class ExportOptions:
         """Every model name this export may own (all components, both pipeline models)."""
         return [self.model_name(n) for n in (*COMPONENTS, *PIPELINE_MODELS)]
 
+    def for_vae(self, vae_config: Mapping[str, Any]) -> ExportOptions:
+        """These options with ``fp16-vae-auto`` resolved by the VAE's config: the decoder
+        stays float32 when it says ``force_upcast`` (AutoencoderKL's default: true)."""
+        if self.contents.precision != "fp16-vae-auto":
+            return self
+        upcast = bool(vae_config.get("force_upcast", True))
+        precision: Precision = "fp16-vae-fp32" if upcast else "fp16"
+        return replace(self, contents=replace(self.contents, precision=precision))
+
     def keeps_fp32(self, name: str) -> bool:
         """Whether component ``name`` stays float32 whatever the precision."""
+        if self.contents.precision == "fp16-vae-auto":
+            raise ValueError("precision fp16-vae-auto: resolve it with for_vae() first")
         return name == "vae_decoder" and self.contents.precision != "fp16"
 
     def component_dtype(self, name: str) -> str:

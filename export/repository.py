@@ -134,6 +134,19 @@ def _log_checkpoint(ckpt: Checkpoint) -> None:
         log.info("leaving out the safety checker of %s (--no-safety-checker)", ckpt.path)
 
 
+def _resolve_precision(opts: ExportOptions, ckpt: Checkpoint) -> ExportOptions:
+    """``fp16-vae-auto`` (``--fp16``) made concrete by the VAE's ``force_upcast``."""
+    resolved = opts.for_vae(ckpt.configs["vae"])
+    if resolved is not opts:
+        upcast = resolved.keeps_fp32("vae_decoder")
+        log.info(
+            "VAE config: force_upcast %s, so the VAE decoder is %s",
+            str(upcast).lower(),
+            resolved.component_dtype("vae_decoder"),
+        )
+    return resolved
+
+
 def _warn_stale_stream_model(out: Path, opts: ExportOptions) -> None:
     if opts.naming.new_version and not opts.contents.stream_model:
         for n in PIPELINE_MODELS:
@@ -169,6 +182,7 @@ def export_repository(
     version = P.next_version(out, opts)
     _log_checkpoint(ckpt)
     modules = load_modules(ckpt)
+    opts = _resolve_precision(opts, ckpt)
     plan = _plan(ckpt, opts, out)
     _warn_stale_stream_model(out, opts)
 

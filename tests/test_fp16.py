@@ -143,6 +143,52 @@ def test_fp16_image_is_close_to_fp32(pb, module_monkeypatch, exports, fp32_image
     assert score >= PSNR_FLOOR_DB, f"{host} {precision}: PSNR {score:.1f} dB"
 
 
+def _decoder_dtype(repository) -> str:
+    """The VAE decoder's dtype as written: pipeline.json, config and ONNX file agree."""
+    assets = repository / "stable_diffusion" / "1" / "assets" / "pipeline.json"
+    dtype = json.loads(assets.read_text())["component_dtypes"]["vae_decoder"]
+    [latents] = T.read_config(repository / "vae_decoder").input
+    assert T.pb.DataType.Name(latents.data_type) == f"TYPE_FP{dtype[-2:]}"
+    session = ort.InferenceSession(str(repository / "vae_decoder" / "1" / CM.ONNX_NAME))
+    onnx_type = {"float32": "tensor(float)", "float16": "tensor(float16)"}[dtype]
+    assert session.get_inputs()[0].type == onnx_type
+    return dtype
+
+
+@pytest.mark.parametrize("force_upcast", [True, False, None])
+def test_fp16_decoder_follows_the_vaes_force_upcast(
+    tiny_checkpoint, tiny_repository, exports, tmp_path, monkeypatch, force_upcast
+):
+    """--fp16 (fp16-vae-auto) reads the VAE's config as diffusers does: force_upcast true
+    (or absent: AutoencoderKL's default) keeps the decoder fp32, false lets it go fp16."""
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    vae_json = checkpoint / "vae" / "config.json"
+    vae = json.loads(vae_json.read_text())
+    assert vae["force_upcast"] is True  # the tiny VAE says what SD 1.x and SDXL VAEs say
+    if force_upcast is None:
+        del vae["force_upcast"]
+    else:
+        vae["force_upcast"] = force_upcast
+    vae_json.write_text(json.dumps(vae))
+    sources = {"float16": exports["python", "fp16"], "float32": tiny_repository}
+    monkeypatch.setattr(CM, "_export_onnx", _copy_onnx(sources))
+    options = ExportOptions(
+        contents=Contents(precision="fp16-vae-auto", safety_checker=False, stream_model=False),
+        hosting=Hosting(pipeline_instances=1),
+    )
+    repository = export_repository(checkpoint, tmp_path / "repo", options)
+    assert _decoder_dtype(repository) == ("float16" if force_upcast is False else "float32")
+    assert T.read_config(repository / "unet").input[0].data_type == T.pb.TYPE_FP16
+    # An explicit choice wins over the VAE's config.
+    explicit = ExportOptions(contents=Contents(precision="fp16"))
+    assert explicit.for_vae(vae).component_dtype("vae_decoder") == "float16"
+    explicit = ExportOptions(contents=Contents(precision="fp16-vae-fp32"))
+    assert explicit.for_vae(vae).component_dtype("vae_decoder") == "float32"
+    with pytest.raises(ValueError, match="resolve it"):
+        options.component_dtype("vae_decoder")  # never guessed before the VAE is read
+
+
 @pytest.mark.parametrize("host", ["python", "torch"])
 def test_vae_decoder_stays_fp32_unless_asked(exports, host):
     """--fp16 (fp16-vae-fp32) keeps the decoder fp32; --fp16-vae-decoder (fp16) does not."""

@@ -246,6 +246,18 @@ def test_gpu_pipeline_models(gpu_repository):
     assert constants["component_versions"] == {n: 1 for n in C.COMPONENTS}
 
 
+@pytest.mark.parametrize("host", ["python", "torch", "onnxruntime"])
+@pytest.mark.parametrize("instances", [1, 3])
+def test_cpu_export_asks_for_cpu_instances(tiny_configs, host, instances):
+    """No --gpu: KIND_CPU, never left to Triton (which picks KIND_GPU on a GPU node)."""
+    opts = ExportOptions(hosting=Hosting(host=host, component_instances=instances))
+    for name in C.COMPONENTS:
+        config, _ = _component_config(name, opts, tiny_configs)
+        [group] = config.instance_group
+        assert group.kind == T.pb.ModelInstanceGroup.KIND_CPU, name
+        assert group.count == instances, name
+
+
 def _precision_modes(opts, tiny_configs) -> dict[str, str]:
     modes = {}
     for name in TRT_COMPONENTS:
@@ -282,9 +294,9 @@ def test_fp16_tensorrt_precision_follows_the_weights(tiny_configs):
 @pytest.mark.parametrize(
     "argv,precision",
     [
-        (["--tensorrt"], "fp16-vae-fp32"),  # what the README promises: fp16 engines
+        (["--tensorrt"], "fp16-vae-auto"),  # what the README promises: fp16 engines
         (["--tensorrt", "--precision", "fp32"], "fp32"),
-        (["--fp16"], "fp16-vae-fp32"),
+        (["--fp16"], "fp16-vae-auto"),  # the VAE's force_upcast decides its decoder
         (["--fp16", "--fp16-vae-decoder"], "fp16"),
         ([], "fp32"),
     ],
