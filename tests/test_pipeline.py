@@ -48,15 +48,6 @@ SETTINGS = {
 
 
 @pytest.fixture(scope="module")
-def reference_pipe(tiny_checkpoint):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_checkpoint)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
 def assets(tiny_repository) -> Assets:
     return Assets.load(tiny_repository / "stable_diffusion" / "1" / "assets")
 

@@ -27,13 +27,10 @@ from test_pipeline import (
     init_image,
     max_diff,
     reference,
-    reference_pipe,
 )
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 pytestmark = pytest.mark.server
-
-__all__ = ["reference_pipe"]  # a fixture, re-used from test_pipeline
 
 MODEL = "stable_diffusion"
 STREAM_MODEL = "stable_diffusion_stream"

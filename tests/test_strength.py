@@ -19,13 +19,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from test_inpainting import inpaint_reference, source_image, source_mask
-from test_pipeline import img2img_reference, max_diff, reference_pipe
+from test_pipeline import img2img_reference, max_diff
 from test_served_pipeline import bad_request_error
 from test_served_pipeline import generate as served_generate
 
 pytestmark = pytest.mark.server
-
-__all__ = ["reference_pipe"]  # a fixture, re-used from test_pipeline
 
 SETTINGS = {
     "prompt": "a watercolor of a fox",
