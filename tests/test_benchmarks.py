@@ -321,6 +321,7 @@ def test_paired_per_step_time_cancels_the_fixed_cost():
     row = overhead.paired(2, 3, (2, 12), lambda w, steps, i: 0.040 + 0.002 * steps)
     assert row["ms_per_step"] == pytest.approx(2.0)
     assert row["pairs"] == 6
+    assert row["ms_per_step_floor"] == pytest.approx(2.0)
     assert row["p50_s"] == {"2": pytest.approx(0.044), "12": pytest.approx(0.064)}
 
 
@@ -336,7 +337,9 @@ def test_variant_repository_serves_a_null_unet_per_delay(tmp_path, tiny_reposito
         assert unet.dynamic_batching.max_queue_delay_microseconds == v.delay_us
         assert unet.max_batch_size == read_config(tiny_repository / "unet").max_batch_size
         files = sorted(p.name for p in (repo / v.unet / "1").iterdir())
-        source = sorted(p.name for p in (tiny_repository / "unet" / "1").iterdir())
+        source = sorted(
+            p.name for p in (tiny_repository / "unet" / "1").iterdir() if p.name != "__pycache__"
+        )
         assert files == (["model.py"] if v.null_unet else source)
         assert "model.onnx" in source
         pipeline = read_config(repo / v.pipeline)
@@ -370,4 +373,6 @@ def test_harness_overhead_mode(tmp_path, tiny_repository):
     stubs = [p for p in result["served"]["memory"] if p["label"] == "stub:d0_null_stable_diffusion"]
     assert len(stubs) == 2 and all(0 < p["uss"] <= p["rss"] for p in stubs)
     text = (tmp_path / "ov.md").read_text()
-    assert "## Per-step overhead (null UNet)" in text and "stub:d0_null_stable_diffusion | 2 |" in text
+    assert (
+        "## Per-step overhead (null UNet)" in text and "stub:d0_null_stable_diffusion | 2 |" in text
+    )
