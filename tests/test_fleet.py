@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -201,11 +202,20 @@ def test_both_instances_serve_and_the_autoscaling_rule_sees_the_queue(fleet):
     assert sum(served.values()) == in_flight and all(n > 0 for n in served.values()), served
 
 
-def _stub_of(instance: Instance, name: str) -> int:
+def _instance_of(model: str) -> str:
+    """Triton's instance names of ``model``: ``unet_0``, ``unet_0_0`` (group, then instance)."""
+    return rf"{model}(_\d+)+"
+
+
+def _stub_of(instance: Instance, model: str) -> int:
     from sd_triton.server.watchdog import stub_instance, stub_processes
 
     server = instance.tritonserver_pid()
-    stubs = [p for p in stub_processes(server) if stub_instance(p) == name]
+    stubs = [
+        p
+        for p in stub_processes(server)
+        if re.fullmatch(_instance_of(model), stub_instance(p) or "")
+    ]
     assert len(stubs) == 1, stubs
     return stubs[0]
 
@@ -226,7 +236,7 @@ def test_a_dead_component_stub_is_unavailable_not_ready_and_heals(fleet):
     try:
         wait_until(lambda: direct.count() >= 1 and balanced.count() >= 2, "load running", 60)
         killed_at = time.monotonic()
-        os.kill(_stub_of(fleet.a, "unet_0"), signal.SIGKILL)
+        os.kill(_stub_of(fleet.a, "unet"), signal.SIGKILL)
         wait_until(lambda: not fleet.a.is_ready(), "a stops being ready", READY_DROP_S)
         not_ready_s = time.monotonic() - killed_at
         wait_until(
@@ -245,7 +255,7 @@ def test_a_dead_component_stub_is_unavailable_not_ready_and_heals(fleet):
     )
     assert any("unet" in f for f in direct.failures()), direct.failures()
     assert not balanced.failures(), balanced.failures()
-    assert "watchdog: stub process of unet_0" in fleet.a.log()
+    assert re.search(rf"watchdog: stub process of {_instance_of('unet')} \(pid", fleet.a.log())
     both = {fleet.a.grpc_port, fleet.b.grpc_port}
     wait_until(lambda: _healthy(fleet.envoy) == both, "a back in the balancer", 10)
 
