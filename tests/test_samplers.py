@@ -30,8 +30,17 @@ from sd_triton.client import GenerationSettings, format_infotext, parse_infotext
 pytestmark = pytest.mark.server
 
 MODEL = "stable_diffusion"
-FIRST_NINE = {"ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras"}
-FIRST_NINE |= {"unipc"}
+FIRST_NINE = {
+    "ddim",
+    "pndm",
+    "lms",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "unipc",
+}
 
 
 def reference_table() -> dict[str, tuple[str, dict]]:
@@ -62,6 +71,7 @@ def reference_table() -> dict[str, tuple[str, dict]]:
 
 
 REFERENCE = reference_table()
+# With seed 7 the tiny safety checker flags none of these samplers' images.
 SETTINGS = {
     "prompt": "a photo of an astronaut riding a horse",
     "negative_prompt": "blurry, low quality",
@@ -112,11 +122,14 @@ def infer_inputs(**options) -> list[grpcclient.InferInput]:
 
 
 def served(url: str, **options) -> np.ndarray:
+    """The served images; asserts none was flagged (a blacked-out pair would match trivially)."""
     client = grpcclient.InferenceServerClient(url)
     try:
-        return client.infer(MODEL, infer_inputs(**options)).as_numpy("images")
+        result = client.infer(MODEL, infer_inputs(**options))
     finally:
         client.close()
+    assert not result.as_numpy("nsfw_content_detected").any(), "flagged: pick another seed"
+    return result.as_numpy("images")
 
 
 def max_diff(a: np.ndarray, b: np.ndarray) -> int:
@@ -126,15 +139,15 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 @pytest.mark.parametrize("scheduler", list(REFERENCE))
 def test_served_equals_diffusers(triton_url, reference_pipe, scheduler):
-    images = served(triton_url, **SETTINGS, scheduler=scheduler, seed=11)
-    expected = reference(reference_pipe, scheduler, 11, **SETTINGS)
+    images = served(triton_url, **SETTINGS, scheduler=scheduler, seed=7)
+    expected = reference(reference_pipe, scheduler, 7, **SETTINGS)
     assert images.shape == (1, 32, 48, 3)
     assert max_diff(images, expected) <= 1
 
 
 def test_dpmpp_sde_reads_a_negative_seed_as_torch_does(triton_url, reference_pipe):
-    images = served(triton_url, **SETTINGS, scheduler="dpmpp_sde", seed=-3)
-    expected = reference(reference_pipe, "dpmpp_sde", -3, noise_seed=2**64 - 3, **SETTINGS)
+    images = served(triton_url, **SETTINGS, scheduler="dpmpp_sde", seed=-1)
+    expected = reference(reference_pipe, "dpmpp_sde", -1, noise_seed=2**64 - 1, **SETTINGS)
     assert max_diff(images, expected) <= 1
 
 
@@ -148,9 +161,9 @@ def test_dpmpp_sde_noise_sampler_is_seeded_from_the_request():
 @pytest.mark.parametrize("scheduler", STOCHASTIC)
 def test_deterministic_for_a_seed(triton_url, scheduler):
     options = {**SETTINGS, "num_inference_steps": 2, "scheduler": scheduler}
-    first = served(triton_url, **options, seed=21)
-    again = served(triton_url, **options, seed=21)
-    other = served(triton_url, **options, seed=22)
+    first = served(triton_url, **options, seed=7)
+    again = served(triton_url, **options, seed=7)
+    other = served(triton_url, **options, seed=8)
     assert first.tobytes() == again.tobytes()
     assert max_diff(first, other) > 1
 
@@ -165,10 +178,13 @@ def unet_counts(url: str) -> tuple[int, int]:
     return stats.inference_stats.success.count, stats.execution_count
 
 
+# Seeds whose images the tiny safety checker does not flag. DPM++ SDE is left
+# out: its Brownian-tree steps are slow enough that its UNet calls seldom
+# coincide with others' (and its noise depends only on seed and latent shape).
 CONCURRENT = [
-    {"prompt": "a lighthouse at dusk", "seed": 1, "scheduler": "dpmpp_sde_karras"},
-    {"prompt": "a bowl of ramen", "seed": 2, "scheduler": "dpmpp_2m_sde_karras"},
+    {"prompt": "a bowl of ramen", "seed": 5, "scheduler": "dpmpp_2m_sde_karras"},
     {"prompt": "an origami crane", "seed": 3, "scheduler": "dpm2_a"},
+    {"prompt": "a cat", "seed": 9, "scheduler": "ddpm"},
 ]
 
 
