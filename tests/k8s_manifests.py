@@ -31,6 +31,7 @@ import kubernetes_validate
 import yaml
 from referencing import Registry, Resource
 
+from sd_triton.export.pipeline_models import ADMISSION_DEFAULTS
 from sd_triton.server.watchdog import PROBE_COMMAND
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -260,6 +261,14 @@ def _drain_errors(deploy: dict) -> list[str]:
         int(a.split("=")[1]) for a in c["args"] if a.startswith("--exit-timeout-secs=")
     )
     pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+    # Triton refuses the pipeline's component calls once it has SIGTERM, so the
+    # drain is the preStop sleep: it must outlast a request's longest stay.
+    queue_timeout = ADMISSION_DEFAULTS["queue_timeout_s"]
+    if pre_stop <= queue_timeout:
+        errors.append(
+            f"preStop {pre_stop}s does not outlast the pipeline's queue_timeout_s "
+            f"({queue_timeout}s): requests still running at SIGTERM would fail"
+        )
     if pod["terminationGracePeriodSeconds"] <= pre_stop + exit_timeout:
         errors.append(
             f"terminationGracePeriodSeconds={pod['terminationGracePeriodSeconds']} leaves no time after "

@@ -380,6 +380,9 @@ BROKEN = {
     "in-flight requests would be killed": lambda k: _deploy_spec(k["Deployment"][0]).update(
         terminationGracePeriodSeconds=60
     ),
+    "does not outlast the pipeline's queue_timeout_s": lambda k: _deploy_spec(k["Deployment"][0])[
+        "containers"
+    ][0]["lifecycle"]["preStop"]["exec"].update(command=["sleep", "10"]),
     "Deployment sets replicas": lambda k: k["Deployment"][0]["spec"].update(replicas=3),
     "PodMonitor scrapes port 'prometheus'": lambda k: k["PodMonitor"][0]["spec"][
         "podMetricsEndpoints"
