@@ -11,6 +11,7 @@ import pytest
 from sd_pipeline import spec as S
 from sd_pipeline.config import Limits, PipelineConfig
 from sd_pipeline.errors import Cancelled, ComponentError, InvalidRequest
+from sd_pipeline.loop import polled_at_most_every
 from sd_pipeline.request import make_request, parse_request
 from sd_pipeline.telemetry import Unavailable, log_line, outcome_of, record
 from sd_triton.client import Client, UnavailableError
@@ -137,3 +138,22 @@ def test_backoff_is_exponential_capped_and_jittered():
         assert len(set(delays)) > 1
     with pytest.raises(ValueError):
         Client("127.0.0.1:1", backoff_s=-1)
+
+
+def test_cancellation_is_polled_at_most_every_interval(monkeypatch):
+    """Each poll is a round trip to Triton: asked once per interval, not once per step."""
+    import sd_pipeline.loop as L
+
+    clock = iter([0.0, 0.01, 0.049, 0.05, 0.06, 0.2])
+    monkeypatch.setattr(L.time, "monotonic", lambda: next(clock))
+    asked = []
+
+    def poll():
+        asked.append(True)
+        return len(asked) == 3
+
+    should_stop = polled_at_most_every(poll, 0.05)
+    answers = [should_stop() for _ in range(6)]
+    # asked at 0.0, 0.05 and 0.2; the third ask says "cancelled" and is passed on
+    assert len(asked) == 3
+    assert answers == [False, False, False, False, False, True]

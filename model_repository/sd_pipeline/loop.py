@@ -27,6 +27,7 @@ sessions or diffusers modules in-process.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -61,6 +62,26 @@ class GenerationResult:
     images: np.ndarray
     nsfw_content_detected: np.ndarray
     seeds: np.ndarray
+
+
+def polled_at_most_every(poll: Callable[[], bool], interval_s: float) -> Callable[[], bool]:
+    """``poll`` asked at most once every ``interval_s``; in between, "not yet".
+
+    Inside Triton, asking whether a request was cancelled is a round trip to the
+    server process: at every step it would cost as much as the scheduler step.
+    Throttled, a cancellation is seen within one step plus ``interval_s``.
+    """
+    last = -float("inf")
+
+    def should_stop() -> bool:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < interval_s:
+            return False
+        last = now
+        return poll()
+
+    return should_stop
 
 
 def generate(

@@ -62,7 +62,7 @@ from component_host import instance_device  # noqa: E402  (beside this file, as 
 from sd_pipeline import spec as S  # noqa: E402
 from sd_pipeline.config import Assets, Limits  # noqa: E402
 from sd_pipeline.errors import Cancelled, ComponentError, InvalidRequest  # noqa: E402
-from sd_pipeline.loop import GenerationResult, generate  # noqa: E402
+from sd_pipeline.loop import GenerationResult, generate, polled_at_most_every  # noqa: E402
 from sd_pipeline.preview import latents_to_preview  # noqa: E402
 from sd_pipeline.request import GenerationRequest, parse_request  # noqa: E402
 from sd_pipeline.schedulers import check_name  # noqa: E402
@@ -71,6 +71,8 @@ from sd_pipeline.triton_components import TritonComponents  # noqa: E402
 
 ASSETS = _HERE / "assets"
 DEFAULT_MAX_CONCURRENCY = 8
+# How often a running request asks Triton whether its client cancelled it.
+CANCEL_POLL_INTERVAL_S = 0.05
 
 
 def config_parameters(model_config: dict) -> dict[str, str]:
@@ -219,7 +221,10 @@ class TritonPythonModel:
             inputs = self._inputs(request)
             parsed = self._parse(inputs)
             result = generate(
-                parsed, self.components, self.assets, should_stop=request.is_cancelled
+                parsed,
+                self.components,
+                self.assets,
+                should_stop=polled_at_most_every(request.is_cancelled, CANCEL_POLL_INTERVAL_S),
             )
             response = pb_utils.InferenceResponse(output_tensors=result_tensors(result))
         except Exception as e:
@@ -297,7 +302,7 @@ class TritonPythonModel:
                 self.components,
                 self.assets,
                 callback=progress,
-                should_stop=sender.is_cancelled,
+                should_stop=polled_at_most_every(sender.is_cancelled, CANCEL_POLL_INTERVAL_S),
             )
             response = pb_utils.InferenceResponse(
                 output_tensors=[*result_tensors(result), elapsed()]
