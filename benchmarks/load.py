@@ -192,7 +192,9 @@ class InProcess:
         if request.scheduler:
             from sd_pipeline.schedulers import make_scheduler
 
-            self.pipe.scheduler = make_scheduler(request.scheduler, self.pipe.scheduler.config)
+            self.pipe.scheduler = make_scheduler(
+                request.scheduler, self.pipe.scheduler.config, request.seed
+            )
 
     def generate(self, i: int, seed: int) -> np.ndarray:
         """One image (uint8 HWC) for request ``i``, rounded as diffusers rounds its PIL images."""
