@@ -265,14 +265,17 @@ def _check_prompt(
                 raise _too_long(name, size, config, limits)
 
 
+def _check_count(name: str, value: int, limit: int | None) -> None:
+    """A count such as num_inference_steps: at least 1 and, when there is a limit, within it."""
+    if value < 1:
+        raise InvalidRequest(f"{name} must be at least 1, got {value}")
+    if limit is not None and value > limit:
+        raise InvalidRequest(f"{name} {value} is over this model's limit of {limit}")
+
+
 def _check_steps_and_guidance(request: GenerationRequest, limits: Limits | None) -> None:
-    steps = request.num_inference_steps
-    if steps < 1:
-        raise InvalidRequest(f"num_inference_steps must be at least 1, got {steps}")
-    if limits is not None and steps > limits.max_steps:
-        raise InvalidRequest(
-            f"num_inference_steps {steps} is over this model's limit of {limits.max_steps}"
-        )
+    max_steps = None if limits is None else limits.max_steps
+    _check_count("num_inference_steps", request.num_inference_steps, max_steps)
     g = request.guidance_scale
     if not math.isfinite(g) or g < 0:
         raise InvalidRequest(
@@ -306,13 +309,8 @@ def _check_size(request: GenerationRequest, config: PipelineConfig, limits: Limi
 
 
 def _check_images(request: GenerationRequest, limits: Limits | None) -> None:
-    n = request.num_images_per_prompt
-    if n < 1:
-        raise InvalidRequest(f"num_images_per_prompt must be at least 1, got {n}")
-    if limits is not None and n > limits.max_images:
-        raise InvalidRequest(
-            f"num_images_per_prompt {n} is over this model's limit of {limits.max_images}"
-        )
+    max_images = None if limits is None else limits.max_images
+    _check_count("num_images_per_prompt", request.num_images_per_prompt, max_images)
     if not _INT64.min <= request.seed <= _INT64.max:
         raise InvalidRequest(f"seed must fit in int64, got {request.seed}")
 
