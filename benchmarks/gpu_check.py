@@ -375,12 +375,9 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for lv in served["levels"]:
-        u = lv["unet"]
-        sizes = " ".join(f"{k}×{n}" for k, n in u["batch_sizes"].items())
         lines.append(
             f"| {lv['concurrency']} | {lv['images_per_s']} | {lv['p50_s']} "
-            f"| {u['samples_per_execution']} | {u['executions_per_image']} "
-            f"| {u['compute_infer_ms_per_execution']} | {sizes} |"
+            + stats.unet_cells(lv["unet"])
         )
     gpu = result["memory"]["gpu"]
     rss = sum(p["rss"] for p in result["memory"]["rss"]) / 2**30

@@ -518,12 +518,9 @@ def markdown(result: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in m["rows"]:
-            u = row["unet"]
-            sizes = " ".join(f"{k}×{v}" for k, v in u["batch_sizes"].items())
             lines.append(
                 f"| {row['delay_us']} | {row['concurrency']} | {row['images_per_s']} "
-                f"| {row['p50_s']} | {row['ms_per_step']} | {u['samples_per_execution']} "
-                f"| {u['executions_per_image']} | {u['compute_infer_ms_per_execution']} | {sizes} |"
+                f"| {row['p50_s']} | {row['ms_per_step']} " + stats.unet_cells(row["unet"])
             )
     return "\n".join(lines) + "\n"
 

@@ -92,6 +92,15 @@ class ModelStats:
         }
 
 
+def unet_cells(unet: dict) -> str:
+    """A Markdown row's UNet cells: samples/exec, exec/image, ms/exec and batch sizes."""
+    sizes = " ".join(f"{k}×{n}" for k, n in unet["batch_sizes"].items())
+    return (
+        f"| {unet['samples_per_execution']} | {unet['executions_per_image']} "
+        f"| {unet['compute_infer_ms_per_execution']} | {sizes} |"
+    )
+
+
 def snapshot(client) -> dict[str, ModelStats]:
     """All models' statistics now; ``client`` is a ``tritonclient.grpc.InferenceServerClient``."""
     raw = client.get_inference_statistics(as_json=True)
