@@ -79,6 +79,14 @@ def reference_pipe(tiny_checkpoint):
     return pipe
 
 
+@pytest.fixture(scope="session")
+def assets(tiny_repository):
+    """The pipeline's assets (config, tokenizer, scheduler config) in the tiny repository."""
+    from sd_pipeline import Assets
+
+    return Assets.load(tiny_repository / "stable_diffusion" / "1" / "assets")
+
+
 @pytest.fixture(scope="module")
 def module_monkeypatch():
     """A ``MonkeyPatch`` undone at the end of the test module (e.g. for tests/fake_pb_utils.py)."""

@@ -18,7 +18,7 @@ import pytest
 import torch
 from fake_pb_utils import import_model, initialize, install
 
-from sd_pipeline import Assets, OnnxComponents, generate, make_request
+from sd_pipeline import OnnxComponents, generate, make_request
 from sd_pipeline import spec as S
 
 
@@ -45,11 +45,6 @@ def onnx_answer(repository):
         return {t.name: o.numpy() for t, o in zip(spec.outputs, out, strict=True)}
 
     return answer
-
-
-@pytest.fixture
-def assets(tiny_repository):
-    return Assets.load(tiny_repository / "stable_diffusion" / "1" / "assets")
 
 
 def _requests(config):

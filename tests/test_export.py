@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import assert_config_matches_onnx
 
 from sd_pipeline import spec as S
 from sd_triton.export import components as C
@@ -110,45 +110,6 @@ def test_unet_timestep_is_per_sample(sessions, sizes):
 
 
 # ------------------------------------------------------------------ configs
-
-_ONNX_DTYPES = {
-    onnx.TensorProto.FLOAT: "TYPE_FP32",
-    onnx.TensorProto.FLOAT16: "TYPE_FP16",
-    onnx.TensorProto.INT32: "TYPE_INT32",
-    onnx.TensorProto.INT64: "TYPE_INT64",
-    onnx.TensorProto.BOOL: "TYPE_BOOL",
-}
-
-
-def _onnx_io(path):
-    graph = onnx.load(str(path), load_external_data=False).graph
-
-    def describe(values):
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
-            out.append((v.name, _ONNX_DTYPES[t.elem_type], dims))
-        return out
-
-    return describe(graph.input), describe(graph.output)
-
-
-def assert_config_matches_onnx(config, onnx_path):
-    """Names (in order), dtypes, ranks, batch dim and fixed dims of config vs ONNX."""
-    from tritonclient.grpc import model_config_pb2 as pb
-
-    inputs, outputs = _onnx_io(onnx_path)
-    for entries, io in ((config.input, inputs), (config.output, outputs)):
-        assert [e.name for e in entries] == [name for name, _, _ in io]
-        for e, (name, dtype, dims) in zip(entries, io, strict=True):
-            assert pb.DataType.Name(e.data_type) == dtype, name
-            shape = list(e.reshape.shape) if e.HasField("reshape") else list(e.dims)
-            assert len(dims) == len(shape) + 1, f"{name}: rank"
-            assert isinstance(dims[0], str), f"{name}: batch dim must be dynamic in ONNX"
-            for c, o in zip(shape, dims[1:], strict=True):
-                assert (c == -1) == isinstance(o, str), f"{name}: {shape} vs {dims}"
-                assert c == -1 or c == o, f"{name}: {shape} vs {dims}"
 
 
 @pytest.mark.parametrize("name", list(C.COMPONENTS))

@@ -157,7 +157,7 @@ def test_fp16_weights(fp16_repository):
 
 
 def test_fp16_configs_and_dtypes(fp16_repository):
-    from test_export import assert_config_matches_onnx
+    from helpers import assert_config_matches_onnx
 
     pb = T.pb
     for name in C.COMPONENTS:
@@ -278,7 +278,7 @@ def test_checkpoint_without_safety_checker_exports_as_is(
     no_checker_checkpoint, tiny_repository, tmp_path, monkeypatch, caplog, copy_onnx_export
 ):
     from diffusers import StableDiffusionPipeline
-    from test_pipeline import max_diff
+    from helpers import max_diff
 
     from sd_pipeline import Assets, OnnxComponents, generate, make_request
     from sd_triton.export.cli import main

@@ -136,7 +136,7 @@ def _profiles(config) -> dict[str, dict[str, list[int]]]:
 
 @pytest.mark.parametrize("name", list(C.COMPONENTS))
 def test_gpu_component_configs_agree_with_onnx(gpu_repository, name):
-    from test_export import assert_config_matches_onnx
+    from helpers import assert_config_matches_onnx
 
     config = T.read_config(gpu_repository / name)
     assert config.name == name and config.backend == "onnxruntime"

@@ -20,9 +20,14 @@ import sys
 
 import numpy as np
 import pytest
-from test_pipeline import max_diff, reference
-from test_served_pipeline import bad_request_error
-from test_served_pipeline import generate as served_generate
+from helpers import (
+    bad_request_error,
+    inpaint_reference,
+    max_diff,
+    served_generate,
+    source_image,
+    source_mask,
+)
 
 from sd_pipeline import Assets, OnnxComponents, generate, make_request
 
@@ -35,40 +40,8 @@ SETTINGS = {
 }
 
 
-def source_image(height: int = 32, width: int = 48) -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def source_mask(height: int = 32, width: int = 48) -> np.ndarray:
-    """255 = repaint: a rectangle, plus grey pixels either side of the 0.5 threshold."""
-    mask = np.zeros((height, width), np.uint8)
-    mask[8:24, 12:40] = 255
-    mask[0:2, 0:4] = 127  # kept
-    mask[0:2, 44:48] = 128  # repainted
-    return mask
-
-
 # Unmasked pixels, away from the mask's edge by a latent pixel or more.
 KEEP = (slice(26, 32), slice(0, 48))
-
-
-def inpaint_reference(pipe, scheduler, seed, image, mask, **settings):
-    import PIL.Image
-    from diffusers import StableDiffusionInpaintPipeline
-
-    inpaint = StableDiffusionInpaintPipeline(**pipe.components)
-    inpaint.set_progress_bar_config(disable=True)
-    height, width = image.shape[:2]
-    return reference(
-        inpaint,
-        scheduler,
-        seed,
-        image=PIL.Image.fromarray(image),
-        mask_image=PIL.Image.fromarray(mask),
-        height=height,
-        width=width,
-        **settings,
-    )
 
 
 def scheduler_input(scheduler: str | None) -> dict:
@@ -83,55 +56,51 @@ def check_parity(images, flags, expected, expected_flags) -> None:
     assert not np.all(expected_flags), "every image is flagged (black): the case proves little"
 
 
+def check_in_process_parity(pipe, assets, repository, scheduler, strength, seed) -> None:
+    """The loop over ``repository``'s ONNX files against diffusers' inpainting on ``pipe``."""
+    image, mask = source_image(), source_mask()
+    settings = {**SETTINGS, "strength": strength}
+    request = make_request(
+        assets.config, seed=seed, scheduler=scheduler, image=image, mask_image=mask, **settings
+    )
+    result = generate(request, OnnxComponents(repository), assets)
+    expected, flags = inpaint_reference(pipe, scheduler, seed, image, mask, **settings)
+    check_parity(result.images, result.nsfw_content_detected, expected, flags)
+
+
 # ---------------------------------------------------------------------------
 # The 4-channel UNet (the session's tiny model)
-
-
-@pytest.fixture(scope="module")
-def pipe4(tiny_checkpoint):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_checkpoint)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def assets4(tiny_repository) -> Assets:
-    return Assets.load(tiny_repository / "stable_diffusion" / "1" / "assets")
 
 
 CASES4 = [(None, 1.0), ("euler_a", 0.5), ("ddim", 1.0), ("heun", 0.5), ("dpmpp_2m", 0.75)]
 
 
 @pytest.mark.parametrize(("scheduler", "strength"), CASES4, ids=str)
-def test_inpaint_parity_4_channel_unet(pipe4, assets4, tiny_repository, scheduler, strength):
-    image, mask = source_image(), source_mask()
-    settings = {**SETTINGS, "strength": strength}
-    request = make_request(
-        assets4.config, seed=3, scheduler=scheduler, image=image, mask_image=mask, **settings
-    )
-    result = generate(request, OnnxComponents(tiny_repository), assets4)
-    expected, flags = inpaint_reference(pipe4, scheduler, 3, image, mask, **settings)
-    check_parity(result.images, result.nsfw_content_detected, expected, flags)
+def test_inpaint_parity_4_channel_unet(
+    reference_pipe, assets, tiny_repository, scheduler, strength
+):
+    check_in_process_parity(reference_pipe, assets, tiny_repository, scheduler, strength, seed=3)
 
 
-def test_inpaint_default_strength_is_diffusers_one(pipe4, assets4, tiny_repository):
+def test_inpaint_default_strength_is_diffusers_one(reference_pipe, assets, tiny_repository):
     image, mask = source_image(), source_mask()
-    request = make_request(assets4.config, seed=5, image=image, mask_image=mask, **SETTINGS)
+    request = make_request(assets.config, seed=5, image=image, mask_image=mask, **SETTINGS)
     assert request.strength is None and request.img2img_strength == 1.0
-    result = generate(request, OnnxComponents(tiny_repository), assets4)
-    expected, flags = inpaint_reference(pipe4, None, 5, image, mask, **SETTINGS)  # strength 1.0
+    result = generate(request, OnnxComponents(tiny_repository), assets)
+    # diffusers' default strength is 1.0
+    expected, flags = inpaint_reference(reference_pipe, None, 5, image, mask, **SETTINGS)
     check_parity(result.images, result.nsfw_content_detected, expected, flags)
 
 
-def test_served_inpaint_4_channel_unet(triton_url, pipe4):
+def test_served_inpaint_4_channel_unet(triton_url, reference_pipe):
     image, mask = source_image(), source_mask()
     settings = {**SETTINGS, "strength": 0.6}
     images, flags, seeds = served_generate(
         triton_url, **settings, image=image, mask_image=mask, scheduler="euler_a", seed=9
     )
-    expected, expected_flags = inpaint_reference(pipe4, "euler_a", 9, image, mask, **settings)
+    expected, expected_flags = inpaint_reference(
+        reference_pipe, "euler_a", 9, image, mask, **settings
+    )
     check_parity(images, flags, expected, expected_flags)
     np.testing.assert_array_equal(seeds, [9, 9])
 
@@ -196,14 +165,7 @@ CASES9 = [(None, 1.0), ("euler_a", 0.5), ("ddim", 0.5), ("heun", 1.0), ("dpmpp_2
 
 @pytest.mark.parametrize(("scheduler", "strength"), CASES9, ids=str)
 def test_inpaint_parity_9_channel_unet(pipe9, assets9, repository9, scheduler, strength):
-    image, mask = source_image(), source_mask()
-    settings = {**SETTINGS, "strength": strength}
-    request = make_request(
-        assets9.config, seed=7, scheduler=scheduler, image=image, mask_image=mask, **settings
-    )
-    result = generate(request, OnnxComponents(repository9), assets9)
-    expected, flags = inpaint_reference(pipe9, scheduler, 7, image, mask, **settings)
-    check_parity(result.images, result.nsfw_content_detected, expected, flags)
+    check_in_process_parity(pipe9, assets9, repository9, scheduler, strength, seed=7)
 
 
 @pytest.mark.parametrize(("scheduler", "strength"), [("euler_a", 0.5), (None, 1.0)], ids=str)

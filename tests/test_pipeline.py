@@ -11,6 +11,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    IMG2IMG,
+    REFERENCE_SCHEDULERS,
+    SETTINGS,
+    img2img_reference,
+    max_diff,
+    reference,
+    source_image,
+)
 
 from sd_pipeline import (
     Assets,
@@ -22,65 +31,15 @@ from sd_pipeline import (
 from sd_pipeline.errors import Cancelled, InvalidRequest
 from sd_pipeline.schedulers import SCHEDULERS
 
-# The reference side builds its schedulers itself, from diffusers' classes.
-REFERENCE_SCHEDULERS = {
-    None: None,  # the checkpoint's own (PNDM)
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-
-SETTINGS = {
-    "prompt": "a photo of an astronaut riding a horse",
-    "negative_prompt": "blurry, low quality",
-    "height": 32,
-    "width": 48,
-    "num_inference_steps": 3,
-    "guidance_scale": 7.5,
-    "num_images_per_prompt": 2,
-}
-
-
-@pytest.fixture(scope="module")
-def assets(tiny_repository) -> Assets:
-    return Assets.load(tiny_repository / "stable_diffusion" / "1" / "assets")
-
 
 @pytest.fixture(scope="module")
 def onnx(tiny_repository) -> OnnxComponents:
     return OnnxComponents(tiny_repository)
 
 
-def reference(pipe, scheduler: str | None, seed: int, **settings):
-    """diffusers' images (uint8, rounded as numpy_to_pil) and NSFW flags."""
-    import diffusers
-
-    original = pipe.scheduler
-    if REFERENCE_SCHEDULERS[scheduler] is not None:
-        cls_name, overrides = REFERENCE_SCHEDULERS[scheduler]
-        pipe.scheduler = getattr(diffusers, cls_name).from_config(original.config, **overrides)
-    try:
-        out = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", **settings)
-    finally:
-        pipe.scheduler = original
-    images = (out.images * 255).round().astype(np.uint8)
-    return images, np.asarray(out.nsfw_content_detected, dtype=bool)
-
-
 def test_every_scheduler_alias_has_a_reference():
     # The samplers added since (DPM++ SDE, DPM2, sigma schedules, ...): tests/test_samplers.py.
     assert set(REFERENCE_SCHEDULERS) - {None} <= set(SCHEDULERS)
-
-
-def max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
 @pytest.mark.parametrize("scheduler", list(REFERENCE_SCHEDULERS), ids=lambda s: s or "default")
@@ -212,27 +171,6 @@ def test_generate_validates_requests_built_by_hand(assets, onnx):
 # ---------------------------------------------------------------------------
 # img2img: StableDiffusionImg2ImgPipeline parity
 
-IMG2IMG = {
-    "prompt": "a watercolor of a fox",
-    "negative_prompt": "photo",
-    "num_inference_steps": 4,
-    "guidance_scale": 7.5,
-    "num_images_per_prompt": 2,
-}
-
-
-def init_image(height: int = 32, width: int = 48) -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def img2img_reference(pipe, scheduler, seed, image, **settings):
-    import PIL.Image
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
-    img2img.set_progress_bar_config(disable=True)
-    return reference(img2img, scheduler, seed, image=PIL.Image.fromarray(image), **settings)
-
 
 @pytest.mark.parametrize(
     ("scheduler", "strength"),
@@ -247,7 +185,7 @@ def img2img_reference(pipe, scheduler, seed, image, **settings):
     ids=str,
 )
 def test_img2img_golden_parity(reference_pipe, assets, onnx, scheduler, strength):
-    image = init_image()
+    image = source_image()
     settings = {**IMG2IMG, "strength": strength}
     request = make_request(assets.config, seed=3, scheduler=scheduler, image=image, **settings)
     assert (request.height, request.width) == (32, 48)
@@ -261,7 +199,11 @@ def test_img2img_runs_only_the_last_strength_of_the_steps(assets, onnx):
     counting = CountingUnet(onnx)
     steps = []
     request = make_request(
-        assets.config, seed=1, scheduler="ddim", image=init_image(), **{**IMG2IMG, "strength": 0.5}
+        assets.config,
+        seed=1,
+        scheduler="ddim",
+        image=source_image(),
+        **{**IMG2IMG, "strength": 0.5},
     )
     generate(request, counting, assets, callback=lambda i, n, _: steps.append((i, n)))
     assert steps == [(0, 2), (1, 2)] and counting.unet_batches == [4, 4]

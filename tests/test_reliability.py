@@ -18,8 +18,8 @@ import uuid
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from helpers import bad_request_error, infer_inputs
 from polling import metric, scrape, wait_until
-from test_served_pipeline import bad_request_error, infer_inputs
 from tritonclient.utils import InferenceServerException
 
 from sd_triton.client import (

@@ -18,10 +18,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_inpainting import inpaint_reference, source_image, source_mask
-from test_pipeline import img2img_reference, max_diff
-from test_served_pipeline import bad_request_error
-from test_served_pipeline import generate as served_generate
+from helpers import (
+    bad_request_error,
+    img2img_reference,
+    inpaint_reference,
+    max_diff,
+    served_generate,
+    source_image,
+    source_mask,
+)
 
 pytestmark = pytest.mark.server
 

@@ -1,0 +1,211 @@
+"""Helpers shared by test modules: diffusers references, served requests, config checks.
+
+Test modules import these from here, never from one another; shared fixtures
+live in conftest.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+MODEL = "stable_diffusion"
+
+# The reference side builds its schedulers itself, from diffusers' classes.
+REFERENCE_SCHEDULERS = {
+    None: None,  # the checkpoint's own (PNDM)
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+SETTINGS = {
+    "prompt": "a photo of an astronaut riding a horse",
+    "negative_prompt": "blurry, low quality",
+    "height": 32,
+    "width": 48,
+    "num_inference_steps": 3,
+    "guidance_scale": 7.5,
+    "num_images_per_prompt": 2,
+}
+
+IMG2IMG = {
+    "prompt": "a watercolor of a fox",
+    "negative_prompt": "photo",
+    "num_inference_steps": 4,
+    "guidance_scale": 7.5,
+    "num_images_per_prompt": 2,
+}
+
+
+# ---------------------------------------------------------------------------
+# The reference side: diffusers' pipelines on the same weights
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def reference(pipe, scheduler: str | None, seed: int, **settings):
+    """diffusers' images (uint8, rounded as numpy_to_pil) and NSFW flags."""
+    import diffusers
+    import torch
+
+    original = pipe.scheduler
+    if REFERENCE_SCHEDULERS[scheduler] is not None:
+        cls_name, overrides = REFERENCE_SCHEDULERS[scheduler]
+        pipe.scheduler = getattr(diffusers, cls_name).from_config(original.config, **overrides)
+    try:
+        out = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", **settings)
+    finally:
+        pipe.scheduler = original
+    images = (out.images * 255).round().astype(np.uint8)
+    return images, np.asarray(out.nsfw_content_detected, dtype=bool)
+
+
+def source_image(height: int = 32, width: int = 48) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def source_mask(height: int = 32, width: int = 48) -> np.ndarray:
+    """255 = repaint: a rectangle, plus grey pixels either side of the 0.5 threshold."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[8:24, 12:40] = 255
+    mask[0:2, 0:4] = 127  # kept
+    mask[0:2, 44:48] = 128  # repainted
+    return mask
+
+
+def img2img_reference(pipe, scheduler, seed, image, **settings):
+    import PIL.Image
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    return reference(img2img, scheduler, seed, image=PIL.Image.fromarray(image), **settings)
+
+
+def inpaint_reference(pipe, scheduler, seed, image, mask, **settings):
+    import PIL.Image
+    from diffusers import StableDiffusionInpaintPipeline
+
+    inpaint = StableDiffusionInpaintPipeline(**pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
+    height, width = image.shape[:2]
+    return reference(
+        inpaint,
+        scheduler,
+        seed,
+        image=PIL.Image.fromarray(image),
+        mask_image=PIL.Image.fromarray(mask),
+        height=height,
+        width=width,
+        **settings,
+    )
+
+
+# ---------------------------------------------------------------------------
+# The served side: raw gRPC requests to the stable_diffusion model
+
+
+def as_array(value) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, str | bytes):
+        return np.array([value.encode() if isinstance(value, str) else value], dtype=object)
+    if isinstance(value, bool):
+        return np.array([value])
+    if isinstance(value, int):
+        return np.array([value], np.int32)
+    return np.array([value], np.float32)
+
+
+def infer_inputs(**options) -> list[grpcclient.InferInput]:
+    inputs = []
+    for name, value in options.items():
+        if name == "seed" and not isinstance(value, np.ndarray):
+            value = np.array([value], np.int64)
+        array = as_array(value)
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def served_generate(url: str, **options):
+    """(images, nsfw_content_detected, seeds) of one request to the served pipeline."""
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        result = client.infer(MODEL, infer_inputs(**options))
+    finally:
+        client.close()
+    return (
+        result.as_numpy("images"),
+        result.as_numpy("nsfw_content_detected"),
+        result.as_numpy("seeds"),
+    )
+
+
+def bad_request_error(url: str, inputs: dict) -> InferenceServerException:
+    options = {"prompt": "a cat", "num_inference_steps": 2, "height": 32, "width": 32, **inputs}
+    options = {k: v for k, v in options.items() if v is not None}
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        with pytest.raises(InferenceServerException) as e:
+            client.infer(MODEL, infer_inputs(**options))
+    finally:
+        client.close()
+    return e.value
+
+
+# ---------------------------------------------------------------------------
+# Exported configs against their ONNX files
+
+
+def _onnx_io(path):
+    import onnx
+
+    dtypes = {
+        onnx.TensorProto.FLOAT: "TYPE_FP32",
+        onnx.TensorProto.FLOAT16: "TYPE_FP16",
+        onnx.TensorProto.INT32: "TYPE_INT32",
+        onnx.TensorProto.INT64: "TYPE_INT64",
+        onnx.TensorProto.BOOL: "TYPE_BOOL",
+    }
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def describe(values):
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
+            out.append((v.name, dtypes[t.elem_type], dims))
+        return out
+
+    return describe(graph.input), describe(graph.output)
+
+
+def assert_config_matches_onnx(config, onnx_path):
+    """Names (in order), dtypes, ranks, batch dim and fixed dims of config vs ONNX."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    inputs, outputs = _onnx_io(onnx_path)
+    for entries, io in ((config.input, inputs), (config.output, outputs)):
+        assert [e.name for e in entries] == [name for name, _, _ in io]
+        for e, (name, dtype, dims) in zip(entries, io, strict=True):
+            assert pb.DataType.Name(e.data_type) == dtype, name
+            shape = list(e.reshape.shape) if e.HasField("reshape") else list(e.dims)
+            assert len(dims) == len(shape) + 1, f"{name}: rank"
+            assert isinstance(dims[0], str), f"{name}: batch dim must be dynamic in ONNX"
+            for c, o in zip(shape, dims[1:], strict=True):
+                assert (c == -1) == isinstance(o, str), f"{name}: {shape} vs {dims}"
+                assert c == -1 or c == o, f"{name}: {shape} vs {dims}"
