@@ -162,12 +162,10 @@ def test_bls_calls_follow_the_component_configs(pb, model_module, tiny_repositor
     assert dict(server.calls[0][1])["input_ids"][1] == np.int32
 
 
-def test_result_matches_the_in_process_loop(pb, model_module, tiny_repository):
-    from sd_pipeline import Assets, generate, make_request
+def assert_images_are_in_process_euler_a(response, tiny_repository, assets) -> None:
+    """The response's images are the in-process loop's for GOOD with the euler_a scheduler."""
+    from sd_pipeline import generate, make_request
 
-    model = load(model_module, tiny_repository)
-    (response,) = model.execute([request(pb, **GOOD, scheduler="euler_a")])
-    assets = Assets.load(tiny_repository / "stable_diffusion" / "1" / "assets")
     req = make_request(
         assets.config,
         "a red bicycle",
@@ -180,6 +178,12 @@ def test_result_matches_the_in_process_loop(pb, model_module, tiny_repository):
     )
     expected = generate(req, OnnxComponents(tiny_repository), assets)
     np.testing.assert_array_equal(outputs(response)["images"], expected.images)
+
+
+def test_result_matches_the_in_process_loop(pb, model_module, tiny_repository, assets):
+    model = load(model_module, tiny_repository)
+    (response,) = model.execute([request(pb, **GOOD, scheduler="euler_a")])
+    assert_images_are_in_process_euler_a(response, tiny_repository, assets)
 
 
 def test_component_error_is_internal_and_names_the_component(
@@ -217,24 +221,10 @@ def test_limits_come_from_config_parameters(pb, model_module, tiny_repository):
     assert "over this model's limit of 3" in response.error().message()
 
 
-def test_default_scheduler_parameter(pb, model_module, tiny_repository):
-    from sd_pipeline import Assets, generate, make_request
-
+def test_default_scheduler_parameter(pb, model_module, tiny_repository, assets):
     model = load(model_module, tiny_repository, parameters={"default_scheduler": "euler_a"})
     (response,) = model.execute([request(pb, **GOOD)])
-    assets = Assets.load(tiny_repository / "stable_diffusion" / "1" / "assets")
-    req = make_request(
-        assets.config,
-        "a red bicycle",
-        height=32,
-        width=24,
-        num_inference_steps=2,
-        seed=42,
-        num_images_per_prompt=2,
-        scheduler="euler_a",
-    )
-    expected = generate(req, OnnxComponents(tiny_repository), assets)
-    np.testing.assert_array_equal(outputs(response)["images"], expected.images)
+    assert_images_are_in_process_euler_a(response, tiny_repository, assets)
     with pytest.raises(ValueError, match="unknown scheduler 'nope'"):
         load(model_module, tiny_repository, parameters={"default_scheduler": "nope"})
 
