@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from helpers import MODEL, max_diff, served_generate
 
 from sd_pipeline.schedulers import SCHEDULERS, make_scheduler
 from sd_triton.client import GenerationSettings, format_infotext, parse_infotext, scheduler_alias
 
 pytestmark = pytest.mark.server
 
-MODEL = "stable_diffusion"
 FIRST_NINE = {
     "ddim",
     "pndm",
@@ -105,37 +105,11 @@ def reference(pipe, scheduler: str, seed: int, noise_seed: int | None = None, **
     return (out.images * 255).round().astype(np.uint8)
 
 
-def infer_inputs(**options) -> list[grpcclient.InferInput]:
-    inputs = []
-    for name, value in options.items():
-        if isinstance(value, str):
-            array, dtype = np.array([value.encode()], dtype=object), "BYTES"
-        elif name == "seed":
-            array, dtype = np.array([value], np.int64), "INT64"
-        elif isinstance(value, int):
-            array, dtype = np.array([value], np.int32), "INT32"
-        else:
-            array, dtype = np.array([value], np.float32), "FP32"
-        tensor = grpcclient.InferInput(name, [1], dtype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
-
-
 def served(url: str, **options) -> np.ndarray:
     """The served images; asserts none was flagged (a blacked-out pair would match trivially)."""
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        result = client.infer(MODEL, infer_inputs(**options))
-    finally:
-        client.close()
-    assert not result.as_numpy("nsfw_content_detected").any(), "flagged: pick another seed"
-    return result.as_numpy("images")
-
-
-def max_diff(a: np.ndarray, b: np.ndarray) -> int:
-    assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+    images, nsfw, _ = served_generate(url, **options)
+    assert not nsfw.any(), "flagged: pick another seed"
+    return images
 
 
 @pytest.mark.parametrize("scheduler", list(REFERENCE))
