@@ -25,6 +25,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 from helpers import MODEL, max_diff, served_generate
+from helpers import SETTINGS as PARITY_SETTINGS
 
 from sd_pipeline.schedulers import SCHEDULERS, make_scheduler
 from sd_triton.client import GenerationSettings, format_infotext, parse_infotext, scheduler_alias
@@ -72,15 +73,9 @@ def reference_table() -> dict[str, tuple[str, dict]]:
 
 
 REFERENCE = reference_table()
-# With seed 7 the tiny safety checker flags none of these samplers' images.
-SETTINGS = {
-    "prompt": "a photo of an astronaut riding a horse",
-    "negative_prompt": "blurry, low quality",
-    "height": 32,
-    "width": 48,
-    "num_inference_steps": 3,
-    "guidance_scale": 7.5,
-}
+# The served-parity settings with one image; with seed 7 the tiny safety
+# checker flags none of these samplers' images.
+SETTINGS = {**PARITY_SETTINGS, "num_images_per_prompt": 1}
 # Samplers that draw noise at every step (from the generator, or DPM++ SDE's tree).
 STOCHASTIC = ["dpmpp_sde_karras", "dpmpp_2m_sde", "dpm2_a", "ddpm", "lcm", "tcd"]
 
