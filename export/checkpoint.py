@@ -22,7 +22,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Checkpoint", "ExportError", "inspect_checkpoint", "load_modules", "load_state_dict"]
+__all__ = [
+    "Checkpoint",
+    "ExportError",
+    "family",
+    "inspect_checkpoint",
+    "load_modules",
+    "load_state_dict",
+]
 
 MODEL_INDEX = "model_index.json"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -85,6 +92,19 @@ def _check_tokenizer(folder: Path) -> list[Path]:
 def _is_null(entry: Any) -> bool:
     """A model_index.json entry that names no component: absent, null or [null, null]."""
     return not entry or (isinstance(entry, list) and entry[0] is None)
+
+
+def family(configs: dict[str, dict[str, Any]]) -> str:
+    """The model family, "sd", "sdxl" or "sdxl-refiner", from configs (folder -> config).
+
+    A UNet with SDXL's added conditioning (``addition_embed_type: text_time``)
+    is SDXL; without a ``text_encoder`` (only ``text_encoder_2``) it is the refiner.
+    """
+    if configs["unet"].get("addition_embed_type") != "text_time":
+        return "sd"
+    if "text_encoder_2" not in configs:
+        raise ExportError("an SDXL UNet (addition_embed_type 'text_time') needs a text_encoder_2")
+    return "sdxl" if "text_encoder" in configs else "sdxl-refiner"
 
 
 def inspect_checkpoint(src: str | Path, *, safety_checker: bool = True) -> Checkpoint:

@@ -24,9 +24,17 @@ any cosine (2.0), so it never fires.
 ``in_channels=9``: latents, mask, masked image latents), saved as a
 ``StableDiffusionInpaintPipeline``; every other weight is the same.
 
+:func:`build_xl_pipeline` builds a tiny SDXL base (:data:`TINY_SDXL`: two CLIP
+text encoders of widths 32 and 64, a ``text_time`` UNet, a 2-block VAE with
+``force_upcast``) or refiner (:data:`TINY_SDXL_REFINER`: ``text_encoder_2``
+only, a UNet conditioned on 5 time ids with the aesthetic score). Both use
+SDXL's Euler scheduler config and ship no safety checker, as SDXL does. The
+refiner's VAE and ``text_encoder_2`` have the base's weights, as the real pair.
+
 Command line::
 
     python -m sd_triton.export.tiny OUT_DIR [--full-size] [--inpainting] [--seed N]
+    python -m sd_triton.export.tiny OUT_DIR --family sdxl|sdxl-refiner [--seed N]
 """
 
 from __future__ import annotations
@@ -44,8 +52,12 @@ from . import tokenizer as clip_tokenizer
 __all__ = [
     "SD15",
     "TINY",
+    "TINY_SDXL",
+    "TINY_SDXL_REFINER",
     "Architecture",
+    "XLArchitecture",
     "build_pipeline",
+    "build_xl_pipeline",
     "inpainting",
     "main",
     "save_pipeline",
@@ -217,6 +229,99 @@ SD15 = Architecture(
 )
 
 
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json
+# (the refiner's is the same).
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+# SDXL's tokenizer_2 (OpenCLIP ViT-bigG's) pads with "!", not with the end token.
+SDXL_TOKENIZER_2_PAD = "!"
+
+
+@dataclass(frozen=True)
+class XLArchitecture:
+    """Configs of an SDXL pipeline's components; no ``text_encoder`` makes it a refiner."""
+
+    name: str
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any] | None
+    text_encoder_2: dict[str, Any]
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(SDXL_SCHEDULER))
+
+    @property
+    def is_refiner(self) -> bool:
+        return self.text_encoder is None
+
+
+_XL_TIME_EMBED_DIM = 8
+_XL_TEXT_ENCODER_2 = {
+    **_CLIP_TEXT_COMMON,
+    "hidden_size": 64,  # differs from text_encoder's 32: single-file loaders tell them apart
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 5,
+    "projection_dim": 32,
+    "hidden_act": "gelu",  # OpenCLIP ViT-bigG's
+}
+_XL_UNET = {
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4),
+    "transformer_layers_per_block": (1, 2),
+    "use_linear_projection": True,
+    "norm_num_groups": 32,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": _XL_TIME_EMBED_DIM,
+    # Both text encoders' penultimate hidden states, concatenated.
+    "cross_attention_dim": 32 + 64,
+    # text_encoder_2's pooled projection + 6 time ids (original size, crop, target size).
+    "projection_class_embeddings_input_dim": 32 + 6 * _XL_TIME_EMBED_DIM,
+}
+
+TINY_SDXL = XLArchitecture(
+    name="tiny-sdxl",
+    unet=_XL_UNET,
+    vae={**TINY.vae, "scaling_factor": 0.13025, "force_upcast": True},  # SDXL VAE's
+    text_encoder=dict(TINY.text_encoder),
+    text_encoder_2=_XL_TEXT_ENCODER_2,
+)
+
+TINY_SDXL_REFINER = XLArchitecture(
+    name="tiny-sdxl-refiner",
+    unet={
+        **_XL_UNET,
+        # text_encoder_2's penultimate hidden states only.
+        "cross_attention_dim": 64,
+        # pooled projection + 5 time ids (original size, crop, aesthetic score).
+        "projection_class_embeddings_input_dim": 32 + 5 * _XL_TIME_EMBED_DIM,
+    },
+    vae=TINY_SDXL.vae,
+    text_encoder=None,
+    text_encoder_2=_XL_TEXT_ENCODER_2,
+)
+
+
 def inpainting(arch: Architecture) -> Architecture:
     """``arch`` with an inpainting UNet: latents + mask + masked image latents in (2 x 4 + 1)."""
     from dataclasses import replace
@@ -358,8 +463,64 @@ def build_pipeline(arch: Architecture = TINY, seed: int = 0):
     )
 
 
+def build_xl_pipeline(arch: XLArchitecture = TINY_SDXL, seed: int = 0):
+    """Build an SDXL base (``StableDiffusionXLPipeline``) or refiner with random weights.
+
+    Each component has its own seed, the same in base and refiner, so a base
+    and a refiner built with one seed share their VAE and ``text_encoder_2``.
+    """
+    import tempfile
+
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
+
+    from .tokenizer import write_clip_tokenizer
+
+    _seeded(seed + (4 if arch.is_refiner else 0))
+    unet = UNet2DConditionModel(**arch.unet).eval()
+    _seeded(seed + 1)
+    vae = AutoencoderKL(**arch.vae).eval()
+    text_encoder = tokenizer = None
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_clip_tokenizer(tmp)
+        if not arch.is_refiner:
+            _seeded(seed + 2)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**arch.text_encoder)).eval()
+            tokenizer = CLIPTokenizer.from_pretrained(folder)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(folder, pad_token=SDXL_TOKENIZER_2_PAD)
+    _seeded(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**arch.text_encoder_2)).eval()
+    components = dict(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(arch.scheduler),
+        add_watermarker=False,  # SDXL's invisible watermark is not part of the model
+    )
+    if arch.is_refiner:
+        # stable-diffusion-xl-refiner-1.0's model_index.json.
+        return StableDiffusionXLImg2ImgPipeline(
+            **components, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False
+        )
+    return StableDiffusionXLPipeline(**components, force_zeros_for_empty_prompt=True)
+
+
 def save_pipeline(pipe, out_dir: str | Path) -> Path:
-    """Save ``pipe`` in diffusers format; the tokenizer as SD 1.x's vocab.json + merges.txt.
+    """Save ``pipe`` in diffusers format; tokenizers as SD 1.x's vocab.json + merges.txt.
 
     transformers 5's ``save_pretrained`` writes only ``tokenizer.json``; published
     SD folders carry ``vocab.json`` + ``merges.txt``, so those are written instead.
@@ -370,15 +531,29 @@ def save_pipeline(pipe, out_dir: str | Path) -> Path:
 
     out = Path(out_dir)
     pipe.save_pretrained(out)
-    shutil.rmtree(out / "tokenizer")
-    write_clip_tokenizer(out / "tokenizer")
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, name, None) is not None:
+            shutil.rmtree(out / name)
+            write_clip_tokenizer(out / name)
+    if getattr(pipe, "tokenizer_2", None) is not None:
+        _pad_with(out / "tokenizer_2", SDXL_TOKENIZER_2_PAD)
     return out
+
+
+def _pad_with(folder: Path, pad_token: str) -> None:
+    """Set the pad token in a tokenizer folder's two config files."""
+    import json
+
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        config = json.loads((folder / name).read_text())
+        config["pad_token"] = pad_token
+        (folder / name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sd_triton.export.tiny",
-        description="Build an SD 1.x diffusers folder with random weights (tiny by default).",
+        description="Build an SD diffusers folder with random weights (tiny SD 1.x by default).",
     )
     parser.add_argument("out_dir", type=Path)
     parser.add_argument(
@@ -391,19 +566,31 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="an inpainting UNet (9 input channels), as SD inpainting checkpoints",
     )
+    parser.add_argument(
+        "--family",
+        choices=("sd", "sdxl", "sdxl-refiner"),
+        default="sd",
+        help="sd: SD 1.x (default); sdxl, sdxl-refiner: a tiny SDXL base or refiner",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.family != "sd" and (args.full_size or args.inpainting):
+        parser.error("--full-size and --inpainting are for --family sd")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-    arch = SD15 if args.full_size else TINY
-    if args.inpainting:
-        arch = inpainting(arch)
     start = time.perf_counter()
-    pipe = build_pipeline(arch, seed=args.seed)
+    if args.family == "sd":
+        arch = SD15 if args.full_size else TINY
+        if args.inpainting:
+            arch = inpainting(arch)
+        pipe = build_pipeline(arch, seed=args.seed)
+    else:
+        arch = TINY_SDXL if args.family == "sdxl" else TINY_SDXL_REFINER
+        pipe = build_xl_pipeline(arch, seed=args.seed)
     save_pipeline(pipe, args.out_dir)
     log.info("%s: wrote %s in %.1f s", arch.name, args.out_dir, time.perf_counter() - start)
     return 0
