@@ -131,3 +131,30 @@ def test_sd_options_are_refused_for_sdxl(tmp_path, capsys):
     with pytest.raises(SystemExit):
         tiny.main([str(tmp_path / "x"), "--family", "sdxl", "--inpainting"])
     assert "--family sd" in capsys.readouterr().err
+
+
+def test_base_hands_latents_to_the_refiner(base_dir, refiner_dir):
+    """diffusers' ensemble of experts: the base stops at denoising_end, the refiner goes on."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    base = StableDiffusionXLPipeline.from_pretrained(base_dir)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_dir)
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=True)
+    latents = base(
+        "a photo of a cat",
+        num_inference_steps=4,
+        denoising_end=0.5,
+        generator=_generators(0),
+        output_type="latent",
+    ).images
+    assert latents.shape == (1, 4, 32, 32)
+    images = refiner(
+        "a photo of a cat",
+        image=latents,
+        num_inference_steps=4,
+        denoising_start=0.5,
+        generator=_generators(0),
+        output_type="np",
+    ).images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
