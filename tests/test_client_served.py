@@ -375,8 +375,10 @@ def test_cancelling_a_submitted_call_stops_the_server(
 def test_a_timeout_is_deadline_exceeded_and_stops_the_server(client, grpc_client_module):
     before = unet_requests(grpc_client_module)
     done = finished_requests(grpc_client_module, client.model)
+    # 96 x 96: each step costs about twice a native one, so the 1 s deadline
+    # lands early in the request even on a quiet machine (within max_work).
     with pytest.raises(DeadlineExceededError) as info:
-        client.generate(PROMPT, num_inference_steps=LONG, timeout_s=1.0)
+        client.generate(PROMPT, num_inference_steps=LONG, height=96, width=96, timeout_s=1.0)
     assert isinstance(info.value, TimeoutError)
     wait_until_finished(grpc_client_module, client.model, done + 1)
     ran = unet_requests(grpc_client_module) - before

@@ -44,6 +44,10 @@ ADMIN_KEY = "faults-test-admin-key"
 SMALL = {"height": 32, "width": 32, "num_inference_steps": 2}
 # Long enough (tens of UNet calls) that others arrive while it runs.
 LONG = {"height": 64, "width": 64, "num_inference_steps": 30}
+# Seconds of UNet work even on a quiet machine (LONG can end in under 0.5 s
+# there): for tests that must act while a request is still running. Within the
+# tiny model's limits (max_side 128, max_work 400 x 64 x 64).
+HOLD = {"height": 128, "width": 128, "num_inference_steps": 90}
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +165,7 @@ def test_deadline_passed_in_the_queue_is_not_computed(box):
     before = model_stats(box.url, MODEL).execution_count
     with Client(box.url) as client:
         steps = unet_executions(box.url)
-        running = client.submit("a cat", seed=1, **LONG)
+        running = client.submit("a cat", seed=1, **HOLD)
         wait_until_denoising(box.url, steps)
         with pytest.raises(DeadlineExceededError):
             client.generate("a dog", seed=2, timeout_s=0.5, **SMALL)
@@ -179,7 +183,7 @@ def test_component_unloaded_in_flight_fails_clearly_then_recovers(box):
     try:
         with Client(box.url) as client:
             steps = unet_executions(box.url)
-            in_flight = client.submit("a cat", seed=1, **LONG)
+            in_flight = client.submit("a cat", seed=1, **HOLD)
             wait_until_denoising(box.url, steps)
             control.unload_model("unet", headers=box.server.grpc_admin_headers)
             with pytest.raises(UnavailableError, match="unet"):
@@ -204,7 +208,7 @@ def test_server_death_gives_unavailable_and_a_retry_reaches_the_restarted_server
     def wait_for_long():
         with Client(old.grpc_url) as client:
             try:
-                client.generate("a cat", seed=1, **LONG)
+                client.generate("a cat", seed=1, **HOLD)
             except Exception as e:  # noqa: BLE001 - the test inspects it
                 errors.append(e)
 
