@@ -47,8 +47,9 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 MODEL = "stable_diffusion"
 SMALL = {"height": 32, "width": 32, "num_inference_steps": 2}
-# Long enough that eight of them are all in flight at once on a loaded 2-core machine.
-LONG = {"height": 64, "width": 64, "num_inference_steps": 12}
+# Long enough that eight of them are all in flight at once, and stay so for a
+# few scrapes, on a loaded 2-core machine and on a quiet one.
+LONG = {"height": 64, "width": 64, "num_inference_steps": 30}
 PROMPT = "a fleet test"
 SEED = 7
 READY_DROP_S = 10.0  # readiness gone this long after a stub dies, at most
