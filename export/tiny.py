@@ -279,18 +279,12 @@ _XL_TEXT_ENCODER_2 = {
     "projection_dim": 32,
     "hidden_act": "gelu",  # OpenCLIP ViT-bigG's
 }
+# The SD 1.x tiny UNet's blocks, with SDXL's attention layout and added conditioning.
 _XL_UNET = {
-    "sample_size": 32,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": (32, 64),
-    "layers_per_block": 2,
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    **TINY.unet,
     "attention_head_dim": (2, 4),
     "transformer_layers_per_block": (1, 2),
     "use_linear_projection": True,
-    "norm_num_groups": 32,
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": _XL_TIME_EMBED_DIM,
     # Both text encoders' penultimate hidden states, concatenated.
