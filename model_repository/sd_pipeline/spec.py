@@ -89,27 +89,72 @@ class ModelSpec:
 # Component models. Names follow diffusers / Optimum's ONNX export. "dtype"
 # here is the fp32 export's; an fp16 export turns every float32 tensor into
 # float16 except the UNet timestep (fractional timesteps must not be rounded).
-TEXT_ENCODER = ModelSpec(
-    name="text_encoder",
-    inputs=(TensorSpec("input_ids", "int32", (BATCH, "sequence")),),
-    outputs=(TensorSpec("last_hidden_state", "float32", (BATCH, "sequence", "text_width")),),
-    description="CLIP text model: token ids -> per-token embeddings.",
-)
+def _text_encoder(name: str, suffix: str = "") -> ModelSpec:
+    width, pooled = f"text_width{suffix}", f"pooled_width{suffix}"
+    return ModelSpec(
+        name=name,
+        inputs=(
+            TensorSpec("input_ids", "int32", (BATCH, "sequence")),
+            # Layers skipped from the end, per sample: 0 = the last layer. SD 1.x/2.x
+            # use the normed last layer (diffusers' clip_skip N: skip N); SDXL the
+            # penultimate layer as it is (clip_skip N: skip N + 1).
+            TensorSpec("skip_layers", "int32", (BATCH, 1), reshape=()),
+        ),
+        outputs=(
+            TensorSpec("hidden_state", "float32", (BATCH, "sequence", width)),
+            TensorSpec("normed_hidden_state", "float32", (BATCH, "sequence", width)),
+            # The pooled output (end-of-text token); a CLIPTextModelWithProjection's
+            # is projected (SDXL's text_embeds).
+            TensorSpec("text_embeds", "float32", (BATCH, pooled)),
+        ),
+        description="CLIP text model: token ids -> per-token embeddings of a chosen layer, "
+        "and the pooled embedding.",
+    )
 
-UNET = ModelSpec(
-    name="unet",
-    inputs=(
+
+TEXT_ENCODER = _text_encoder("text_encoder")
+# SDXL's second text encoder (OpenCLIP ViT-bigG, with projection).
+TEXT_ENCODER_2 = _text_encoder("text_encoder_2", "_2")
+
+# The UNet's conditioning inputs beyond the text: SDXL's added conditioning
+# (the pooled text embedding and the size/crop/aesthetic time ids), and the
+# guidance embedding of a UNet distilled with guidance (LCM's
+# ``time_cond_proj_dim``).
+_TEXT_TIME = (
+    TensorSpec("text_embeds", "float32", (BATCH, "pooled_width_2")),
+    TensorSpec("time_ids", "float32", (BATCH, "time_ids")),
+)
+_TIMESTEP_COND = (TensorSpec("timestep_cond", "float32", (BATCH, "time_cond_dim")),)
+
+
+def unet_spec(*, text_time: bool = False, timestep_cond: bool = False) -> ModelSpec:
+    """The UNet's contract: SD 1.x/2.x's, plus SDXL's ``text_time`` inputs and/or LCM's
+    ``timestep_cond`` when the checkpoint's UNet has them."""
+    inputs = (
         TensorSpec("sample", "float32", (BATCH, "in_channels", "latent_height", "latent_width")),
         TensorSpec("timestep", "float32", (BATCH, 1), reshape=()),
-        TensorSpec("encoder_hidden_states", "float32", (BATCH, "sequence", "text_width")),
-    ),
-    outputs=(
+        # 77 tokens per 75-token prompt chunk: dynamic.
         TensorSpec(
-            "out_sample", "float32", (BATCH, "latent_channels", "latent_height", "latent_width")
+            "encoder_hidden_states", "float32", (BATCH, "text_sequence", "cross_attention_dim")
         ),
-    ),
-    description="Denoising UNet; timestep is per sample so requests at different steps batch together.",
-)
+    )
+    inputs += (_TEXT_TIME if text_time else ()) + (_TIMESTEP_COND if timestep_cond else ())
+    return ModelSpec(
+        name="unet",
+        inputs=inputs,
+        outputs=(
+            TensorSpec(
+                "out_sample",
+                "float32",
+                (BATCH, "latent_channels", "latent_height", "latent_width"),
+            ),
+        ),
+        description="Denoising UNet; timestep is per sample so requests at different steps "
+        "batch together.",
+    )
+
+
+UNET = unet_spec()
 
 VAE_ENCODER = ModelSpec(
     name="vae_encoder",
@@ -151,8 +196,11 @@ SAFETY_CHECKER = ModelSpec(
     description="Stable Diffusion safety checker: flags NSFW images and blacks them out.",
 )
 
+# Every component model by name (the UNet as SD 1.x/2.x's; :func:`unet_spec`
+# gives a checkpoint's own).
 COMPONENTS: dict[str, ModelSpec] = {
-    m.name: m for m in (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER, SAFETY_CHECKER)
+    m.name: m
+    for m in (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_ENCODER, VAE_DECODER, SAFETY_CHECKER)
 }
 
 # The public model. One request = one prompt; no Triton batch dimension
@@ -162,7 +210,14 @@ STABLE_DIFFUSION = ModelSpec(
     name="stable_diffusion",
     inputs=(
         TensorSpec("prompt", "bytes", (1,), description="UTF-8 text prompt"),
-        TensorSpec("negative_prompt", "bytes", (1,), optional=True, default=""),
+        TensorSpec(
+            "negative_prompt",
+            "bytes",
+            (1,),
+            optional=True,
+            description="absent: SD 1.x/2.x encode an empty text; SDXL base uses zero "
+            "embeddings (force_zeros_for_empty_prompt), as diffusers; an empty string is encoded",
+        ),
         TensorSpec(
             "height",
             "int32",
@@ -219,7 +274,80 @@ STABLE_DIFFUSION = ModelSpec(
             optional=True,
             default=0.8,
             description="img2img and inpainting: in (0, 1], how much of the schedule to run; "
-            "default 0.8, or 1.0 to inpaint (as diffusers)",
+            "default as diffusers: SD 0.8 (inpainting 1.0), SDXL 0.3 (inpainting 0.9999)",
+        ),
+        TensorSpec(
+            "guidance_rescale",
+            "float32",
+            (1,),
+            optional=True,
+            default=0.0,
+            description="in [0, 1]: rescales the guided noise (diffusers' guidance_rescale); "
+            "SD 1.x/2.x text-to-image and every SDXL mode",
+        ),
+        TensorSpec(
+            "clip_skip",
+            "int32",
+            (1,),
+            optional=True,
+            default=0,
+            description="text encoder layers to skip from the end, as diffusers' clip_skip "
+            "(the web UI's Clip skip N is N - 1)",
+        ),
+        TensorSpec(
+            "prompt_2",
+            "bytes",
+            (1,),
+            optional=True,
+            description="SDXL base: the text for text_encoder_2; default: prompt",
+        ),
+        TensorSpec(
+            "negative_prompt_2",
+            "bytes",
+            (1,),
+            optional=True,
+            description="SDXL base: the negative text for text_encoder_2; default: negative_prompt",
+        ),
+        *(
+            TensorSpec(
+                name,
+                "int32",
+                (2,),
+                optional=True,
+                description=f"SDXL: {what} (height, width) or (top, left) as diffusers' {name}",
+            )
+            for name, what in (
+                ("original_size", "size conditioning, default: the output size"),
+                ("crops_coords_top_left", "crop conditioning, default (0, 0)"),
+                ("target_size", "size conditioning, default: the output size"),
+                ("negative_original_size", "negative size conditioning"),
+                ("negative_crops_coords_top_left", "negative crop conditioning"),
+                ("negative_target_size", "negative size conditioning"),
+            )
+        ),
+        TensorSpec(
+            "aesthetic_score",
+            "float32",
+            (1,),
+            optional=True,
+            default=6.0,
+            description="SDXL refiner: aesthetic conditioning",
+        ),
+        TensorSpec(
+            "negative_aesthetic_score",
+            "float32",
+            (1,),
+            optional=True,
+            default=2.5,
+            description="SDXL refiner: negative aesthetic conditioning",
+        ),
+        TensorSpec(
+            "refiner_switch_at",
+            "float32",
+            (1,),
+            optional=True,
+            description="SDXL base with a refiner: in (0, 1), the fraction of the schedule the "
+            "base runs before the refiner takes over (the web UI's name)",
         ),
     ),
     outputs=(
