@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-safety-checker", action="store_true", help="export without the safety checker"
     )
+    p.add_argument(
+        "--watermark",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="invisible watermark on the images (default: as diffusers, SDXL only)",
+    )
     p.add_argument("--pipeline-instances", type=int, default=4, metavar="N")
     p.add_argument(
         "--parameter",
@@ -174,6 +180,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
     contents = Contents(
         precision=_precision(args),
         safety_checker=not args.no_safety_checker,
+        watermark=args.watermark,
         stream_model=not args.no_stream_model,
         opset=max(args.opset, 18) if args.dynamo else args.opset,
         dynamo=args.dynamo,

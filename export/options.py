@@ -68,11 +68,14 @@ class Contents:
     ``safety_checker=False`` drops the checkpoint's safety checker; a
     checkpoint without one (``model_index.json``: null) exports without it
     either way. ``name``: recorded as ``source`` in pipeline.json (default:
-    the source path).
+    the source path). ``watermark``: the invisible watermark of diffusers'
+    SDXL pipelines (``sd_pipeline.watermark``); None: as diffusers does
+    (SDXL when the invisible-watermark package is installed, SD 1.x/2.x never).
     """
 
     precision: Precision = "fp32"
     safety_checker: bool = True
+    watermark: bool | None = None
     stream_model: bool = True
     opset: int = 17
     dynamo: bool = False

@@ -27,11 +27,12 @@ from typing import Any
 
 from sd_pipeline import spec as S
 from sd_pipeline.config import Limits
+from sd_pipeline.watermark import diffusers_default as diffusers_watermarks
 
 from . import components as C
 from . import publish as P
 from . import triton_config as T
-from .checkpoint import Checkpoint, ExportError, inspect_checkpoint, load_modules
+from .checkpoint import Checkpoint, ExportError, family, inspect_checkpoint, load_modules
 from .component_models import check_host_code, component_config, write_component
 from .options import PIPELINE_MODELS, ExportOptions
 from .pipeline_models import (
@@ -91,6 +92,11 @@ def _pipeline_json(
         "component_dtypes": {n: opts.component_dtype(n) for n in names},
         "tensor_dtypes": {n: plan.tensor_dtypes[n] for n in names},
         "safety_checker": ckpt.has_safety_checker,
+        "watermark": (
+            diffusers_watermarks(family(ckpt.configs))
+            if opts.contents.watermark is None
+            else opts.contents.watermark
+        ),
         "host": opts.hosting.host,
         "source": opts.contents.name or str(src.resolve()),
         "pipeline_class": ckpt.pipeline_class,

@@ -42,6 +42,8 @@ class PipelineConfig:
     unet_max_batch_size: int
     vae_shift_factor: float | None = None
     safety_checker: bool = True
+    # The invisible watermark of diffusers' SDXL pipelines (see watermark.py).
+    watermark: bool = False
     # Per-component, per-tensor numpy dtype names of the export (fp16 exports
     # keep some tensors float32); tensors not listed follow spec.py.
     tensor_dtypes: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
@@ -192,6 +194,10 @@ class Assets:
     ) -> None:
         if config.safety_checker and feature_extractor is None:
             raise ValueError("the model has a safety checker but no feature_extractor config")
+        if config.watermark:
+            from . import watermark
+
+            watermark.require()
         self.config = config
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler_config)

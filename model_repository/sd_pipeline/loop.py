@@ -16,7 +16,7 @@ with other requests' UNet calls):
    also sees the mask and the masked image's latents; with a 4-channel
    UNet the unmasked region is put back, noised to the next timestep,
    after every step)
-6. decode the latents
+6. decode the latents (and watermark them, where the model does: SDXL)
 7. run the safety checker, black out flagged images
 8. convert to uint8
 
@@ -41,6 +41,7 @@ from .errors import Cancelled, InvalidRequest
 from .images import decoded_to_numpy, image_to_pixels, mask_to_tensor, to_pil, to_uint8
 from .request import GenerationRequest, validate
 from .schedulers import make_scheduler, step_kwargs
+from .watermark import apply_watermark
 
 __all__ = ["GenerationResult", "Inpainting", "StepCallback", "generate"]
 
@@ -138,6 +139,8 @@ def generate(
         raise Cancelled("cancelled before decoding")
     # 6. decode
     decoded = decode_latents(latents, components, config)
+    if config.watermark:
+        decoded = apply_watermark(decoded)
     # 7.-8. safety checker, uint8
     images, flags = run_safety_checker(decoded, components, assets)
     seeds = np.full(len(images), request.seed, dtype=np.int64)
