@@ -204,7 +204,8 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
     pickles: loaded with ``torch.load(weights_only=True)``, which refuses any
     object other than tensors and plain containers; a refused file raises
     :class:`ExportError` saying so. A Lightning-style ``{"state_dict": ...}``
-    wrapper is unwrapped; entries that are not tensors are left out.
+    wrapper is unwrapped; tensors in nested dicts are kept under dotted keys;
+    entries that are not tensors are left out.
     """
     import torch
 
@@ -231,14 +232,24 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
         raise ExportError(_refused_pickle(path, e)) from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
-    tensors = (
-        {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
-        if isinstance(data, dict)
-        else {}
-    )
+    tensors = _tensors(data) if isinstance(data, dict) else {}
     if not tensors:
         raise ExportError(f"{path} holds no tensors by name (a {type(data).__name__})")
     return tensors
+
+
+def _tensors(data: dict, prefix: str = "") -> dict[str, Any]:
+    """The tensors of a dict, those of nested dicts under ``outer.inner`` keys (the web
+    UI's embeddings keep theirs in ``string_to_param``); other entries left out."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, torch.Tensor):
+            out[f"{prefix}{key}"] = value
+        elif isinstance(value, dict):
+            out.update(_tensors(value, f"{prefix}{key}."))
+    return out
 
 
 def _refused_pickle(path: Path, error: Exception) -> str:

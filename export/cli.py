@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import adapters
 from .checkpoint import ExportError
 from .options import HOSTS, PRECISIONS, Contents, ExportOptions, Hosting, Naming, Precision
 from .repository import export_repository
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="component versions served at once (version_policy latest N; default 2, so the "
         "pipeline can be rolled back one version)",
     )
+    adapters.add_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return p
 
@@ -213,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     # Our progress lines only; libraries' INFO chatter stays off.
     logging.getLogger("sd_triton").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
-        export_repository(args.src, args.out, options_from_args(args), overwrite=args.overwrite)
+        options = options_from_args(args)
+        with adapters.fused_checkpoint(args.src, args.lora, args.embedding) as fused:
+            options = fused.options(options, args.src)
+            export_repository(fused.path, args.out, options, overwrite=args.overwrite)
     except ExportError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ from sd_pipeline.watermark import diffusers_default as diffusers_watermarks
 from . import components as C
 from . import publish as P
 from . import triton_config as T
+from .adapters import pipeline_record
 from .checkpoint import Checkpoint, ExportError, family, inspect_checkpoint, load_modules
 from .component_models import check_host_code, component_config, write_component
 from .options import PIPELINE_MODELS, ExportOptions
@@ -100,6 +101,8 @@ def _pipeline_json(
         "host": opts.hosting.host,
         "source": opts.contents.name or str(src.resolve()),
         "pipeline_class": ckpt.pipeline_class,
+        # LoRAs and embeddings fused at export (--lora, --embedding): names, weights, hashes.
+        **pipeline_record(src),
         # The models the pipeline calls: names and the versions exported with it.
         "model_prefix": opts.naming.model_prefix,
         "version": int(version),
