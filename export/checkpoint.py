@@ -1,4 +1,4 @@
-"""Reading a diffusers-format Stable Diffusion folder, with clear errors.
+"""Reading a diffusers-format Stable Diffusion (1.x, 2.x, XL) folder, with clear errors.
 
 :func:`inspect_checkpoint` checks the folder's layout without loading
 weights (cheap: run before anything is written); :func:`load_modules` loads
@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "Checkpoint",
     "ExportError",
+    "attach_safety_checker",
     "family",
     "inspect_checkpoint",
     "load_modules",
@@ -39,13 +39,28 @@ CONFIG_FILES = {
     "unet": "config.json",
     "vae": "config.json",
     "text_encoder": "config.json",
+    "text_encoder_2": "config.json",
     "tokenizer": None,  # checked by _check_tokenizer
+    "tokenizer_2": None,
     "scheduler": "scheduler_config.json",
     "safety_checker": "config.json",
     "feature_extractor": "preprocessor_config.json",
 }
-REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+REQUIRED = ("unet", "vae", "scheduler")
+# Each text encoder with its tokenizer: SD has the first, the SDXL base both, the
+# refiner the second (model_index.json names the ones a checkpoint has).
+TEXT_ENCODERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 SAFETY = ("safety_checker", "feature_extractor")
+# The pipeline classes exported (model_index.json's _class_name); the SD 1.x/2.x
+# ones are every StableDiffusion*Pipeline but these.
+XL_PIPELINES = frozenset(
+    {
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLInpaintPipeline",
+    }
+)
+_NOT_SD = ("XL", "StableDiffusion3", "Upscale", "Depth")
 
 
 class ExportError(Exception):
@@ -59,13 +74,33 @@ class Checkpoint:
     path: Path
     pipeline_class: str
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    tokenizer_files: list[Path] = field(default_factory=list)
-    # model_index.json says safety_checker: null (every SD 2.x, most community models).
+    # Tokenizer folder name (tokenizer, tokenizer_2) -> the files to ship.
+    tokenizer_files: dict[str, list[Path]] = field(default_factory=dict)
+    # model_index.json says safety_checker: null (every SD 2.x, most community models),
+    # or names none (SDXL).
     ships_without_safety_checker: bool = False
+    # model_index.json's pipeline settings (force_zeros_for_empty_prompt, ...).
+    index: dict[str, Any] = field(default_factory=dict)
+    # Checkpoint folder -> the checkpoint it is read from, where not ``path``
+    # (a safety checker attached from another checkpoint).
+    sources: dict[str, Path] = field(default_factory=dict)
 
     @property
     def has_safety_checker(self) -> bool:
         return "safety_checker" in self.configs
+
+    @property
+    def family(self) -> str:
+        return family(self.configs)
+
+    @property
+    def text_encoders(self) -> list[str]:
+        """The text encoders, in encoding order."""
+        return [n for n in TEXT_ENCODERS if n in self.configs]
+
+    def folder(self, name: str) -> Path:
+        """Where checkpoint folder ``name`` (``unet``, ``safety_checker``, ...) is read from."""
+        return self.sources.get(name, self.path) / name
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
@@ -101,20 +136,16 @@ def family(configs: dict[str, dict[str, Any]]) -> str:
     is SDXL; without a ``text_encoder`` (only ``text_encoder_2``) it is the refiner.
     """
     if configs["unet"].get("addition_embed_type") != "text_time":
+        if "text_encoder" not in configs:
+            raise ExportError("a Stable Diffusion 1.x/2.x UNet needs a text_encoder")
         return "sd"
     if "text_encoder_2" not in configs:
         raise ExportError("an SDXL UNet (addition_embed_type 'text_time') needs a text_encoder_2")
     return "sdxl" if "text_encoder" in configs else "sdxl-refiner"
 
 
-def inspect_checkpoint(src: str | Path, *, safety_checker: bool = True) -> Checkpoint:
-    """Check that ``src`` is a diffusers SD folder with every component; read its configs.
-
-    The safety checker (and its feature extractor) is read when the checkpoint
-    has one and ``safety_checker`` is true; a checkpoint whose model_index.json
-    says ``safety_checker: null`` has none (``ships_without_safety_checker``).
-    """
-    src = Path(src)
+def _read_index(src: Path) -> dict[str, Any]:
+    """model_index.json of a diffusers SD folder whose pipeline class is exported."""
     if not src.is_dir():
         raise ExportError(f"{src} is not a folder")
     index_path = src / MODEL_INDEX
@@ -124,31 +155,67 @@ def inspect_checkpoint(src: str | Path, *, safety_checker: bool = True) -> Check
         )
     index = _read_json(index_path, "model_index.json")
     pipeline_class = str(index.get("_class_name", ""))
-    if not pipeline_class.startswith("StableDiffusion") or any(
-        tag in pipeline_class for tag in ("XL", "StableDiffusion3", "Upscale", "Depth")
-    ):
+    sd = pipeline_class.startswith("StableDiffusion") and not any(
+        tag in pipeline_class for tag in _NOT_SD
+    )
+    if not (sd or pipeline_class in XL_PIPELINES):
         raise ExportError(
-            f"{src} holds a {pipeline_class or 'unknown'} pipeline, not Stable Diffusion 1.x/2.x"
+            f"{src} holds a {pipeline_class or 'unknown'} pipeline, "
+            "not Stable Diffusion 1.x/2.x or SDXL"
         )
-    ckpt = Checkpoint(path=src, pipeline_class=pipeline_class)
+    return index
+
+
+def _read_component(ckpt: Checkpoint, src: Path, name: str, index: dict[str, Any]) -> None:
+    """Check component folder ``name`` of ``src`` and read its config into ``ckpt``."""
+    folder = src / name
+    if _is_null(index.get(name)) or not folder.is_dir():
+        hint = " (export with --no-safety-checker to leave it out)" if name in SAFETY else ""
+        raise ExportError(f"missing component '{name}' in {src}{hint}")
+    config_file = CONFIG_FILES[name]
+    if config_file is None:
+        ckpt.tokenizer_files[name] = _check_tokenizer(folder)
+        tok_config = folder / "tokenizer_config.json"
+        ckpt.configs[name] = _read_json(tok_config, name) if tok_config.is_file() else {}
+        return
+    if not (folder / config_file).is_file():
+        raise ExportError(f"missing component '{name}': {folder / config_file} not found")
+    ckpt.configs[name] = _read_json(folder / config_file, name)
+
+
+def inspect_checkpoint(src: str | Path, *, safety_checker: bool = True) -> Checkpoint:
+    """Check that ``src`` is a diffusers SD or SDXL folder with every component; read its configs.
+
+    The text encoders read are those model_index.json names (SD: ``text_encoder``;
+    SDXL base: both; SDXL refiner: ``text_encoder_2``), each with its tokenizer; the
+    family (:func:`family`) must agree with them. The safety checker (and its feature
+    extractor) is read when the checkpoint has one and ``safety_checker`` is true;
+    a checkpoint whose model_index.json says ``safety_checker: null``, or names
+    none, has none (``ships_without_safety_checker``).
+    """
+    src = Path(src)
+    index = _read_index(src)
+    ckpt = Checkpoint(path=src, pipeline_class=str(index["_class_name"]), index=index)
     ckpt.ships_without_safety_checker = _is_null(index.get("safety_checker"))
     keep_safety = safety_checker and not ckpt.ships_without_safety_checker
-    for name in REQUIRED + (SAFETY if keep_safety else ()):
-        entry = index.get(name)
-        folder = src / name
-        if _is_null(entry) or not folder.is_dir():
-            hint = " (export with --no-safety-checker to leave it out)" if name in SAFETY else ""
-            raise ExportError(f"missing component '{name}' in {src}{hint}")
-        config_file = CONFIG_FILES[name]
-        if config_file is None:
-            ckpt.tokenizer_files = _check_tokenizer(folder)
-            tok_config = folder / "tokenizer_config.json"
-            ckpt.configs[name] = _read_json(tok_config, name) if tok_config.is_file() else {}
-            continue
-        if not (folder / config_file).is_file():
-            raise ExportError(f"missing component '{name}': {folder / config_file} not found")
-        ckpt.configs[name] = _read_json(folder / config_file, name)
+    encoders = [n for n in TEXT_ENCODERS if not _is_null(index.get(n))]
+    names = [*REQUIRED, *encoders, *(TEXT_ENCODERS[n] for n in encoders)]
+    for name in names + list(SAFETY if keep_safety else ()):
+        _read_component(ckpt, src, name, index)
+    family(ckpt.configs)  # the UNet agrees with the text encoders
     return ckpt
+
+
+def attach_safety_checker(ckpt: Checkpoint, donor: str | Path) -> None:
+    """Give ``ckpt`` the safety checker and feature extractor of checkpoint ``donor``
+    (any family: diffusers' checker works on any RGB image)."""
+    donor = Path(donor)
+    index = _read_index(donor)
+    if _is_null(index.get("safety_checker")):
+        raise ExportError(f"{donor} has no safety checker to attach")
+    for name in SAFETY:
+        _read_component(ckpt, donor, name, index)
+        ckpt.sources[name] = donor
 
 
 def _quiet_loading() -> None:
@@ -162,39 +229,42 @@ def _quiet_loading() -> None:
 
 def load_modules(ckpt: Checkpoint) -> dict[str, Any]:
     """Load the torch modules (float32, eval mode) and complete ``ckpt.configs`` from them."""
-    from transformers import CLIPTokenizer
-
     from .wrappers import load_module
 
     _quiet_loading()
-    names = ["unet", "vae", "text_encoder"]
+    names = ["unet", "vae", *ckpt.text_encoders]
     if ckpt.has_safety_checker:
         names.append("safety_checker")
-    loaders = {name: partial(load_module, name) for name in names}
     modules = {}
-    for name, load in loaders.items():
+    for name in names:
         try:
-            modules[name] = load(ckpt.path / name).float().eval()
+            modules[name] = load_module(name, ckpt.folder(name)).float().eval()
         except Exception as e:  # diffusers/transformers raise many kinds
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"component '{name}' in {ckpt.path} cannot be loaded: {first}") from e
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(ckpt.path / "tokenizer")
-    except Exception as e:
-        raise ExportError(f"component 'tokenizer' in {ckpt.path} cannot be loaded: {e}") from e
+            raise ExportError(
+                f"component '{name}' in {ckpt.folder(name).parent} cannot be loaded: {first}"
+            ) from e
+        # Configs as the loaded modules see them (defaults filled in).
+        config = modules[name].config
+        ckpt.configs[name] = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    for encoder in ckpt.text_encoders:
+        _complete_tokenizer_config(ckpt, TEXT_ENCODERS[encoder], encoder)
+    return modules
 
-    # Configs as the loaded modules see them (defaults filled in).
-    ckpt.configs["unet"] = dict(modules["unet"].config)
-    ckpt.configs["vae"] = dict(modules["vae"].config)
-    ckpt.configs["text_encoder"] = modules["text_encoder"].config.to_dict()
-    if ckpt.has_safety_checker:
-        ckpt.configs["safety_checker"] = modules["safety_checker"].config.to_dict()
+
+def _complete_tokenizer_config(ckpt: Checkpoint, name: str, encoder: str) -> None:
+    """Load tokenizer ``name`` (a check) and record its ``model_max_length``."""
+    from transformers import CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(ckpt.folder(name))
+    except Exception as e:
+        raise ExportError(f"component '{name}' in {ckpt.path} cannot be loaded: {e}") from e
     max_len = tokenizer.model_max_length
-    positions = ckpt.configs["text_encoder"]["max_position_embeddings"]
+    positions = ckpt.configs[encoder]["max_position_embeddings"]
     if not isinstance(max_len, int) or max_len > positions:
         max_len = positions  # no model_max_length in tokenizer_config.json
-    ckpt.configs["tokenizer"] = {**ckpt.configs["tokenizer"], "model_max_length": max_len}
-    return modules
+    ckpt.configs[name] = {**ckpt.configs[name], "model_max_length": max_len}
 
 
 def load_state_dict(path: str | Path) -> dict[str, Any]:

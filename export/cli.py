@@ -13,7 +13,16 @@ from pathlib import Path
 
 from . import adapters
 from .checkpoint import ExportError
-from .options import HOSTS, PRECISIONS, Contents, ExportOptions, Hosting, Naming, Precision
+from .options import (
+    HOSTS,
+    PRECISIONS,
+    PRESETS,
+    Contents,
+    ExportOptions,
+    Hosting,
+    Naming,
+    Precision,
+)
 from .repository import export_repository
 
 PROG = "sd-triton-export"
@@ -46,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default=None,
-        help="fp32; fp16 (float16 weights and tensors, the VAE decoder too; the UNet "
-        "timestep stays fp32); fp16-vae-fp32 (fp16, but the VAE decoder stays fp32); "
-        "fp16-vae-auto (fp16; the VAE decoder stays fp32 when the VAE's config says "
+        help="fp32; fp16 (float16 weights and tensors, the VAE too; the UNet "
+        "timestep stays fp32); fp16-vae-fp32 (fp16, but the VAE encoder and decoder stay "
+        "fp32); fp16-vae-auto (fp16; the VAE stays fp32 when the VAE's config says "
         "force_upcast: true, as the SD 1.x and SDXL VAEs do since they overflow in fp16, "
         "and goes fp16 when it says false). Default: fp16-vae-auto with --tensorrt, else fp32",
     )
@@ -56,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fp16-vae-decoder",
         action="store_true",
-        help="with --fp16: --precision fp16 (the VAE decoder float16 whatever its config says)",
+        help="with --fp16: --precision fp16 (the VAE float16 whatever its config says)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing repository")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
@@ -79,6 +88,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intra-op-threads", type=int, default=None, metavar="N")
     p.add_argument(
         "--no-safety-checker", action="store_true", help="export without the safety checker"
+    )
+    p.add_argument(
+        "--safety-checker",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="attach the safety checker and feature extractor of the diffusers checkpoint DIR "
+        "(any family; SDXL ships none)",
+    )
+    p.add_argument(
+        "--refiner",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="with an SDXL base: export the SDXL refiner DIR beside it (models refiner_*), "
+        "so requests can hand the base's latents to it (refiner_switch_at)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default=None,
+        help="record a distilled model's recommended request defaults: turbo (SDXL-/SD-Turbo: "
+        "1 step, guidance 0, euler_a), lcm (LCM: 4 steps, guidance 8, lcm); "
+        "--parameter overrides them",
     )
     p.add_argument(
         "--watermark",
@@ -182,6 +215,9 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
     contents = Contents(
         precision=_precision(args),
         safety_checker=not args.no_safety_checker,
+        safety_checker_from=args.safety_checker,
+        refiner=args.refiner,
+        preset=args.preset,
         watermark=args.watermark,
         stream_model=not args.no_stream_model,
         opset=max(args.opset, 18) if args.dynamo else args.opset,

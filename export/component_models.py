@@ -158,14 +158,14 @@ def _host_parameters(name: str, opts: ExportOptions) -> dict[str, Any]:
 
 
 def component_config(
-    name: str,
+    component: C.Component,
     opts: ExportOptions,
     sizes: Mapping[str, int],
     constants: Mapping[str, Any],
     limits: Limits,
 ) -> tuple[Any, dict[str, str]]:
-    """The ``ModelConfig`` of component ``name`` and its tensors' dtypes (before any export)."""
-    component, hosting = C.COMPONENTS[name], opts.hosting
+    """The ``ModelConfig`` of ``component`` and its tensors' dtypes (before any export)."""
+    name, hosting = component.name, opts.hosting
     dtype = opts.component_dtype(name)
     tensors = component.spec.inputs + component.spec.outputs
     tensor_dtypes = {t.name: C.tensor_dtype(name, t, dtype) for t in tensors}
@@ -201,7 +201,7 @@ def component_config(
 
 
 def write_component(
-    name: str,
+    component: C.Component,
     modules: dict[str, Any],
     sizes: Mapping[str, int],
     trace_sizes: Mapping[str, int],
@@ -210,9 +210,8 @@ def write_component(
     version: str,
     config: Any,
 ) -> None:
-    """Write component ``name`` to ``folder``: ``version/`` (weights, host code) and config."""
-    component = C.COMPONENTS[name]
-    dtype = opts.component_dtype(name)
+    """Write ``component`` to ``folder``: ``version/`` (weights, host code) and config."""
+    dtype = opts.component_dtype(component.name)
     version_dir = folder / version
     if opts.hosting.host == "torch":
         _save_torch_modules(component, modules, dtype, version_dir)

@@ -1,4 +1,4 @@
-"""Export wrappers for the five component models, generic over the tensor contract.
+"""Export wrappers for the component models, generic over the tensor contract.
 
 Each component is declared once (:class:`Component`): its ``ModelSpec`` from
 ``sd_pipeline.spec`` and a function that wraps the diffusers /
@@ -8,7 +8,12 @@ which the torch host runs too). Everything else is
 generic over the spec: sample inputs, dynamic axes, ONNX export, per-tensor
 dtypes and the Triton config.
 
-Which dims are dynamic: the batch and the spatial sizes (:data:`DYNAMIC_DIMS`).
+Which components a checkpoint has depends on its family (:func:`checkpoint_components`:
+SD 1.x/2.x, SDXL base, SDXL refiner), and the UNet's inputs on its config
+(SDXL's added conditioning, LCM's guidance embedding).
+
+Which dims are dynamic: the batch, the spatial sizes and the UNet's text sequence
+(77 tokens per prompt chunk: long prompts) (:data:`DYNAMIC_DIMS`).
 Every other symbolic dim of the spec (channels, text width, sequence length,
 CLIP input size) is fixed by the checkpoint's weights and resolved from its
 configs (:func:`fixed_sizes`), so the ONNX files and the Triton configs state
@@ -30,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from sd_pipeline import spec as S
 
 from . import wrappers as W
+from .checkpoint import ExportError, family
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +43,9 @@ if TYPE_CHECKING:
 __all__ = [
     "COMPONENTS",
     "DYNAMIC_DIMS",
+    "FAMILY_COMPONENTS",
     "Component",
+    "checkpoint_components",
     "export_onnx",
     "fixed_sizes",
     "model_dims",
@@ -47,7 +55,7 @@ __all__ = [
 
 # Dims that stay dynamic in the ONNX graphs and are -1 in Triton configs.
 DYNAMIC_DIMS = frozenset(
-    {S.BATCH, "height", "width", "latent_height", "latent_width", "num_images"}
+    {S.BATCH, "height", "width", "latent_height", "latent_width", "num_images", "text_sequence"}
 )
 
 # Float tensors that stay float32 in an fp16 export (see wrappers.FP32_TENSORS).
@@ -87,10 +95,51 @@ class Component:
         return self.spec.name
 
 
+def _component(spec: S.ModelSpec) -> Component:
+    return Component(spec, partial(W.wrap, spec.name), W.MODULES[spec.name])
+
+
+# Every component with SD 1.x/2.x's UNet (:func:`checkpoint_components` gives a
+# checkpoint's own).
 COMPONENTS: dict[str, Component] = {
-    spec.name: Component(spec, partial(W.wrap, spec.name), W.MODULES[spec.name])
-    for spec in (S.TEXT_ENCODER, S.UNET, S.VAE_ENCODER, S.VAE_DECODER, S.SAFETY_CHECKER)
+    spec.name: _component(spec)
+    for spec in (
+        S.TEXT_ENCODER,
+        S.TEXT_ENCODER_2,
+        S.UNET,
+        S.VAE_ENCODER,
+        S.VAE_DECODER,
+        S.SAFETY_CHECKER,
+    )
 }
+
+# The components of each family (``checkpoint.family``), the safety checker aside.
+FAMILY_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "sd": ("text_encoder", "unet", "vae_encoder", "vae_decoder"),
+    "sdxl": ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder"),
+    "sdxl-refiner": ("text_encoder_2", "unet", "vae_encoder", "vae_decoder"),
+}
+
+
+def unet_inputs(unet_config: dict[str, Any]) -> dict[str, bool]:
+    """``unet_spec``'s keywords for a UNet config: SDXL's ``text_time`` added conditioning,
+    LCM's ``timestep_cond`` (a UNet distilled with a guidance embedding)."""
+    return {
+        "text_time": unet_config.get("addition_embed_type") == "text_time",
+        "timestep_cond": unet_config.get("time_cond_proj_dim") is not None,
+    }
+
+
+def checkpoint_components(
+    configs: dict[str, dict[str, Any]], *, safety_checker: bool
+) -> dict[str, Component]:
+    """The components a checkpoint exports, in export order, with its own UNet contract.
+
+    ``configs``: folder -> config (``checkpoint.Checkpoint.configs``).
+    """
+    names = FAMILY_COMPONENTS[family(configs)] + (("safety_checker",) if safety_checker else ())
+    unet = _component(S.unet_spec(**unet_inputs(configs["unet"])))
+    return {n: unet if n == "unet" else COMPONENTS[n] for n in names}
 
 
 # --------------------------------------------------------------------------
@@ -101,23 +150,51 @@ def fixed_sizes(configs: dict[str, dict[str, Any]]) -> dict[str, int]:
     """The spec's non-dynamic symbolic dims, read from a checkpoint's configs.
 
     ``configs`` maps folder names (``unet``, ``vae``, ``text_encoder``,
-    ``tokenizer``, ``safety_checker``, ``feature_extractor``) to their config
-    dicts; the safety checker's entries are left out when it has none.
+    ``text_encoder_2``, ``tokenizer``, ``tokenizer_2``, ``scheduler``,
+    ``safety_checker``) to their config dicts; a component the checkpoint does
+    not have is left out.
     """
-    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    unet, vae = configs["unet"], configs["vae"]
+    tokenizer = configs.get("tokenizer") or configs["tokenizer_2"]
     sizes = {
-        "sequence": int(configs["tokenizer"]["model_max_length"]),
-        "text_width": int(text["hidden_size"]),
+        "sequence": int(tokenizer["model_max_length"]),
         "in_channels": int(unet["in_channels"]),
         "latent_channels": int(vae["latent_channels"]),
         "latent_parameters": 2 * int(vae["latent_channels"]),
-        "vocab_size": int(text["vocab_size"]),
+        "cross_attention_dim": int(unet["cross_attention_dim"]),
         "num_train_timesteps": int(configs["scheduler"]["num_train_timesteps"]),
     }
+    vocab = []
+    for folder, suffix in (("text_encoder", ""), ("text_encoder_2", "_2")):
+        if folder in configs:
+            text = configs[folder]
+            sizes[f"text_width{suffix}"] = int(text["hidden_size"])
+            # CLIPTextModel pools to its width; CLIPTextModelWithProjection projects.
+            pooled = text["projection_dim"] if folder == "text_encoder_2" else text["hidden_size"]
+            sizes[f"pooled_width{suffix}"] = int(pooled)
+            vocab.append(int(text["vocab_size"]))
+    sizes["vocab_size"] = min(vocab)
+    if unet.get("addition_embed_type") == "text_time":
+        sizes["time_ids"] = _time_ids(unet, sizes["pooled_width_2"])
+    if unet.get("time_cond_proj_dim") is not None:
+        sizes["time_cond_dim"] = int(unet["time_cond_proj_dim"])
     if "safety_checker" in configs:
         side = int(configs["safety_checker"]["vision_config"]["image_size"])
         sizes.update(clip_height=side, clip_width=side)
     return sizes
+
+
+def _time_ids(unet: dict[str, Any], pooled_width_2: int) -> int:
+    """SDXL's time ids per sample: the added embedding's input is text_encoder_2's pooled
+    projection plus ``addition_time_embed_dim`` per time id (base 6, refiner 5)."""
+    total, each = unet["projection_class_embeddings_input_dim"], unet["addition_time_embed_dim"]
+    count, rest = divmod(int(total) - pooled_width_2, int(each))
+    if rest or count < 1:
+        raise ExportError(
+            f"the UNet's projection_class_embeddings_input_dim {total} is not text_encoder_2's "
+            f"projection_dim {pooled_width_2} plus a multiple of addition_time_embed_dim {each}"
+        )
+    return count
 
 
 def resolve(dims: tuple[int | str, ...], sizes: dict[str, int]) -> tuple[int, ...]:
@@ -137,7 +214,8 @@ def sample_inputs(
     """Random inputs for ``component`` at ``sizes`` (fixed and dynamic dims), by name.
 
     Values lie in each input's meaningful range: token ids within the
-    vocabulary, timesteps within the training schedule, images in [0, 1].
+    vocabulary, layers to skip 0-2, timesteps within the training schedule,
+    images in [0, 1].
     """
     import torch
 
@@ -146,7 +224,9 @@ def sample_inputs(
     for t in component.spec.inputs:
         shape = resolve(model_dims(t), sizes)
         dtype = getattr(torch, tensor_dtype(component.name, t, component_dtype))
-        if not dtype.is_floating_point:
+        if t.name == "skip_layers":
+            x = torch.randint(0, 3, shape, generator=gen)  # 0-2: the skips pipelines use
+        elif not dtype.is_floating_point:
             x = torch.randint(0, sizes.get("vocab_size", 2), shape, generator=gen)
         elif t.name == "timestep":
             x = torch.rand(shape, generator=gen) * (sizes.get("num_train_timesteps", 1000) - 1)

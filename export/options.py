@@ -18,6 +18,7 @@ from __future__ import annotations
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from sd_pipeline import spec as S
@@ -28,6 +29,8 @@ from .components import COMPONENTS
 __all__ = [
     "HOSTS",
     "PRECISIONS",
+    "PRESETS",
+    "REFINER_PREFIX",
     "Contents",
     "ExportOptions",
     "Host",
@@ -38,12 +41,13 @@ __all__ = [
 
 # fp32: float32 everywhere. fp16: float16 weights and tensors (the UNet
 # timestep and the safety checker's pass-through images stay float32), the
-# VAE decoder too. fp16-vae-fp32: fp16, but the VAE decoder stays float32.
-# fp16-vae-auto (``--fp16``): the VAE decides, as diffusers does: its decoder
-# stays float32 when the VAE's config says ``force_upcast`` (true, the
-# default, for the SD 1.x and SDXL VAEs, which overflow in fp16) and goes
-# float16 when it says false (fp16-safe VAEs); the export resolves it to one
-# of the other two (:meth:`ExportOptions.for_vae`).
+# VAE too. fp16-vae-fp32: fp16, but the VAE (encoder and decoder) stays float32.
+# fp16-vae-auto (``--fp16``): the VAE decides, as diffusers does: it stays
+# float32 when the VAE's config says ``force_upcast`` (true, the default, for
+# the SD 1.x and SDXL VAEs, which overflow in fp16; diffusers' SDXL pipelines
+# then upcast the VAE to encode and to decode) and goes float16 when it says
+# false (fp16-safe VAEs); the export resolves it to one of the other two
+# (:meth:`ExportOptions.for_vae`).
 Precision = Literal["fp32", "fp16", "fp16-vae-fp32", "fp16-vae-auto"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
@@ -56,6 +60,34 @@ HOSTS: tuple[str, ...] = get_args(Host)
 
 MODEL_PREFIX_CHARS = frozenset(string.ascii_letters + string.digits + "_-.")
 
+# The components fp16-vae-fp32 keeps float32.
+VAE_COMPONENTS = ("vae_encoder", "vae_decoder")
+
+# An SDXL refiner exported beside its base: its models are named
+# ``{model_prefix}refiner_{component}``, its assets are the pipeline's ``assets/refiner/``.
+REFINER_PREFIX = "refiner_"
+
+# Recommended request defaults of distilled models (``--preset``), as the pipeline
+# models' config parameters (a ``--parameter`` overrides them):
+# - turbo: SDXL-Turbo / SD-Turbo (diffusers' docs: 1-4 steps, guidance_scale 0.0
+#   since the model was trained without it; the checkpoint's own Euler a scheduler
+#   with trailing timestep spacing);
+# - lcm: Latent Consistency Models (diffusers' docs: 4 steps, LCMScheduler; a
+#   distilled UNet with time_cond_proj_dim takes the guidance scale as an embedding,
+#   with classifier-free guidance off, and diffusers' examples use 8.0).
+PRESETS: dict[str, dict[str, int | float | str]] = {
+    "turbo": {
+        "default_num_inference_steps": 1,
+        "default_guidance_scale": 0.0,
+        "default_scheduler": "euler_a",
+    },
+    "lcm": {
+        "default_num_inference_steps": 4,
+        "default_guidance_scale": 8.0,
+        "default_scheduler": "lcm",
+    },
+}
+
 # The public pipeline models (stable_diffusion and its decoupled streaming
 # twin): same code and assets, own config.
 PIPELINE_MODELS: dict[str, S.ModelSpec] = dict(S.PIPELINES)
@@ -67,7 +99,10 @@ class Contents:
 
     ``safety_checker=False`` drops the checkpoint's safety checker; a
     checkpoint without one (``model_index.json``: null) exports without it
-    either way. ``name``: recorded as ``source`` in pipeline.json (default:
+    either way. ``safety_checker_from``: a diffusers checkpoint whose safety
+    checker and feature extractor are exported instead (SDXL ships none).
+    ``refiner``: an SDXL refiner folder exported beside an SDXL base.
+    ``preset``: a key of :data:`PRESETS` (recommended request defaults). ``name``: recorded as ``source`` in pipeline.json (default:
     the source path). ``watermark``: the invisible watermark of diffusers'
     SDXL pipelines (``sd_pipeline.watermark``); None: as diffusers does
     (SDXL when the invisible-watermark package is installed, SD 1.x/2.x never).
@@ -80,6 +115,9 @@ class Contents:
     opset: int = 17
     dynamo: bool = False
     name: str | None = None
+    safety_checker_from: Path | None = None
+    refiner: Path | None = None
+    preset: str | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +197,10 @@ class ExportOptions:
             raise ExportError("--tensorrt needs --host onnxruntime (Triton's onnxruntime backend)")
         if h.tensorrt and not h.trt_cache:
             raise ExportError("--tensorrt needs an engine cache folder (--trt-cache)")
+        if c.preset is not None and c.preset not in PRESETS:
+            raise ExportError(f"unknown preset {c.preset!r}; choose one of {', '.join(PRESETS)}")
+        if c.safety_checker_from and not c.safety_checker:
+            raise ExportError("--safety-checker attaches one, --no-safety-checker leaves it out")
         if not set(n.model_prefix) <= MODEL_PREFIX_CHARS:
             raise ExportError(
                 f"model prefix {n.model_prefix!r} may hold only letters, digits, '_', '-', '.'"
@@ -177,12 +219,27 @@ class ExportOptions:
         }
 
     def model_names(self) -> list[str]:
-        """Every model name this export may own (all components, both pipeline models)."""
-        return [self.model_name(n) for n in (*COMPONENTS, *PIPELINE_MODELS)]
+        """Every model name this export may own (all components, a refiner's, both
+        pipeline models)."""
+        names = [*COMPONENTS, *(f"{REFINER_PREFIX}{n}" for n in COMPONENTS), *PIPELINE_MODELS]
+        return [self.model_name(n) for n in names]
+
+    def for_refiner(self) -> ExportOptions:
+        """The options of the refiner exported beside this base: its components named
+        ``refiner_*``, no safety checker of its own, recorded under its own path."""
+        contents = replace(
+            self.contents,
+            refiner=None,
+            safety_checker=False,
+            safety_checker_from=None,
+            name=None,
+        )
+        naming = replace(self.naming, model_prefix=self.model_name(REFINER_PREFIX))
+        return replace(self, contents=contents, naming=naming)
 
     def for_vae(self, vae_config: Mapping[str, Any]) -> ExportOptions:
-        """These options with ``fp16-vae-auto`` resolved by the VAE's config: the decoder
-        stays float32 when it says ``force_upcast`` (AutoencoderKL's default: true)."""
+        """These options with ``fp16-vae-auto`` resolved by the VAE's config: encoder and
+        decoder stay float32 when it says ``force_upcast`` (AutoencoderKL's default: true)."""
         if self.contents.precision != "fp16-vae-auto":
             return self
         upcast = bool(vae_config.get("force_upcast", True))
@@ -193,7 +250,7 @@ class ExportOptions:
         """Whether component ``name`` stays float32 whatever the precision."""
         if self.contents.precision == "fp16-vae-auto":
             raise ValueError("precision fp16-vae-auto: resolve it with for_vae() first")
-        return name == "vae_decoder" and self.contents.precision != "fp16"
+        return name in VAE_COMPONENTS and self.contents.precision != "fp16"
 
     def component_dtype(self, name: str) -> str:
         """Numpy dtype name of component ``name``'s float weights."""

@@ -26,14 +26,15 @@ from sd_pipeline.config import Limits, PipelineConfig
 
 from . import component_models as CM
 from . import triton_config as T
-from .checkpoint import Checkpoint, ExportError
-from .options import ExportOptions
+from .checkpoint import Checkpoint, ExportError, family
+from .options import PRESETS, ExportOptions
 
 __all__ = [
     "ADMISSION_DEFAULTS",
     "PIPELINE_MODEL_TEMPLATE",
     "pipeline_constants",
     "pipeline_parameters",
+    "pipeline_settings",
     "request_limits",
     "write_pipeline_models",
 ]
@@ -56,11 +57,14 @@ def _native_side(sample_size: Any) -> tuple[int, int]:
 
 def pipeline_constants(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The model constants of ``pipeline.json``, read from a checkpoint's configs."""
-    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    unet, vae = configs["unet"], configs["vae"]
+    encoders = [n for n in ("text_encoder", "text_encoder_2") if n in configs]
+    tokenizer = configs["tokenizer" if "text_encoder" in configs else "tokenizer_2"]
     vae_scale_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     unet_downsamplings = len(unet["down_block_types"]) - 1
     height, width = _native_side(unet["sample_size"])
     constants = {
+        "family": family(configs),
         "latent_channels": int(vae["latent_channels"]),
         "unet_in_channels": int(unet["in_channels"]),
         "vae_scaling_factor": float(vae["scaling_factor"]),
@@ -69,14 +73,33 @@ def pipeline_constants(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, An
         "native_height": height * vae_scale_factor,
         "native_width": width * vae_scale_factor,
         "size_step": vae_scale_factor * 2**unet_downsamplings,
-        "text_width": int(text["hidden_size"]),
-        "tokenizer_max_length": int(configs["tokenizer"]["model_max_length"]),
+        # The first text encoder's width (SD: the UNet's cross_attention_dim).
+        "text_width": int(configs[encoders[0]]["hidden_size"]),
+        "tokenizer_max_length": int(tokenizer["model_max_length"]),
         "prediction_type": configs["scheduler"].get("prediction_type", "epsilon"),
+        # The text encoders in encoding order; their hidden states are concatenated.
+        "text_encoders": encoders,
+        "text_encoder_layers": {n: int(configs[n]["num_hidden_layers"]) for n in encoders},
+        "cross_attention_dim": int(unet["cross_attention_dim"]),
+        "unet_text_time": unet.get("addition_embed_type") == "text_time",
+        "time_cond_proj_dim": unet.get("time_cond_proj_dim"),
     }
     if "safety_checker" in configs:
         side = int(configs["safety_checker"]["vision_config"]["image_size"])
         constants["clip_image_size"] = side
     return constants
+
+
+def pipeline_settings(index: Mapping[str, Any], family_name: str) -> dict[str, bool]:
+    """The pipeline's settings from model_index.json, with diffusers' defaults: SDXL
+    pipelines use zero embeddings for an absent negative prompt unless told otherwise;
+    only a refiner that says so conditions on aesthetic scores."""
+    xl = family_name != "sd"
+    return {
+        "force_zeros_for_empty_prompt": xl
+        and bool(index.get("force_zeros_for_empty_prompt", True)),
+        "requires_aesthetics_score": xl and bool(index.get("requires_aesthetics_score", False)),
+    }
 
 
 def request_limits(opts: ExportOptions, constants: Mapping[str, Any]) -> Limits:
@@ -91,21 +114,26 @@ def request_limits(opts: ExportOptions, constants: Mapping[str, Any]) -> Limits:
 
 
 def pipeline_parameters(opts: ExportOptions, limits: Limits) -> dict[str, Any]:
-    """The pipeline models' config parameters: limits, admission, then anything else given."""
-    return {**ADMISSION_DEFAULTS, **opts.parameters, **limits.parameters()}
+    """The pipeline models' config parameters: limits, admission, the preset's request
+    defaults (``options.PRESETS``), then anything else given."""
+    preset = PRESETS.get(opts.contents.preset or "", {})
+    return {**ADMISSION_DEFAULTS, **preset, **opts.parameters, **limits.parameters()}
 
 
-def _write_assets(ckpt: Checkpoint, assets: Path, pipeline_json: Mapping[str, Any]) -> None:
-    tokenizer = assets / "tokenizer"
-    tokenizer.mkdir(parents=True)
-    for f in ckpt.tokenizer_files:
-        shutil.copyfile(f, tokenizer / f.name)
+def write_assets(ckpt: Checkpoint, assets: Path, pipeline_json: Mapping[str, Any]) -> None:
+    """A pipeline's ``assets/``: its tokenizers, scheduler and CLIP preprocessor configs,
+    and ``pipeline.json``."""
+    assets.mkdir(parents=True, exist_ok=True)
+    for name, files in ckpt.tokenizer_files.items():
+        (assets / name).mkdir()
+        for f in files:
+            shutil.copyfile(f, assets / name / f.name)
     for folder, name in (
         ("scheduler", "scheduler_config.json"),
         ("feature_extractor", "preprocessor_config.json"),
     ):
-        src = ckpt.path / folder / name
-        if src.is_file():
+        src = ckpt.folder(folder) / name
+        if src.is_file() and (folder != "feature_extractor" or ckpt.has_safety_checker):
             (assets / folder).mkdir(parents=True)
             shutil.copyfile(src, assets / folder / name)
     (assets / "pipeline.json").write_text(json.dumps(pipeline_json, indent=2) + "\n")
@@ -128,14 +156,22 @@ def write_pipeline_models(
     opts: ExportOptions,
     staging: Path,
     version: str,
+    extra_assets: Mapping[str, tuple[Checkpoint, Mapping[str, Any]]] | None = None,
 ) -> None:
-    """Write every pipeline model of ``opts`` to ``staging``: code, assets, config."""
+    """Write every pipeline model of ``opts`` to ``staging``: code, assets, config.
+
+    ``extra_assets``: sub-folder of ``assets/`` -> (checkpoint, pipeline.json) of a
+    model the pipeline calls too (``refiner``: an SDXL refiner).
+    """
+    extra_assets = extra_assets or {}
     for base_name, model_spec in opts.pipeline_models().items():
         model_name = opts.model_name(base_name)
         version_dir = staging / model_name / version
         version_dir.mkdir(parents=True)
         _copy_pipeline_code(version_dir)
-        _write_assets(ckpt, version_dir / "assets", pipeline_json)
+        write_assets(ckpt, version_dir / "assets", pipeline_json)
+        for sub, (sub_ckpt, sub_json) in extra_assets.items():
+            write_assets(sub_ckpt, version_dir / "assets" / sub, sub_json)
         # A decoupled model runs requests on its own threads: one instance.
         decoupled = bool(model_spec.extra.get("decoupled"))
         instances = 1 if decoupled else opts.hosting.pipeline_instances

@@ -23,7 +23,11 @@ __all__ = ["TRT_COMPONENTS", "TRT_WORKSPACE_BYTES", "tensorrt_parameters"]
 
 # The components TensorRT builds engines for (the safety checker runs once
 # per request and stays on CUDA), and the workspace it may use while building.
-TRT_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+TRT_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
+# The UNet's text sequence (77 tokens per 75-token prompt chunk) is dynamic: its
+# profiles go from one chunk (min, opt) to this many (max), so a prompt of up to
+# 225 tokens fits the engine.
+TRT_MAX_PROMPT_CHUNKS = 3
 TRT_WORKSPACE_BYTES = 4 << 30
 
 
@@ -59,6 +63,8 @@ def profile_points(
     min: one image at the smallest size; opt: the typical call at the native
     size (the UNet: 2 samples, classifier-free guidance); max: the model
     config's batch at ``max_side`` (rounded down to the size step) a side.
+    The UNet's text sequence: one prompt chunk for min and opt,
+    :data:`TRT_MAX_PROMPT_CHUNKS` for max.
     """
     step = constants["size_step"]
     top = limits.max_side - limits.max_side % step
@@ -86,6 +92,8 @@ def _profiles(
     ).items():
         dynamic = {S.BATCH: batch, "height": height, "width": width}
         dynamic.update(latent_height=height // f, latent_width=width // f)
+        chunks = TRT_MAX_PROMPT_CHUNKS if label == "max" else 1
+        dynamic["text_sequence"] = chunks * sizes["sequence"]
         shapes = [
             f"{t.name}:" + "x".join(map(str, C.resolve(C.model_dims(t), {**sizes, **dynamic})))
             for t in component.spec.inputs

@@ -1,4 +1,4 @@
-"""The five component wrappers: a diffusers / transformers module behind the tensor contract.
+"""The component wrappers: a diffusers / transformers module behind the tensor contract.
 
 ``wrap(name, modules)`` returns a ``torch.nn.Module`` whose ``forward`` takes the
 component's contract inputs in order and returns its outputs in order. One
@@ -23,15 +23,18 @@ __all__ = ["FP32_TENSORS", "MODULE_CLASSES", "MODULES", "load_module", "wrap"]
 # Checkpoint folders each component needs.
 MODULES: dict[str, tuple[str, ...]] = {
     "text_encoder": ("text_encoder",),
+    "text_encoder_2": ("text_encoder_2",),
     "unet": ("unet",),
     "vae_encoder": ("vae",),
     "vae_decoder": ("vae",),
     "safety_checker": ("safety_checker",),
 }
 
-# Checkpoint folder -> (module, class) that loads it (SD 1.x / 2.x).
+# Checkpoint folder -> (module, class) that loads it.
 MODULE_CLASSES: dict[str, tuple[str, str]] = {
     "text_encoder": ("transformers", "CLIPTextModel"),
+    # SDXL's second text encoder: its pooled output is projected (text_embeds).
+    "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
     "unet": ("diffusers", "UNet2DConditionModel"),
     "vae": ("diffusers", "AutoencoderKL"),
     "safety_checker": (
@@ -86,20 +89,56 @@ def _module(forward, **modules: Any):
     return Wrapper().eval()
 
 
-def _text_encoder(modules, attention):
-    import torch
+def _text_encoder(folder):
+    """A CLIP text model: ``input_ids`` [B, L] and ``skip_layers`` [B] -> the hidden state
+    ``skip_layers`` layers before the last (as the encoder computed it), the same through
+    the final layer norm, and the pooled embedding (projected where the model projects it).
 
-    modules["text_encoder"].set_attn_implementation(attention)
+    Skip 0's normed hidden state is the model's ``last_hidden_state``. ``skip_layers``
+    is clamped to the model's layers (the pipeline refuses what does not fit).
+    """
 
-    def forward(self, input_ids):
-        return self.text_encoder(input_ids.to(torch.int64), return_dict=False)[0]
+    def build(modules, attention):
+        import torch
 
-    return _module(forward, text_encoder=modules["text_encoder"])
+        encoder = modules[folder]
+        encoder.set_attn_implementation(attention)
+        layers = encoder.config.num_hidden_layers
+        projected = hasattr(encoder, "text_projection")  # CLIPTextModelWithProjection
+        # transformers 5's CLIPTextModel holds the transformer's parts itself.
+        final_layer_norm = getattr(encoder, "text_model", encoder).final_layer_norm
+
+        def forward(self, input_ids, skip_layers):
+            out = self.encoder(input_ids.to(torch.int64), output_hidden_states=True)
+            # [B, layers + 1, L, D]: the embeddings' output, then each layer's.
+            states = torch.stack(out.hidden_states, dim=1)
+            index = layers - skip_layers.to(torch.int64).clamp(0, layers)
+            index = index.reshape(-1, 1, 1, 1).expand(-1, 1, *states.shape[2:])
+            hidden = torch.gather(states, 1, index).squeeze(1)
+            normed = final_layer_norm(hidden)
+            pooled = out.text_embeds if projected else out.pooler_output
+            return hidden, normed, pooled
+
+        return _module(forward, encoder=encoder)
+
+    return build
 
 
 def _unet(modules, attention):
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    """The UNet; SDXL's added conditioning (``text_embeds``, ``time_ids``) and LCM's
+    guidance embedding (``timestep_cond``) follow as the UNet's config has them, in the
+    order of ``sd_pipeline.spec.unet_spec``."""
+    config = modules["unet"].config
+    text_time = config.get("addition_embed_type") == "text_time"
+    timestep_cond = config.get("time_cond_proj_dim") is not None
+
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        kwargs = {}
+        if text_time:
+            kwargs["added_cond_kwargs"] = {"text_embeds": extra[0], "time_ids": extra[1]}
+        if timestep_cond:
+            kwargs["timestep_cond"] = extra[-1]
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
 
     return _module(forward, unet=modules["unet"])
 
@@ -158,7 +197,8 @@ def _safety_checker(modules, attention):
 
 
 _WRAPPERS = {
-    "text_encoder": _text_encoder,
+    "text_encoder": _text_encoder("text_encoder"),
+    "text_encoder_2": _text_encoder("text_encoder_2"),
     "unet": _unet,
     "vae_encoder": _vae_encoder,
     "vae_decoder": _vae_decoder,

@@ -36,13 +36,23 @@ def sizes(checkpoint):
     return C.fixed_sizes(ckpt.configs)
 
 
+# The tiny SD 1.x checkpoint's components.
+SD_COMPONENTS = ["text_encoder", "unet", "vae_encoder", "vae_decoder", "safety_checker"]
+
+
+@pytest.fixture(scope="module")
+def components(checkpoint):
+    ckpt, _ = checkpoint
+    return C.checkpoint_components(ckpt.configs, safety_checker=True)
+
+
 @pytest.fixture(scope="module")
 def sessions(tiny_repository):
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     return {
         name: ort.InferenceSession(str(tiny_repository / name / "1" / "model.onnx"), options)
-        for name in C.COMPONENTS
+        for name in SD_COMPONENTS
     }
 
 
@@ -50,8 +60,12 @@ def sessions(tiny_repository):
 def _reference(name, modules, inputs):
     with torch.no_grad():
         if name == "text_encoder":
-            ids = inputs["input_ids"].long()
-            return [modules["text_encoder"](ids).last_hidden_state]
+            out = modules["text_encoder"](inputs["input_ids"].long(), output_hidden_states=True)
+            skips = inputs["skip_layers"].tolist()
+            hidden = torch.stack([out.hidden_states[-1 - k][i] for i, k in enumerate(skips)])
+            # diffusers' clip_skip: the chosen layer through the final layer norm.
+            norm = modules["text_encoder"].final_layer_norm
+            return [hidden, norm(hidden), out.pooler_output]
         if name == "unet":
             unet = modules["unet"]
             return [
@@ -68,20 +82,26 @@ def _reference(name, modules, inputs):
     raise KeyError(name)
 
 
-@pytest.mark.parametrize("name", list(C.COMPONENTS))
+@pytest.mark.parametrize("name", SD_COMPONENTS)
 @pytest.mark.parametrize(
-    "batch,latent_hw", [(1, (8, 8)), (3, (6, 10))], ids=["b1-square", "b3-nonsquare"]
+    "batch,latent_hw,chunks",
+    [(1, (8, 8), 1), (3, (6, 10), 2)],
+    ids=["b1-square", "b3-nonsquare-long-prompt"],
 )
-def test_component_matches_diffusers(name, batch, latent_hw, checkpoint, sizes, sessions):
+def test_component_matches_diffusers(
+    name, batch, latent_hw, chunks, checkpoint, sizes, components, sessions
+):
     ckpt, modules = checkpoint
     factor = pipeline_constants(ckpt.configs)["vae_scale_factor"]
     lh, lw = latent_hw
     dyn = {S.BATCH: batch, "latent_height": lh, "latent_width": lw}
-    dyn.update(height=lh * factor, width=lw * factor)
-    inputs = C.sample_inputs(C.COMPONENTS[name], {**sizes, **dyn}, seed=batch * 100 + lh)
+    dyn.update(height=lh * factor, width=lw * factor, text_sequence=chunks * sizes["sequence"])
+    inputs = C.sample_inputs(components[name], {**sizes, **dyn}, seed=batch * 100 + lh)
+    if name == "text_encoder":  # every skip the batch can hold, one per sample
+        inputs["skip_layers"] = torch.arange(batch, dtype=torch.int32).flip(0)
     got = sessions[name].run(None, {k: v.numpy() for k, v in inputs.items()})
     want = _reference(name, modules, inputs)
-    spec = C.COMPONENTS[name].spec
+    spec = components[name].spec
     for t, g, w in zip(spec.outputs, got, want, strict=True):
         w = w.numpy()
         assert g.shape == w.shape, t.name
@@ -96,7 +116,7 @@ def test_component_matches_diffusers(name, batch, latent_hw, checkpoint, sizes, 
 def test_unet_timestep_is_per_sample(sessions, sizes):
     """Different timesteps in one batch give each sample its own result."""
     comp = C.COMPONENTS["unet"]
-    dyn = {S.BATCH: 2, "latent_height": 8, "latent_width": 8}
+    dyn = {S.BATCH: 2, "latent_height": 8, "latent_width": 8, "text_sequence": 77}
     inputs = {k: v.numpy() for k, v in C.sample_inputs(comp, {**sizes, **dyn}).items()}
     inputs["sample"][1] = inputs["sample"][0]
     inputs["encoder_hidden_states"][1] = inputs["encoder_hidden_states"][0]
@@ -112,7 +132,7 @@ def test_unet_timestep_is_per_sample(sessions, sizes):
 # ------------------------------------------------------------------ configs
 
 
-@pytest.mark.parametrize("name", list(C.COMPONENTS))
+@pytest.mark.parametrize("name", SD_COMPONENTS)
 def test_component_config_agrees_with_onnx(name, tiny_repository):
     config = T.read_config(tiny_repository / name)
     assert config.name == name
@@ -198,6 +218,14 @@ def test_pipeline_json(tiny_repository, tiny_checkpoint):
     assert constants["dtype"] == "float32"
     assert constants["source"] == str(tiny_checkpoint.resolve())
     assert constants["tensor_dtypes"]["unet"]["timestep"] == "float32"
+    # SD 1.x: one text encoder, no added conditioning.
+    assert constants["family"] == "sd" and constants["text_encoders"] == ["text_encoder"]
+    assert constants["text_encoder_layers"] == {"text_encoder": 5}
+    assert constants["cross_attention_dim"] == 32
+    assert constants["unet_text_time"] is False and constants["time_cond_proj_dim"] is None
+    assert constants["force_zeros_for_empty_prompt"] is False
+    assert constants["requires_aesthetics_score"] is False and constants["refiner"] is False
+    assert list(constants["component_models"]) == SD_COMPONENTS
 
 
 def test_assets_load(tiny_repository):
