@@ -356,6 +356,13 @@ def test_sdxl_second_encoder_pooled_comes_from_the_first_chunk(
 def test_unit_weights_change_nothing_bit_for_bit():
     torch.manual_seed(0)
     hidden = torch.randn(3, 77, 16)
+    hidden[1] -= hidden[1].mean()  # a chunk whose mean is (almost) zero
     for dtype in (torch.float32, torch.float16):
         h = hidden.to(dtype)
         assert torch.equal(emphasize(h, torch.ones(3, 77)), h)
+    weights = torch.ones(3, 77)
+    weights[2, 5] = 2.0
+    out = emphasize(hidden, weights)
+    assert torch.equal(out[:2], hidden[:2])
+    torch.testing.assert_close(out[2].mean(), hidden[2].mean())
+    assert not torch.equal(out[2], hidden[2])

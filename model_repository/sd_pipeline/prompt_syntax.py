@@ -317,6 +317,8 @@ def encode(
     chunk's hidden states are multiplied by their token weights, then scaled
     back to the chunk's original mean. Pooled is each text's first chunk's.
     """
+    if not texts:
+        raise ValueError("encode() needs at least one text")
     per_text = [
         chunk(t, tokenizer, comma_padding_backtrack=comma_padding_backtrack, lock=lock)
         for t in texts
@@ -343,11 +345,16 @@ def emphasize(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The web UI's "Original" emphasis, per chunk: scale by weight, restore the mean.
 
     ``hidden`` ``[K, 77, D]``, ``weights`` ``[K, 77]``; computed in float32,
-    returned in ``hidden``'s dtype. Weights of 1.0 return ``hidden``
-    unchanged, bit for bit.
+    returned in ``hidden``'s dtype. A chunk whose weights are all 1.0 comes
+    back as it went in, bit for bit.
+
+    The mean is over the chunk's 77 x D values. A text encoder whose output
+    is layer-normed with no shift (an untrained one) has a mean of rounding
+    noise, and then so is the rescaling: trained CLIPs are far from that.
     """
     z = hidden.float()
     original_mean = z.mean(dim=(1, 2), keepdim=True)
     z = z * weights.to(z.device, torch.float32).unsqueeze(-1)
     z = z * (original_mean / z.mean(dim=(1, 2), keepdim=True))
-    return z.to(hidden.dtype)
+    unweighted = (weights == 1.0).all(dim=1).to(hidden.device)
+    return torch.where(unweighted[:, None, None], hidden, z.to(hidden.dtype))
