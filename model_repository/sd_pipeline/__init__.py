@@ -8,6 +8,7 @@ only. Modules:
 - ``spec``: the tensor contract of every model (standard library only);
 - ``config``: model constants (``pipeline.json``), request limits, assets;
 - ``request``: ``GenerationRequest``, parsing and validation;
+- ``prompt_syntax``: AUTOMATIC1111's prompt weights, ``BREAK`` and 75-token chunks;
 - ``schedulers``: the scheduler alias table;
 - ``components``: the components interface, onnxruntime and diffusers hosts;
 - ``triton_components``: the same interface as BLS calls (inside Triton);
