@@ -128,7 +128,7 @@ class AsyncClient(
         await self._admin(c.unload_model, name, client_timeout=self._timeout(timeout_s))
 
     async def _model_defaults(self, model: str, request: GenerationRequest) -> dict[str, Any]:
-        defaults = self._cached_defaults(model, request)
+        defaults = self._cached_defaults(model)
         if defaults is None:
             try:
                 response = await self._client.get_model_config(model, client_timeout=self.timeout_s)

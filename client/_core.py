@@ -259,13 +259,9 @@ class ClientCore(Generic[ResultT, PendingT, StreamT]):
 
     # ------------------------------------------------------------- model defaults
 
-    def _cached_defaults(self, model: str, request: GenerationRequest) -> dict[str, Any] | None:
-        """Defaults the model publishes, known so far; None: read the model's config first.
-
-        Only needed (and only read, once per model) when the scheduler is omitted.
-        """
-        if request.scheduler is not None:
-            return {}
+    def _cached_defaults(self, model: str) -> dict[str, Any] | None:
+        """Defaults and checkpoint facts the model publishes, known so far; None: read the
+        model's config first (once per model: infotext needs the model hash too)."""
         return self._defaults.get(model)
 
     def _remember_defaults(self, model: str, config: Any) -> dict[str, Any]:

@@ -139,7 +139,8 @@ def format_infotext(settings: GenerationSettings, *, index: int = 0) -> str:
         "CFG scale": float(settings.guidance_scale),
         "Seed": settings.seed,
         "Size": f"{settings.width}x{settings.height}",
-        "Model": settings.model,
+        "Model hash": settings.model_hash,
+        "Model": settings.checkpoint or settings.model,
     }
     if settings.strength is not None:
         fields["Denoising strength"] = float(settings.strength)

@@ -39,6 +39,9 @@ DEFAULT_SCHEDULER = "default"
 INPAINT_DEFAULT_STRENGTH = 1.0
 # Model config parameter that may name the model's own scheduler (an alias).
 SCHEDULER_PARAMETER = "default_scheduler"
+# Model config parameters naming the checkpoint (sd_triton.export.single_file): the web
+# UI's "Model hash" and "Model" of the images.
+MODEL_FACT_PARAMETERS = ("model_hash", "model_name")
 
 _INT_RANGES = {"int32": np.iinfo(np.int32), "int64": np.iinfo(np.int64)}
 
@@ -134,9 +137,13 @@ def _image_array(name: str, value: Any, channels: int | None) -> np.ndarray:
 
 
 def model_defaults(parameters: Mapping[str, str]) -> dict[str, Any]:
-    """Defaults a model publishes in its config ``parameters`` (today: its scheduler's alias)."""
-    scheduler = parameters.get(SCHEDULER_PARAMETER, "").strip()
-    return {"scheduler": scheduler} if scheduler else {}
+    """What a model publishes in its config ``parameters``: its scheduler's alias, and the
+    web UI's hash and name of the single-file checkpoint it was exported from."""
+    published = {
+        "scheduler": parameters.get(SCHEDULER_PARAMETER, ""),
+        **{key: parameters.get(key, "") for key in MODEL_FACT_PARAMETERS},
+    }
+    return {k: v.strip() for k, v in published.items() if v.strip()}
 
 
 def _response(result: Any) -> Any:
@@ -182,6 +189,8 @@ def _settings(
         num_images_per_prompt=int(images.shape[0]),
         model=model,
         strength=strength,
+        model_hash=defaults.get("model_hash"),
+        checkpoint=defaults.get("model_name"),
     )
 
 

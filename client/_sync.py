@@ -124,7 +124,7 @@ class Client(ClientCore[GenerationResult, "PendingGeneration", "GenerationStream
         self._admin(self._client.unload_model, name, client_timeout=self._timeout(timeout_s))
 
     def _model_defaults(self, model: str, request: GenerationRequest) -> dict[str, Any]:
-        defaults = self._cached_defaults(model, request)
+        defaults = self._cached_defaults(model)
         if defaults is None:
             try:
                 config = self._client.get_model_config(model, client_timeout=self.timeout_s).config

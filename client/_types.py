@@ -21,7 +21,9 @@ class GenerationSettings:
     when the model does not publish its name). ``model`` is the unary model
     that makes these images from these settings (a streamed result names the
     unary model too: both serve the same checkpoint). ``strength`` is only
-    set for img2img / inpainting.
+    set for img2img / inpainting. ``model_hash`` and ``checkpoint``: the web UI's
+    hash and name of the single file the model was exported from, when the
+    model publishes them (config parameters ``model_hash``, ``model_name``).
     """
 
     prompt: str
@@ -35,6 +37,8 @@ class GenerationSettings:
     num_images_per_prompt: int
     model: str
     strength: float | None = None
+    model_hash: str | None = None
+    checkpoint: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
