@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import adapters
+from . import adapters, single_file
 from .checkpoint import ExportError
 from .options import (
     HOSTS,
@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Export a diffusers-format Stable Diffusion folder to a Triton model repository.",
     )
-    p.add_argument("src", type=Path, help="diffusers folder (with model_index.json)")
+    p.add_argument(
+        "src",
+        type=Path,
+        help="diffusers folder (with model_index.json), or a single-file checkpoint "
+        "(.safetensors, .ckpt: SD 1.x, 2.x, SDXL base or refiner, in the original layout)",
+    )
     p.add_argument("out", type=Path, help="model repository folder to write")
     p.add_argument(
         "--host",
@@ -187,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="component versions served at once (version_policy latest N; default 2, so the "
         "pipeline can be rolled back one version)",
     )
+    single_file.add_arguments(p)
     adapters.add_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     return p
@@ -252,8 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("sd_triton").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         options = options_from_args(args)
-        with adapters.fused_checkpoint(args.src, args.lora, args.embedding) as fused:
-            options = fused.options(options, args.src)
+        with (
+            single_file.diffusers_folder(args.src, single_file.options_from_args(args)) as src,
+            adapters.fused_checkpoint(src.path, args.lora, args.embedding) as fused,
+        ):
+            options = fused.options(src.options(options, args.src), args.src)
             export_repository(fused.path, args.out, options, overwrite=args.overwrite)
     except ExportError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -129,6 +129,9 @@ def _pipeline_json(
         ),
         "host": opts.hosting.host,
         "source": opts.contents.name or str(src.resolve()),
+        # A single-file checkpoint's web UI hash and stem (sd_triton.export.single_file).
+        "model_hash": opts.parameters.get("model_hash"),
+        "model_name": opts.parameters.get("model_name"),
         "pipeline_class": ckpt.pipeline_class,
         # LoRAs and embeddings fused at export (--lora, --embedding): names, weights, hashes.
         **pipeline_record(src),

@@ -1,0 +1,320 @@
+"""Single-file checkpoints (original LDM/SGM layout) -> diffusers -> the Triton repository.
+
+Tiny models built from code are written as single files by
+tests/original_layout.py (diffusers has no writer) and converted back with
+``sd_triton.export.single_file``: the weights must come back bit for bit, and
+the exported repository must equal the export of the diffusers folder. The
+shipped full-size configs are checked on the meta device (no weights): each
+family's original layout is detected as that family, by us and by diffusers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import pickle
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from original_layout import MODELS, original_layout, original_state_dict, write_original
+from safetensors.torch import load_file, save_file
+
+from sd_triton.client._infotext import format_infotext, parse_infotext
+from sd_triton.client._request import model_defaults
+from sd_triton.client._types import GenerationSettings
+from sd_triton.export import cli, tiny
+from sd_triton.export.checkpoint import ExportError
+from sd_triton.export.single_file import (
+    FAMILIES,
+    SingleFileOptions,
+    config_folder,
+    convert,
+    detect_family,
+    model_hash,
+)
+from sd_triton.export.tokenizer import MERGES_SHA256, VOCAB_SHA256
+
+ONNX_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+
+
+def _build(build_dir: Path, name: str, make) -> Path:
+    """A tiny diffusers folder, built once per build dir (``make(path)`` writes it)."""
+    path = build_dir / f"single-file-{name}"
+    if not (path / "model_index.json").exists():
+        make(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folders(build_dir, tiny_checkpoint) -> dict[str, Path]:
+    """Tiny diffusers folders of every family tested here."""
+    sd2 = replace(
+        tiny.TINY,
+        text_encoder={**tiny.TINY.text_encoder, "hidden_act": "gelu"},  # OpenCLIP's
+        unet={**tiny.TINY.unet, "use_linear_projection": True, "attention_head_dim": (2, 4)},
+        scheduler={**tiny.SD15_SCHEDULER, "prediction_type": "v_prediction"},
+    )
+    makers = {
+        "sd1-inpainting": lambda p: tiny.main([str(p), "--inpainting"]),
+        "sd2": lambda p: tiny.save_pipeline(tiny.build_pipeline(sd2), p),
+        "sdxl-base": lambda p: tiny.main([str(p), "--family", "sdxl"]),
+        "sdxl-refiner": lambda p: tiny.main([str(p), "--family", "sdxl-refiner"]),
+    }
+    return {"sd1": tiny_checkpoint} | {n: _build(build_dir, n, m) for n, m in makers.items()}
+
+
+def _weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(next((folder / name).glob("*.safetensors")))
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    names = [n for n in MODELS if (a / n).is_dir()]
+    assert names == [n for n in MODELS if (b / n).is_dir()]
+    for name in names:
+        wa, wb = _weights(a, name), _weights(b, name)
+        assert wa.keys() == wb.keys(), name
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), f"{name}: {key}"
+
+
+@pytest.mark.parametrize(
+    ("family", "suffix", "prediction_type"),
+    [
+        ("sd1", ".safetensors", None),
+        ("sd1", ".ckpt", None),
+        ("sd1-inpainting", ".safetensors", None),
+        ("sd2", ".safetensors", "v_prediction"),
+        ("sdxl-base", ".safetensors", None),
+        ("sdxl-refiner", ".ckpt", None),
+    ],
+)
+def test_a_single_file_converts_back_to_the_same_weights(
+    folders, tmp_path, family, suffix, prediction_type
+):
+    src = folders[family]
+    path = write_original(src, tmp_path / f"model{suffix}")
+    out = tmp_path / "diffusers"
+    options = SingleFileOptions(prediction_type=prediction_type, config=src)
+    found = convert(path, out, options)
+    assert found == {"sd2": "sd2-v"}.get(family, family)
+    _assert_same_weights(src, out)
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == (prediction_type or "epsilon")
+    index = json.loads((out / "model_index.json").read_text())
+    assert index.get("safety_checker", [None])[0] is None  # single files carry none
+    for name in ("tokenizer", "tokenizer_2"):
+        if (src / name).is_dir():
+            vocab, merges = (out / name / "vocab.json"), (out / name / "merges.txt")
+            assert hashlib.sha256(vocab.read_bytes()).hexdigest() == VOCAB_SHA256
+            assert hashlib.sha256(merges.read_bytes()).hexdigest() == MERGES_SHA256
+            tokenizer_config = json.loads((src / name / "tokenizer_config.json").read_text())
+            ours = json.loads((out / name / "tokenizer_config.json").read_text())
+            assert ours["pad_token"] == tokenizer_config["pad_token"]
+
+
+def test_sd2_needs_its_prediction_type(folders, tmp_path):
+    path = write_original(folders["sd2"], tmp_path / "sd2.safetensors")
+    with pytest.raises(ExportError, match="--prediction-type v_prediction"):
+        convert(path, tmp_path / "out", SingleFileOptions(config=folders["sd2"]))
+    out = tmp_path / "base"
+    options = SingleFileOptions(prediction_type="epsilon", config=folders["sd2"])
+    assert convert(path, out, options) == "sd2-base"
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "epsilon"
+
+
+def _ema_key(key: str) -> str:
+    """LDM's EMA name of a UNet weight: ``model_ema.`` + the key without its dots."""
+    return "model_ema." + "".join(key.split(".")[1:])
+
+
+def test_ema_weights_are_used_only_when_asked(tiny_checkpoint, tmp_path):
+    unet = {k: v for k, v in original_state_dict(tiny_checkpoint).items() if k.startswith("model.")}
+    ema = {_ema_key(k): v + 1 for k, v in unet.items()}
+    path = write_original(tiny_checkpoint, tmp_path / "with-ema.safetensors", extra=ema)
+    trained = _weights(tiny_checkpoint, "unet")
+    for use_ema, shift in ((False, 0), (True, 1)):
+        out = tmp_path / f"ema-{use_ema}"
+        convert(path, out, SingleFileOptions(ema=use_ema, config=tiny_checkpoint))
+        got = _weights(out, "unet")
+        assert all(torch.equal(got[k], trained[k] + shift) for k in trained)
+    plain = write_original(tiny_checkpoint, tmp_path / "plain.safetensors")
+    with pytest.raises(ExportError, match="no EMA weights"):
+        convert(plain, tmp_path / "x", SingleFileOptions(ema=True, config=tiny_checkpoint))
+
+
+def _meta_parts(folder: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """State dicts (meta tensors: shapes only) and configs of a config folder's models."""
+    index = json.loads((folder / "model_index.json").read_text())
+    parts, configs = {}, {}
+    for name in (n for n in MODELS if index.get(n, [None])[0] is not None):
+        library, class_name = index[name]
+        cls = getattr(importlib.import_module(library), class_name)
+        with torch.device("meta"):
+            if library == "diffusers":
+                model = cls.from_config(cls.load_config(folder / name))
+                configs[name] = dict(model.config)
+            else:
+                config = cls.config_class.from_pretrained(folder / name)
+                model, configs[name] = cls(config), config.to_dict()
+        parts[name] = model.state_dict()
+    return parts, configs
+
+
+@pytest.mark.parametrize(
+    ("family", "diffusers_type"),
+    [
+        ("sd1", "v1"),
+        ("sd1-inpainting", "inpainting"),
+        ("sd2-v", "v2"),
+        ("sd2-base", "v2"),
+        ("sdxl-base", "xl_base"),
+        ("sdxl-refiner", "xl_refiner"),
+    ],
+)
+def test_shipped_configs_describe_the_full_size_layouts(family, diffusers_type):
+    """Each family's full-size architecture, written in the original layout, is detected as
+    that family by us and as the matching model type by diffusers (whose marker keys and
+    shapes are the real checkpoints')."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    folder = config_folder(family)
+    state_dict = original_layout(*_meta_parts(folder))
+    prediction = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert detect_family(state_dict, prediction.get("prediction_type")) == family
+    assert infer_diffusers_model_type(state_dict) == diffusers_type
+    assert set(FAMILIES) == {p.name for p in config_folder("sd1").parent.iterdir() if p.is_dir()}
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def _export(src: Path, out: Path, *extra: str) -> int:
+    return cli.main([str(src), str(out), "--no-stream-model", "-q", *extra])
+
+
+def _initializers(path: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def single_file(tiny_checkpoint, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("single") / "tiny-sd1.safetensors"
+    return write_original(tiny_checkpoint, path)
+
+
+@pytest.fixture(scope="module")
+def file_repository(single_file, tiny_checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "repository"
+    assert (
+        _export(single_file, out, "--config", str(tiny_checkpoint), "--pipeline-instances", "1")
+        == 0
+    )
+    return out
+
+
+def test_export_of_a_single_file_equals_the_folders(file_repository, tiny_repository, single_file):
+    for name in ONNX_COMPONENTS:
+        ours = _initializers(file_repository / name / "1" / "model.onnx")
+        theirs = _initializers(tiny_repository / name / "1" / "model.onnx")
+        assert ours.keys() == theirs.keys(), name
+        assert all(np.array_equal(ours[k], theirs[k]) for k in ours), name
+    assert not (file_repository / "safety_checker").exists()
+    assets = file_repository / "stable_diffusion" / "1" / "assets"
+    pipeline = json.loads((assets / "pipeline.json").read_text())
+    expected_hash = hashlib.sha256(single_file.read_bytes()).hexdigest()[:10]
+    assert pipeline["model_hash"] == expected_hash
+    assert pipeline["model_name"] == "tiny-sd1"
+    assert pipeline["source"] == str(single_file.resolve())
+    config = (file_repository / "stable_diffusion" / "config.pbtxt").read_text()
+    assert f'string_value: "{expected_hash}"' in config
+
+
+def test_a_ckpt_with_a_pickled_callable_is_refused_and_nothing_runs(tmp_path, capsys):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.ckpt"
+    tensors = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}
+    torch.save({"state_dict": tensors, "callback": Payload()}, path)
+    with open(path, "rb") as f:  # the payload is really there: a plain unpickle would run it
+        assert b"open" in f.read()
+    assert _export(path, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "refused" in err and "(it names io.open)" in err
+    assert not marker.exists()
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)
+
+
+def test_an_unknown_layout_is_one_line_naming_what_was_found(tiny_checkpoint, tmp_path, capsys):
+    # A diffusers-format UNet file is a single file, but not an original-layout checkpoint.
+    path = tmp_path / "unet.safetensors"
+    save_file(_weights(tiny_checkpoint, "unet"), path)
+    assert _export(path, tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "not a Stable Diffusion checkpoint in the original layout" in err
+    assert "down_blocks." in err and "up_blocks." in err
+
+
+def test_model_hash_is_the_web_uis(tmp_path):
+    """SHA-256 of the whole file, 10 hex digits (not the legacy 8 digits of 64 KiB at 1 MiB)."""
+    small = tmp_path / "abc.safetensors"
+    small.write_bytes(b"abc")
+    assert model_hash(small) == "ba7816bf8f"  # SHA-256("abc"), FIPS 180-2's example
+    big = tmp_path / "big.ckpt"
+    data = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    big.write_bytes(data)
+    assert model_hash(big) == hashlib.sha256(data).hexdigest()[:10]
+    legacy = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert not model_hash(big).startswith(legacy)
+
+
+def test_infotext_writes_model_hash_and_name_as_the_web_ui():
+    published = model_defaults({"model_hash": "ba7816bf8f", "model_name": "tiny-sd1"})
+    assert published == {"model_hash": "ba7816bf8f", "model_name": "tiny-sd1"}
+    settings = GenerationSettings(
+        prompt="a cat",
+        negative_prompt="",
+        num_inference_steps=20,
+        guidance_scale=7.5,
+        height=64,
+        width=64,
+        seed=1,
+        scheduler="euler_a",
+        num_images_per_prompt=1,
+        model="stable_diffusion",
+        model_hash=published["model_hash"],
+        checkpoint=published["model_name"],
+    )
+    text = format_infotext(settings)
+    assert text.endswith("Size: 64x64, Model hash: ba7816bf8f, Model: tiny-sd1")
+    assert parse_infotext(text)["Model hash"] == "ba7816bf8f"
+    without = format_infotext(replace(settings, model_hash=None, checkpoint=None))
+    assert without.endswith("Size: 64x64, Model: stable_diffusion")
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_served_images_carry_the_model_hash(file_repository, single_file):
+    from sd_triton.client import Client
+    from sd_triton.server import TritonServer
+
+    expected = hashlib.sha256(single_file.read_bytes()).hexdigest()[:10]
+    with (
+        TritonServer(file_repository).start(timeout_s=300) as server,
+        Client(server.grpc_url, timeout_s=300) as c,
+    ):
+        result = c.generate("a cat", num_inference_steps=2, seed=1, scheduler="euler")
+    assert f"Model hash: {expected}, Model: tiny-sd1" in result.infotext()
