@@ -85,10 +85,10 @@ class Recorder:
         self.model, self.pooled, self.calls = model, pooled, []
 
     @torch.no_grad()
-    def __call__(self, ids):
+    def __call__(self, ids, text_index):
         out = self.model(ids, output_hidden_states=self.pooled)
         hidden = out.hidden_states[-2] if self.pooled else out.last_hidden_state
-        self.calls.append((ids, hidden))
+        self.calls.append((ids, text_index, hidden))
         return hidden, (out.text_embeds if self.pooled else None)
 
 
@@ -305,19 +305,30 @@ def test_long_prompt_with_comma_backtrack_equals_the_reference(tokenizer, text_m
     torch.testing.assert_close(hidden[0], reference(text_model, chunks).float())
 
 
-def test_shorter_texts_are_padded_with_the_empty_chunk_in_one_call(tokenizer, text_model):
+def test_shorter_texts_are_padded_with_their_empty_chunk_in_one_call(tokenizer, text_model):
     recorder = Recorder(text_model)
     hidden, _ = encode(["(cat)", "cat " * 80, "dog BREAK dog BREAK dog"], tokenizer, recorder)
     assert hidden.shape == (3, 3 * 77, 32)
-    [(ids, raw)] = recorder.calls  # one call: 1 + 2 + 3 chunks and the empty one
-    assert ids.shape == (7, 77)
-    assert ids[-1].tolist() == frame([])
-    for text, chunk_count in ((0, 1), (1, 2)):
-        for c in range(chunk_count, 3):
-            assert torch.equal(hidden[text, 77 * c : 77 * (c + 1)], raw[-1])
+    [(ids, text_index, raw)] = recorder.calls  # one call: 1 + 2 + 3 chunks, 2 empty ones
+    assert text_index.tolist() == [0, 0, 1, 1, 1, 2, 2, 2]
+    assert ids[1].tolist() == ids[4].tolist() == frame([])
+    for text, empty_row, padding in ((0, 1, (1, 2)), (1, 4, (2,))):
+        for c in padding:
+            assert torch.equal(hidden[text, 77 * c : 77 * (c + 1)], raw[empty_row])
+    assert torch.equal(hidden[1, :154], raw[2:4].flatten(0, 1))  # no weights: as encoded
     torch.testing.assert_close(
         hidden[0, :77], reference(text_model, [[(CAT, 1.1)]]).float(), rtol=1e-5, atol=1e-5
     )
+
+
+def test_min_chunks_pads_every_text(tokenizer, text_model):
+    recorder = Recorder(text_model)
+    hidden, _ = encode(["cat", "dog"], tokenizer, recorder, min_chunks=2)
+    [(ids, text_index, raw)] = recorder.calls
+    assert text_index.tolist() == [0, 0, 1, 1]
+    assert ids[1].tolist() == ids[3].tolist() == frame([])
+    assert hidden.shape == (2, 154, 32)
+    assert torch.equal(hidden[1, 77:], raw[3])
 
 
 def test_plain_prompts_encode_exactly_as_diffusers(tokenizer, text_model):

@@ -13,12 +13,14 @@ encoder callable:
 2. :func:`chunk` tokenizes every fragment alone and packs the tokens into
    chunks of 75 (each framed as ``bos + 75 + eos``, 77 ids): ``BREAK``
    starts a new chunk, and a chunk that would end within 20 tokens of a comma
-   ends after the comma instead (the web UI's "comma padding backtrack").
+   ends after the comma instead (the web UI's "Prompt word wrap length limit",
+   ``comma_padding_backtrack``).
 3. :func:`encode` runs every chunk of every text through the text encoder in
    one call, multiplies each token's hidden state by its weight, rescales the
    chunk so its mean is what it was (the web UI's default "Original"
    emphasis), concatenates a text's chunks along the sequence axis and pads
-   shorter texts with the encoding of an empty chunk. SDXL's pooled output
+   shorter texts with the encoding of an empty chunk (the web UI's "Pad
+   prompt/negative prompt"). SDXL's pooled output
    comes from each text's first chunk.
 
 A prompt with none of this syntax and at most 75 tokens is not this module's
@@ -82,7 +84,8 @@ _AND_WORD = re.compile(r"\bAND\b")
 # The end of a [from:to:when] group: ":" then a (signed) number.
 _SCHEDULE_END = re.compile(r":\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 
-EncodeIds = Callable[[torch.Tensor], tuple[torch.Tensor, "torch.Tensor | None"]]
+# encode_ids(ids [K, 77], text_index [K]) -> (hidden [K, 77, D], pooled [K, P] or None)
+EncodeIds = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, "torch.Tensor | None"]]
 # Whatever guards the tokenizer (a threading.Lock): held while tokenizing only.
 Lock = contextlib.AbstractContextManager
 
@@ -199,7 +202,8 @@ def uses_syntax(text: str, tokenizer, *, lock: Lock | None = None) -> bool:
 
     False means diffusers' encoding (padding to 77, truncation) gives what the
     web UI gives, and the caller should keep it. Text the web UI would read
-    differently from diffusers (brackets, escapes, ``AND``) is True.
+    differently from diffusers (brackets, escapes, ``AND``) is True; a weight
+    that is not a number raises :class:`~.errors.InvalidRequest`.
     """
     if _AND_WORD.search(text) or parse_attention(text) != [(text, 1.0)]:
         return True
@@ -306,16 +310,21 @@ def encode(
     encode_ids: EncodeIds,
     *,
     comma_padding_backtrack: int = 20,
+    min_chunks: int = 1,
     lock: Lock | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weighted embeddings ``[len(texts), 77 * C, D]`` and pooled ``[len(texts), P]`` or None.
 
-    ``encode_ids(ids [K, 77] int64) -> (hidden [K, 77, D], pooled [K, P] or
-    None)`` is called once, with every chunk of every text (and one empty
-    chunk when the texts' chunk counts differ: shorter texts are padded with
-    its encoding, as the web UI's ``pad_cond_uncond`` option does). Each
-    chunk's hidden states are multiplied by their token weights, then scaled
-    back to the chunk's original mean. Pooled is each text's first chunk's.
+    ``encode_ids(ids [K, 77] int64, text_index [K] int64) -> (hidden [K, 77,
+    D], pooled [K, P] or None)`` is called once, with every chunk of every
+    text; ``text_index`` says whose each row is (for per-text settings such
+    as ``clip_skip``). A text with fewer chunks than the longest also sends
+    one empty chunk, whose encoding pads it (the web UI's "Pad
+    prompt/negative prompt"). Each chunk's hidden states are multiplied by
+    their token weights, then scaled back to the chunk's original mean.
+    Pooled is each text's first chunk's. ``min_chunks`` pads every text to
+    at least that many chunks (SDXL: both encoders' embeddings must have the
+    same length when ``prompt_2`` differs from ``prompt``).
     """
     if not texts:
         raise ValueError("encode() needs at least one text")
@@ -324,21 +333,24 @@ def encode(
         for t in texts
     ]
     counts = [c.ids.shape[0] for c in per_text]
-    most = max(counts)
-    padded = min(counts) < most
-    if padded:
-        per_text.append(chunk("", tokenizer, lock=lock))
-    ids = torch.cat([c.ids for c in per_text])
-    hidden, pooled = encode_ids(ids)
-    weighted = emphasize(hidden, torch.cat([c.weights for c in per_text]))
-    starts = [sum(counts[:i]) for i in range(len(counts))]
-    empty = weighted[-1:] if padded else None
-    rows = []
+    most = max(*counts, min_chunks)
+    empty = chunk("", tokenizer, lock=lock) if min(counts) < most else None
+    rows = [c if n == most else _stack(c, empty) for c, n in zip(per_text, counts, strict=True)]
+    sizes = [c.ids.shape[0] for c in rows]
+    owner = torch.repeat_interleave(torch.arange(len(texts)), torch.tensor(sizes))
+    hidden, pooled = encode_ids(torch.cat([c.ids for c in rows]), owner)
+    weighted = emphasize(hidden, torch.cat([c.weights for c in rows]))
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    embeddings = []
     for start, n in zip(starts, counts, strict=True):
-        parts = [weighted[start : start + n]] + [empty] * (most - n)
-        rows.append(torch.cat(parts).reshape(1, -1, hidden.shape[-1]))
+        pad = [weighted[start + n : start + n + 1]] * (most - n)  # the text's empty chunk
+        embeddings.append(torch.cat([weighted[start : start + n], *pad]).flatten(0, 1))
     first_pooled = None if pooled is None else pooled[starts]
-    return torch.cat(rows), first_pooled
+    return torch.stack(embeddings), first_pooled
+
+
+def _stack(a: Chunks, b: Chunks) -> Chunks:
+    return Chunks(torch.cat([a.ids, b.ids]), torch.cat([a.weights, b.weights]))
 
 
 def emphasize(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
