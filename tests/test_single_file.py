@@ -18,10 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 from original_layout import MODELS, original_layout, original_state_dict, write_original
 from safetensors.torch import load_file, save_file
 
@@ -199,9 +197,32 @@ def _export(src: Path, out: Path, *extra: str) -> int:
     return cli.main([str(src), str(out), "--no-stream-model", "-q", *extra])
 
 
-def _initializers(path: Path) -> dict[str, np.ndarray]:
-    model = onnx.load(str(path))
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+# Lean exports: what is compared is the same either way.
+LEAN = ("--no-stream-model", "--pipeline-instances", "1")
+# pipeline.json keys that say where the model came from; everything else must be equal.
+PROVENANCE = ("model_hash", "model_name", "source")
+
+
+def _assert_same_onnx(a: Path, b: Path, components) -> None:
+    for name in components:
+        onnx_a, onnx_b = (r / name / "1" / "model.onnx" for r in (a, b))
+        assert onnx_a.read_bytes() == onnx_b.read_bytes(), name
+
+
+def _pipeline_json(repository: Path) -> dict:
+    return json.loads((repository / "stable_diffusion/1/assets/pipeline.json").read_text())
+
+
+def _assert_provenance(repository: Path, path: Path) -> None:
+    """pipeline.json and the config parameters name the file, with the web UI's hash."""
+    expected_hash = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    pipeline = _pipeline_json(repository)
+    assert pipeline["model_hash"] == expected_hash
+    assert pipeline["model_name"] == path.stem
+    assert pipeline["source"] == str(path.resolve())
+    config = (repository / "stable_diffusion" / "config.pbtxt").read_text()
+    for key, value in (("model_hash", expected_hash), ("model_name", path.stem)):
+        assert f'key: "{key}"\n  value {{\n    string_value: "{value}"' in config
 
 
 @pytest.fixture(scope="module")
@@ -213,28 +234,35 @@ def single_file(tiny_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def file_repository(single_file, tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single") / "repository"
-    assert (
-        _export(single_file, out, "--config", str(tiny_checkpoint), "--pipeline-instances", "1")
-        == 0
-    )
+    assert _export(single_file, out, "--config", str(tiny_checkpoint), *LEAN) == 0
     return out
 
 
 def test_export_of_a_single_file_equals_the_folders(file_repository, tiny_repository, single_file):
-    for name in ONNX_COMPONENTS:
-        ours = _initializers(file_repository / name / "1" / "model.onnx")
-        theirs = _initializers(tiny_repository / name / "1" / "model.onnx")
-        assert ours.keys() == theirs.keys(), name
-        assert all(np.array_equal(ours[k], theirs[k]) for k in ours), name
-    assert not (file_repository / "safety_checker").exists()
-    assets = file_repository / "stable_diffusion" / "1" / "assets"
-    pipeline = json.loads((assets / "pipeline.json").read_text())
-    expected_hash = hashlib.sha256(single_file.read_bytes()).hexdigest()[:10]
-    assert pipeline["model_hash"] == expected_hash
-    assert pipeline["model_name"] == "tiny-sd1"
-    assert pipeline["source"] == str(single_file.resolve())
-    config = (file_repository / "stable_diffusion" / "config.pbtxt").read_text()
-    assert f'string_value: "{expected_hash}"' in config
+    _assert_same_onnx(file_repository, tiny_repository, ONNX_COMPONENTS)
+    assert not (file_repository / "safety_checker").exists()  # single files carry none
+    ours, theirs = _pipeline_json(file_repository), _pipeline_json(tiny_repository)
+    for key in ("prediction_type", "vae_scaling_factor", "text_width", "native_height"):
+        assert ours[key] == theirs[key]
+    _assert_provenance(file_repository, single_file)
+
+
+def test_sdxl_base_as_a_single_file_exports_the_same_repository(folders, tmp_path):
+    src = folders["sdxl-base"]
+    path = write_original(src, tmp_path / "tiny-sdxl.safetensors")
+    assert _export(src, tmp_path / "folder", *LEAN) == 0
+    assert _export(path, tmp_path / "file", "--config", str(src), *LEAN) == 0
+    folder, file = tmp_path / "folder", tmp_path / "file"
+    components = sorted(p.name for p in folder.iterdir() if p.name != "stable_diffusion")
+    assert components == sorted(p.name for p in file.iterdir() if p.name != "stable_diffusion")
+    assert "text_encoder_2" in components
+    _assert_same_onnx(folder, file, components)
+    ours, theirs = _pipeline_json(file), _pipeline_json(folder)
+    assert ours["family"] == "sdxl"
+    assert {k: v for k, v in ours.items() if k not in PROVENANCE} == {
+        k: v for k, v in theirs.items() if k not in PROVENANCE
+    }
+    _assert_provenance(file, path)
 
 
 def test_a_ckpt_with_a_pickled_callable_is_refused_and_nothing_runs(tmp_path, capsys):
