@@ -211,18 +211,17 @@ def _class(entry: list[str]) -> type:
 
 
 def _load_component(name: str, entry: list[str], state_dict, config: Path, ema: bool):
-    """Component ``name`` (a diffusers or transformers model) from the original-layout dict."""
+    """Component ``name`` (a diffusers or transformers model) from the original-layout dict,
+    in the checkpoint's own float dtype (the exporter reads it as float32 either way)."""
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
 
     cls = _class(entry)
+    common = {"config": str(config), "subfolder": name, "local_files_only": True}
+    common["torch_dtype"] = state_dict[CONV_IN].dtype
     if entry[0] == "transformers":
-        return create_diffusers_clip_model_from_ldm(
-            cls, checkpoint=state_dict, config=str(config), subfolder=name, local_files_only=True
-        )
+        return create_diffusers_clip_model_from_ldm(cls, checkpoint=state_dict, **common)
     extra = {"extract_ema": True} if name == "unet" and ema else {}
-    return cls.from_single_file(
-        state_dict, config=str(config), subfolder=name, local_files_only=True, **extra
-    )
+    return cls.from_single_file(state_dict, **common, **extra)
 
 
 def _check_loaded(name: str, module) -> None:

@@ -127,6 +127,19 @@ def test_sd2_needs_its_prediction_type(folders, tmp_path):
     assert scheduler["prediction_type"] == "epsilon"
 
 
+def test_a_float16_file_stays_float16_and_exact(tiny_checkpoint, tmp_path):
+    """Weights keep the file's dtype (half the temporary space); values are the file's."""
+    half = {k: v.half() for k, v in original_state_dict(tiny_checkpoint).items()}
+    save_file(half, tmp_path / "half.safetensors")
+    out = tmp_path / "out"
+    convert(tmp_path / "half.safetensors", out, SingleFileOptions(config=tiny_checkpoint))
+    for name in ("unet", "vae", "text_encoder"):
+        source = _weights(tiny_checkpoint, name)
+        got = _weights(out, name)
+        assert all(got[k].dtype == torch.float16 for k in got), name
+        assert all(torch.equal(got[k], source[k].half()) for k in source), name
+
+
 def _ema_key(key: str) -> str:
     """LDM's EMA name of a UNet weight: ``model_ema.`` + the key without its dots."""
     return "model_ema." + "".join(key.split(".")[1:])
