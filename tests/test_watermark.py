@@ -10,6 +10,7 @@ uint8 level, and the watermark's 48 bits decode from them.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -18,14 +19,28 @@ from diffusers.pipelines.stable_diffusion_xl.watermark import (
     WATERMARK_BITS,
     StableDiffusionXLWatermarker,
 )
-from helpers import max_diff
+from helpers import SETTINGS, max_diff, served_generate
 
 from sd_pipeline import Assets
 from sd_pipeline import watermark as W
+from sd_triton.export import Contents, ExportOptions, Hosting, export_repository
+from sd_triton.export.cli import build_parser, options_from_args
+from sd_triton.server import TritonServer
 
 # Stability AI's detector calls 35 or more matching bits of 48 "very likely
 # marked"; unmarked images match about 24 by chance.
 MARKED_MIN_BITS = 35
+# The smallest image the watermark fits: 256 x 256 (the tiny model's native size is 64,
+# and its UNet's attention at 128 x 128 latents is slow on a CPU: one step, one image,
+# no guidance).
+SERVED = {
+    **SETTINGS,
+    "height": 256,
+    "width": 256,
+    "num_inference_steps": 1,
+    "guidance_scale": 1.0,
+    "num_images_per_prompt": 1,
+}
 
 
 def noise(height: int, width: int, n: int = 2, seed: int = 0) -> torch.Tensor:
@@ -90,3 +105,60 @@ def test_model_without_the_package_fails_at_load(assets, monkeypatch):
     monkeypatch.setattr(W, "available", lambda: False)
     with pytest.raises(RuntimeError, match="invisible-watermark package is not installed"):
         Assets(config, assets.tokenizer, assets.scheduler_config, assets.feature_extractor)
+
+
+def test_export_flag():
+    def watermark(*flags):
+        args = build_parser().parse_args(["src", "out", *flags])
+        return options_from_args(args).contents.watermark
+
+    assert watermark() is None
+    assert watermark("--watermark") is True
+    assert watermark("--no-watermark") is False
+
+
+def test_sd_export_does_not_watermark_by_default(assets):
+    assert assets.config.watermark is False
+
+
+# ---------------------------------------------------------------------------
+# Served: the tiny SD 1.x exported with --watermark
+
+
+@pytest.fixture(scope="module")
+def watermarked_url(build_dir, tiny_checkpoint, tiny_repository, copy_onnx_export):
+    """The tiny model exported with the watermark on (the session export's ONNX files), served."""
+    path = build_dir / "model_repository_watermark"
+    options = ExportOptions(
+        contents=Contents(watermark=True, safety_checker=False, stream_model=False),
+        hosting=Hosting(pipeline_instances=1),
+        parameters={"max_side": 256, "max_pixels": 256 * 256},
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        copy_onnx_export(mp, tiny_repository)
+        export_repository(tiny_checkpoint, path, options, overwrite=True)
+    assert json.loads((path / "stable_diffusion/1/assets/pipeline.json").read_text())["watermark"]
+    with TritonServer(path).start(timeout_s=300) as server:
+        yield server.grpc_url
+
+
+def watermarked_reference(pipe, seed: int, **settings) -> tuple[np.ndarray, np.ndarray]:
+    """diffusers' pipeline, then its SDXL watermarker as ``StableDiffusionXLPipeline`` applies it
+    (on the VAE's output, before postprocessing): (marked, unmarked) uint8 images."""
+    generator = torch.Generator().manual_seed(seed)
+    latents = pipe(generator=generator, output_type="latent", **settings).images
+    with torch.no_grad():
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    marked = StableDiffusionXLWatermarker().apply_watermark(decoded.clone())
+    return to_images(marked), to_images(decoded)
+
+
+def test_served_images_equal_diffusers_and_carry_the_watermark(watermarked_url, reference_pipe):
+    images, flags, _ = served_generate(watermarked_url, **SERVED, seed=3)
+    expected, unmarked = watermarked_reference(reference_pipe, 3, **SERVED)
+    assert images.shape == (1, 256, 256, 3) and not flags.any()
+    assert max_diff(images, expected) <= 1
+    assert max_diff(images, unmarked) > 3  # the watermark is there
+    marked, plain = W.matching_bits(images[0]), W.matching_bits(unmarked[0])
+    print(f"matching bits of {len(W.WATERMARK_BITS)}: served {marked}, unmarked {plain}")
+    assert marked >= MARKED_MIN_BITS and plain < MARKED_MIN_BITS
