@@ -1,4 +1,4 @@
-"""The five component models behind one small interface, and two in-process hosts for it.
+"""The component models behind one small interface, and two in-process hosts for it.
 
 The loop (:mod:`.loop`) only sees :class:`Components`: torch tensors in,
 torch tensors out, float32 at the interface (an adapter casts to and from an
@@ -15,9 +15,9 @@ fp16 export's dtypes). Three implementations:
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -27,21 +27,45 @@ from .errors import ComponentError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Components", "DiffusersComponents", "OnnxComponents"]
+__all__ = ["Components", "DiffusersComponents", "OnnxComponents", "TextEncoding", "unet_spec"]
+
+
+class TextEncoding(NamedTuple):
+    """A text encoder's outputs (:data:`.spec.TEXT_ENCODER`): the chosen layer's hidden
+    state ``[B, L, D]``, the same through the final layer norm, the pooled embedding ``[B, P]``."""
+
+    hidden_state: torch.Tensor
+    normed_hidden_state: torch.Tensor
+    text_embeds: torch.Tensor
+
+
+def unet_spec(added: Mapping[str, Any] | None) -> S.ModelSpec:
+    """The UNet contract a call with these added inputs (``text_embeds``, ``time_ids``,
+    ``timestep_cond``) speaks."""
+    added = added or {}
+    return S.unet_spec(text_time="time_ids" in added, timestep_cond="timestep_cond" in added)
 
 
 @runtime_checkable
 class Components(Protocol):
     """What the loop needs from the models (shapes as in :mod:`.spec`)."""
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids ``[B, L]`` -> ``last_hidden_state`` ``[B, L, text_width]``."""
+    def encode_text(
+        self, input_ids: torch.Tensor, skip_layers: torch.Tensor, *, encoder: str = "text_encoder"
+    ) -> TextEncoding:
+        """Token ids ``[B, L]`` and layers to skip ``[B]`` (int) through text encoder ``encoder``."""
         ...
 
     def unet(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        added: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Latents ``[B, C, h, w]``, float32 timestep per sample ``[B]``, text -> predicted noise."""
+        """Latents ``[B, C, h, w]``, float32 timestep per sample ``[B]``, text embeddings and the
+        UNet's added inputs by name (SDXL's ``text_embeds``, ``time_ids``; LCM's
+        ``timestep_cond``) -> predicted noise."""
         ...
 
     def vae_encode(self, image: torch.Tensor) -> torch.Tensor:
@@ -131,11 +155,13 @@ class OnnxComponents:
             raise ComponentError(model.name, str(e)) from e
         return [_to_torch(o) for o in outputs]
 
-    def encode_text(self, input_ids):
-        return self._run(S.TEXT_ENCODER, input_ids)[0]
+    def encode_text(self, input_ids, skip_layers, *, encoder="text_encoder"):
+        return TextEncoding(*self._run(S.COMPONENTS[encoder], input_ids, skip_layers))
 
-    def unet(self, sample, timestep, encoder_hidden_states):
-        return self._run(S.UNET, sample, timestep, encoder_hidden_states)[0]
+    def unet(self, sample, timestep, encoder_hidden_states, added=None):
+        spec = unet_spec(added)
+        extra = [added[t.name] for t in spec.inputs[3:]]
+        return self._run(spec, sample, timestep, encoder_hidden_states, *extra)[0]
 
     def vae_encode(self, image):
         return self._run(S.VAE_ENCODER, image)[0]
@@ -153,44 +179,60 @@ class OnnxComponents:
 
 
 class DiffusersComponents:
-    """Components as the torch modules of a diffusers ``StableDiffusionPipeline``."""
+    """Components as the torch modules of a diffusers Stable Diffusion (or SDXL) pipeline."""
 
-    def __init__(self, *, text_encoder, unet, vae, safety_checker=None) -> None:
+    def __init__(
+        self, *, unet, vae, text_encoder=None, text_encoder_2=None, safety_checker=None
+    ) -> None:
         self.modules = {
             "text_encoder": text_encoder,
+            "text_encoder_2": text_encoder_2,
             "unet": unet,
             "vae": vae,
             "safety_checker": safety_checker,
         }
 
     @classmethod
-    def from_pipeline(cls, pipe) -> DiffusersComponents:
+    def from_pipeline(cls, pipe, safety_checker=None) -> DiffusersComponents:
         return cls(
-            text_encoder=pipe.text_encoder,
+            text_encoder=getattr(pipe, "text_encoder", None),
+            text_encoder_2=getattr(pipe, "text_encoder_2", None),
             unet=pipe.unet,
             vae=pipe.vae,
-            safety_checker=pipe.safety_checker,
+            safety_checker=getattr(pipe, "safety_checker", None) or safety_checker,
         )
 
     def _dtype(self, name: str):
         return next(self.modules[name].parameters()).dtype
 
-    def encode_text(self, input_ids):
+    def encode_text(self, input_ids, skip_layers, *, encoder="text_encoder"):
+        """As diffusers' ``encode_prompt``: ``hidden_states[-(skip + 1)]``, the final layer
+        norm of it, and output 0 when it is the pooled (projected) embedding."""
         import torch
 
+        model = self.modules[encoder]
         with torch.no_grad():
-            out = self.modules["text_encoder"](input_ids.to(torch.int64))[0]
-        return out.float()
+            out = model(input_ids.to(torch.int64), output_hidden_states=True)
+            layers = torch.stack(out.hidden_states)  # [layers + 1, B, L, D]
+            picked = layers[len(layers) - 1 - skip_layers.long(), torch.arange(len(input_ids))]
+            # transformers 5's CLIPTextModel is the text model; WithProjection wraps one.
+            normed = getattr(model, "text_model", model).final_layer_norm(picked)
+            pooled = out[0] if out[0].ndim == 2 else out.pooler_output
+        return TextEncoding(picked.float(), normed.float(), pooled.float())
 
-    def unet(self, sample, timestep, encoder_hidden_states):
+    def unet(self, sample, timestep, encoder_hidden_states, added=None):
         import torch
 
         dtype = self._dtype("unet")
+        added = {k: v.to(dtype) for k, v in (added or {}).items()}
+        timestep_cond = added.pop("timestep_cond", None)
         with torch.no_grad():
             out = self.modules["unet"](
                 sample.to(dtype),
                 timestep,
                 encoder_hidden_states=encoder_hidden_states.to(dtype),
+                timestep_cond=timestep_cond,
+                added_cond_kwargs=added or None,
                 return_dict=False,
             )[0]
         return out.float()

@@ -52,6 +52,21 @@ class PipelineConfig:
     # Absent: the plain names, whatever version the server serves.
     component_models: Mapping[str, str] = field(default_factory=dict)
     component_versions: Mapping[str, int] = field(default_factory=dict)
+    # The model family ("sd": SD 1.x/2.x, "sdxl", "sdxl-refiner") and what sets
+    # its conditioning apart (diffusers' pipeline and UNet configs):
+    family: str = "sd"
+    # the text encoders, in the order their hidden states are concatenated
+    text_encoders: tuple[str, ...] = ("text_encoder",)
+    # SDXL: an absent negative prompt means zero embeddings (model_index.json)
+    force_zeros_for_empty_prompt: bool = False
+    # SDXL refiner: time ids end with an aesthetic score instead of the target size
+    requires_aesthetics_score: bool = False
+    # the UNet takes SDXL's added conditioning (text_embeds, time_ids)
+    unet_text_time: bool = False
+    # the UNet takes a guidance embedding of this size (LCM-distilled UNets)
+    time_cond_proj_dim: int | None = None
+    # a refiner is exported beside this (SDXL base) model, assets in assets/refiner/
+    refiner: bool = False
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PipelineConfig:
@@ -72,7 +87,15 @@ class PipelineConfig:
     def load(cls, path: str | Path) -> PipelineConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    @property
+    def is_xl(self) -> bool:
+        """SDXL base or refiner."""
+        return self.family in ("sdxl", "sdxl-refiner")
+
     def _check(self) -> None:
+        if self.family not in ("sd", "sdxl", "sdxl-refiner"):
+            raise ValueError(f"pipeline.json: unknown family {self.family!r}")
+        object.__setattr__(self, "text_encoders", tuple(self.text_encoders))
         for name in ("vae_scale_factor", "size_step", "native_height", "native_width"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"pipeline.json: {name} must be positive")
@@ -191,18 +214,33 @@ class Assets:
         tokenizer: Any,
         scheduler_config: Mapping[str, Any],
         feature_extractor: Any | None,
+        *,
+        tokenizer_2: Any | None = None,
+        refiner: Assets | None = None,
     ) -> None:
         if config.safety_checker and feature_extractor is None:
             raise ValueError("the model has a safety checker but no feature_extractor config")
+        if config.refiner and refiner is None:
+            raise ValueError("the model has a refiner but no refiner assets")
         if config.watermark:
             from . import watermark
 
             watermark.require()
         self.config = config
-        self.tokenizer = tokenizer
+        # One tokenizer per text encoder (config.text_encoders), by encoder name.
+        self.tokenizers = {"text_encoder": tokenizer, "text_encoder_2": tokenizer_2}
+        missing = [n for n in config.text_encoders if self.tokenizers.get(n) is None]
+        if missing:
+            raise ValueError(f"the model has no tokenizer for {', '.join(missing)}")
         self.scheduler_config = dict(scheduler_config)
         self.feature_extractor = feature_extractor
+        self.refiner = refiner
         self._tokenizer_lock = threading.Lock()
+
+    @property
+    def tokenizer(self) -> Any:
+        """The first text encoder's tokenizer."""
+        return self.tokenizers[self.config.text_encoders[0]]
 
     @classmethod
     def load(cls, folder: str | Path) -> Assets:
@@ -211,17 +249,31 @@ class Assets:
 
         folder = Path(folder)
         config = PipelineConfig.load(folder / "pipeline.json")
-        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        tokenizers = {
+            name: CLIPTokenizer.from_pretrained(folder / name)
+            for name in ("tokenizer", "tokenizer_2")
+            if (folder / name).is_dir()
+        }
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         feature_extractor = None
         if (folder / "feature_extractor" / "preprocessor_config.json").is_file():
             feature_extractor = CLIPImageProcessor.from_pretrained(folder / "feature_extractor")
-        return cls(config, tokenizer, scheduler_config, feature_extractor)
+        refiner = cls.load(folder / "refiner") if config.refiner else None
+        return cls(
+            config,
+            tokenizers.get("tokenizer"),
+            scheduler_config,
+            feature_extractor,
+            tokenizer_2=tokenizers.get("tokenizer_2"),
+            refiner=refiner,
+        )
 
-    def tokenize(self, texts: list[str]):
-        """Token ids ``[len(texts), tokenizer_max_length]`` (int64), padded and truncated as diffusers does."""
+    def tokenize(self, texts: list[str], encoder: str | None = None):
+        """Token ids ``[len(texts), tokenizer_max_length]`` (int64), padded and truncated as
+        diffusers does, by ``encoder``'s tokenizer (default: the first text encoder's)."""
+        tokenizer = self.tokenizers[encoder] if encoder else self.tokenizer
         with self._tokenizer_lock:
-            return self.tokenizer(
+            return tokenizer(
                 texts,
                 padding="max_length",
                 max_length=self.config.tokenizer_max_length,

@@ -8,14 +8,19 @@ within one uint8 level: the components may run in onnxruntime or batched
 with other requests' UNet calls):
 
 1. make this request's scheduler and seeded CPU generator
-2. encode the prompt and the negative prompt
-3. set the timesteps (img2img, inpainting: the last ``strength`` of them)
+2. encode the prompt and the negative prompt (and the family's added UNet
+   inputs: :mod:`.conditioning`)
+3. set the timesteps (img2img, inpainting: the last ``strength`` of them;
+   SDXL with a refiner: the base runs the schedule up to ``refiner_switch_at``)
 4. draw the initial latents (img2img: encode the image, noise it;
    inpainting: also the mask at latent size and the masked image's latents)
 5. denoise, with classifier-free guidance (inpainting: a 9-channel UNet
    also sees the mask and the masked image's latents; with a 4-channel
    UNet the unmasked region is put back, noised to the next timestep,
    after every step)
+   (a refiner takes over the latents for the rest of its own schedule, with
+   its own conditioning and the same generator, as diffusers'
+   ensemble-of-experts recipe)
 6. decode the latents (and watermark them, where the model does: SDXL)
 7. run the safety checker, black out flagged images
 8. convert to uint8
@@ -36,14 +41,15 @@ import numpy as np
 import torch
 
 from .components import Components
+from .conditioning import Conditioning, condition, guided
 from .config import Assets, PipelineConfig
 from .errors import Cancelled, InvalidRequest
 from .images import decoded_to_numpy, image_to_pixels, mask_to_tensor, to_pil, to_uint8
-from .request import GenerationRequest, validate
+from .request import GenerationRequest, img2img_strength, validate
 from .schedulers import make_scheduler, step_kwargs
 from .watermark import apply_watermark
 
-__all__ = ["GenerationResult", "Inpainting", "StepCallback", "generate"]
+__all__ = ["GenerationResult", "Inpainting", "Stage", "StepCallback", "generate"]
 
 # callback(step_index, total_steps, latents): called after each denoising
 # step; step_index counts from 0, total_steps is the number of UNet
@@ -85,16 +91,82 @@ def polled_at_most_every(poll: Callable[[], bool], interval_s: float) -> Callabl
     return should_stop
 
 
+@dataclass
+class Stage:
+    """One model's share of a request: its components, scheduler, conditioning, timesteps.
+
+    A request has one stage, or two with a refiner: the base denoises up to
+    ``refiner_switch_at``, the refiner from there (diffusers' ``denoising_end`` /
+    ``denoising_start``). Both draw from the request's one generator.
+    """
+
+    request: GenerationRequest
+    components: Components
+    assets: Assets
+    scheduler: object
+    timesteps: torch.Tensor
+    conditioning: Conditioning
+
+    @classmethod
+    def make(
+        cls,
+        request: GenerationRequest,
+        components: Components,
+        assets: Assets,
+        device: torch.device,
+        *,
+        end: float | None = None,
+        start: float | None = None,
+    ) -> Stage:
+        scheduler = make_scheduler(request.scheduler, assets.scheduler_config, request.seed)
+        conditioning = condition(request, components, assets).to(device)
+        timesteps = set_timesteps(scheduler, request, device, assets.config, end=end, start=start)
+        if len(timesteps) == 0:
+            raise InvalidRequest(
+                f"refiner_switch_at {request.refiner_switch_at} leaves the "
+                f"{'refiner' if start else 'base'} no step of {request.num_inference_steps}: "
+                "move it, or raise num_inference_steps"
+            )
+        return cls(request, components, assets, scheduler, timesteps, conditioning)
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        generator: torch.Generator,
+        inpainting: Inpainting | None,
+        progress: Callable[[int, torch.Tensor], None],
+        stop: Callable[[], bool],
+    ) -> torch.Tensor:
+        """Run this stage's timesteps on ``latents``; ``progress(i, latents)`` after each."""
+        extra = step_kwargs(self.scheduler, generator)
+        config = self.assets.config
+        for i, t in enumerate(self.timesteps):
+            if stop():
+                raise Cancelled(f"cancelled at step {i} of {len(self.timesteps)}")
+            latents = denoise_step(
+                self.request, self.components, config, self.scheduler, latents, t,
+                self.conditioning, extra, inpainting,
+            )  # fmt: skip
+            if inpainting is not None and inpainting.image_latents is not None:
+                next_t = self.timesteps[i + 1 : i + 2] if i + 1 < len(self.timesteps) else None
+                latents = inpainting.keep_unmasked(self.scheduler, latents, next_t)
+            progress(i, latents)
+        return latents
+
+
 def generate(
     request: GenerationRequest,
     components: Components,
     assets: Assets,
     *,
+    refiner: Components | None = None,
     callback: StepCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
     """Run ``request`` to images. Raises ``InvalidRequest``, ``Cancelled`` or ``ComponentError``.
 
+    ``refiner``: the components of the refiner exported beside an SDXL base
+    (``assets.refiner``), for requests with ``refiner_switch_at``.
     ``should_stop`` is polled before every UNet step and before decoding;
     when it returns true the run ends with :class:`~.errors.Cancelled`.
     """
@@ -105,40 +177,38 @@ def generate(
     # (Triton BLS with DLPack GPU tensors), so latents make no host round
     # trip per step. Random draws stay on the CPU generator, as in diffusers.
     device = getattr(components, "device", None) or torch.device("cpu")
-    # 1. per-request state: a fresh scheduler and the seeded generator
-    scheduler = make_scheduler(request.scheduler, assets.scheduler_config, request.seed)
+    # 1.-3. per-request state: the seeded generator; per stage a fresh scheduler,
+    # the conditioning and the timesteps
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
-    # 2. text embeddings ([negative; positive] with guidance)
-    embeddings = encode_prompt(request, components, assets).to(device)
-    # 3. timesteps
-    timesteps = set_timesteps(scheduler, request, device)
+    stages = _stages(request, components, assets, refiner, device)
+    base = stages[0]
     # 4. initial latents (and, for inpainting, the mask and the image's latents)
     if request.mask_image is None:
-        latents = prepare_latents(request, components, config, scheduler, generator, timesteps)
+        latents = prepare_latents(
+            request, components, config, base.scheduler, generator, base.timesteps
+        )
         inpainting = None
     else:
         latents, inpainting = prepare_inpainting(
-            request, components, config, scheduler, generator, timesteps
+            request, components, config, base.scheduler, generator, base.timesteps
         )
         inpainting = inpainting.to(device)
     latents = latents.to(device)
-    # 5. denoising loop
-    extra = step_kwargs(scheduler, generator)
-    for i, t in enumerate(timesteps):
-        if stop():
-            raise Cancelled(f"cancelled at step {i} of {len(timesteps)}")
-        latents = denoise_step(
-            request, components, config, scheduler, latents, t, embeddings, extra, inpainting
-        )
-        if inpainting is not None and inpainting.image_latents is not None:
-            next_t = timesteps[i + 1 : i + 2] if i + 1 < len(timesteps) else None
-            latents = inpainting.keep_unmasked(scheduler, latents, next_t)
-        if callback is not None:
-            callback(i, len(timesteps), latents)
+    # 5. denoising, stage after stage
+    total, done = sum(len(s.timesteps) for s in stages), 0
+    for stage in stages:
+
+        def progress(i: int, latents: torch.Tensor, offset: int = done) -> None:
+            if callback is not None:
+                callback(offset + i, total, latents)
+
+        latents = stage.denoise(latents, generator, inpainting, progress, stop)
+        done += len(stage.timesteps)
     if stop():
         raise Cancelled("cancelled before decoding")
-    # 6. decode
-    decoded = decode_latents(latents, components, config)
+    # 6. decode, with the last stage's VAE
+    last = stages[-1]
+    decoded = decode_latents(latents, last.components, last.assets.config)
     if config.watermark:
         decoded = apply_watermark(decoded)
     # 7.-8. safety checker, uint8
@@ -147,47 +217,66 @@ def generate(
     return GenerationResult(images=images, nsfw_content_detected=flags, seeds=seeds)
 
 
-def encode_prompt(
-    request: GenerationRequest, components: Components, assets: Assets
-) -> torch.Tensor:
-    """Text embeddings for every UNet sample: ``[2N, L, D]`` ([negative; positive]) or ``[N, L, D]``.
-
-    diffusers tokenizes both texts to the tokenizer's max length, encodes
-    them, repeats each ``num_images_per_prompt`` times and concatenates the
-    negative embeddings first. Both texts go through the text encoder in one
-    call.
-    """
-    n = request.num_images_per_prompt
-    if request.do_classifier_free_guidance:
-        ids = assets.tokenize([request.negative_prompt, request.prompt])
-    else:
-        ids = assets.tokenize([request.prompt])
-    hidden = components.encode_text(ids.to(torch.int32))
-    # [negative, positive] -> [negative x N, positive x N]
-    return hidden.repeat_interleave(n, dim=0)
+def _stages(
+    request: GenerationRequest,
+    components: Components,
+    assets: Assets,
+    refiner: Components | None,
+    device: torch.device,
+) -> list[Stage]:
+    switch = request.refiner_switch_at
+    if switch is None:
+        return [Stage.make(request, components, assets, device)]
+    if refiner is None or assets.refiner is None:
+        raise InvalidRequest("refiner_switch_at needs a refiner beside this model")
+    return [
+        Stage.make(request, components, assets, device, end=switch),
+        Stage.make(request, refiner, assets.refiner, device, start=switch),
+    ]
 
 
 def set_timesteps(
-    scheduler, request: GenerationRequest, device: torch.device | str = "cpu"
+    scheduler,
+    request: GenerationRequest,
+    device: torch.device | str = "cpu",
+    config: PipelineConfig | None = None,
+    *,
+    end: float | None = None,
+    start: float | None = None,
 ) -> torch.Tensor:
-    """The timesteps to run: all of them, or for img2img the last ``strength`` of them.
+    """The timesteps to run: all of them, the last ``strength`` of them (img2img), or the
+    share of a base (up to ``end``) or a refiner (from ``start``) of the schedule.
 
     img2img follows diffusers' ``get_timesteps``: skip the first
     ``steps - int(steps * strength)`` steps (times the scheduler's order) and
-    tell the scheduler where it starts.
+    tell the scheduler where it starts. ``end`` / ``start`` follow SDXL's
+    ``denoising_end`` / ``denoising_start``.
     """
     steps = request.num_inference_steps
     try:
         scheduler.set_timesteps(steps, device=device)
     except ValueError as e:
         raise InvalidRequest(f"num_inference_steps {steps}: {e}") from None
-    if request.image is None:
-        return scheduler.timesteps
-    init_timestep = min(int(steps * request.img2img_strength), steps)
-    t_start = max(steps - init_timestep, 0) * scheduler.order
+    timesteps = scheduler.timesteps
+    train_steps = scheduler.config.num_train_timesteps
+    if end is not None:
+        cutoff = int(round(train_steps - end * train_steps))
+        return timesteps[: int((timesteps >= cutoff).sum())]
+    if start is not None:
+        cutoff = int(round(train_steps - start * train_steps))
+        count = int((timesteps < cutoff).sum())
+        if scheduler.order == 2 and count % 2 == 0:
+            count += 1  # start on a first-order step, as diffusers
+        t_start = len(timesteps) - count
+    elif request.image is None:
+        return timesteps
+    else:
+        strength = img2img_strength(request, config)
+        init_timestep = min(int(steps * strength), steps)
+        t_start = max(steps - init_timestep, 0) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(t_start)
-    return scheduler.timesteps[t_start:]
+    return timesteps[t_start:]
 
 
 def prepare_latents(
@@ -281,7 +370,7 @@ def prepare_inpainting(
     h, w = request.height // f, request.width // f
     cpu = torch.device("cpu")
     nine_channels = config.unet_in_channels != config.latent_channels
-    strength_max = request.img2img_strength == 1.0
+    strength_max = img2img_strength(request, config) == 1.0
     pixels = image_to_pixels(request.image, config)
     image_latents = None
     if not (nine_channels and strength_max):
@@ -337,13 +426,19 @@ def predict_noise(
     config: PipelineConfig,
     sample: torch.Tensor,
     t: torch.Tensor,
-    embeddings: torch.Tensor,
+    conditioning: Conditioning,
 ) -> torch.Tensor:
     """The UNet on ``sample``, in chunks of at most ``unet_max_batch_size``; timestep per sample."""
     timestep = torch.full((sample.shape[0],), float(t), dtype=torch.float32, device=sample.device)
     size = config.unet_max_batch_size
+    embeddings, added = conditioning.embeddings, conditioning.added
     chunks = [
-        components.unet(sample[i : i + size], timestep[i : i + size], embeddings[i : i + size])
+        components.unet(
+            sample[i : i + size],
+            timestep[i : i + size],
+            embeddings[i : i + size],
+            {k: v[i : i + size] for k, v in added.items()},
+        )
         for i in range(0, sample.shape[0], size)
     ]
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
@@ -356,20 +451,29 @@ def denoise_step(
     scheduler,
     latents: torch.Tensor,
     t: torch.Tensor,
-    embeddings: torch.Tensor,
+    conditioning: Conditioning,
     extra: dict,
     inpainting: Inpainting | None = None,
 ) -> torch.Tensor:
-    """One step: duplicate for guidance, scale, (9-channel UNet: add mask), UNet, combine, step."""
-    guided = request.do_classifier_free_guidance
-    model_input = torch.cat([latents] * 2) if guided else latents
+    """One step: duplicate for guidance, scale, (9-channel UNet: add mask), UNet, combine,
+    (rescale), step."""
+    cfg = guided(request, config)
+    model_input = torch.cat([latents] * 2) if cfg else latents
     model_input = scheduler.scale_model_input(model_input, t)
     if inpainting is not None:
         model_input = inpainting.unet_input(model_input)
-    noise_pred = predict_noise(components, config, model_input, t, embeddings)
-    if guided:
+    noise_pred = predict_noise(components, config, model_input, t, conditioning)
+    if cfg:
         noise_uncond, noise_text = noise_pred.chunk(2)
         noise_pred = noise_uncond + request.guidance_scale * (noise_text - noise_uncond)
+        if request.guidance_rescale > 0:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+                rescale_noise_cfg,
+            )
+
+            noise_pred = rescale_noise_cfg(
+                noise_pred, noise_text, guidance_rescale=request.guidance_rescale
+            )
     return scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
 
 

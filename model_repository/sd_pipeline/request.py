@@ -41,6 +41,8 @@ from .schedulers import check_name
 __all__ = [
     "GenerationRequest",
     "decimal_value",
+    "img2img_strength",
+    "model_defaults",
     "make_request",
     "parse_request",
     "random_seed",
@@ -48,8 +50,25 @@ __all__ = [
 ]
 
 _DEFAULTS = {t.name: t.default for t in S.STABLE_DIFFUSION_STREAM.inputs}
-# diffusers' StableDiffusionInpaintPipeline defaults to strength 1 (img2img: 0.8).
-INPAINT_DEFAULT_STRENGTH = 1.0
+# diffusers' default strength by (family is SDXL, inpainting): the img2img and
+# inpainting pipelines' __call__ defaults.
+DEFAULT_STRENGTH = {
+    (False, False): 0.8,
+    (False, True): 1.0,
+    (True, False): 0.3,
+    (True, True): 0.9999,
+}
+# Inputs only some families take: SDXL's text and size conditioning, the
+# refiner's aesthetic scores, the base's switch to its refiner.
+_XL_INPUTS = (
+    "original_size",
+    "crops_coords_top_left",
+    "target_size",
+    "negative_original_size",
+    "negative_crops_coords_top_left",
+    "negative_target_size",
+)
+_AESTHETIC_INPUTS = ("aesthetic_score", "negative_aesthetic_score")
 _INT64 = np.iinfo(np.int64)
 
 
@@ -66,7 +85,8 @@ class GenerationRequest:
     height: int
     width: int
     seed: int
-    negative_prompt: str = _DEFAULTS["negative_prompt"]
+    # None: absent (SDXL base: zero embeddings; SD: the empty text), "" is encoded.
+    negative_prompt: str | None = None
     num_inference_steps: int = _DEFAULTS["num_inference_steps"]
     guidance_scale: float = _DEFAULTS["guidance_scale"]
     scheduler: str | None = None
@@ -77,18 +97,35 @@ class GenerationRequest:
     strength: float | None = None
     # Streaming model only: add a latent preview to each progress response.
     preview: bool = _DEFAULTS["preview"]
-
-    @property
-    def img2img_strength(self) -> float:
-        """``strength``, or when absent the default: 1.0 to inpaint, else the contract's (0.8)."""
-        if self.strength is not None:
-            return self.strength
-        return INPAINT_DEFAULT_STRENGTH if self.mask_image is not None else _DEFAULTS["strength"]
+    guidance_rescale: float = _DEFAULTS["guidance_rescale"]
+    clip_skip: int = _DEFAULTS["clip_skip"]
+    # SDXL (None: as diffusers, from the prompts and the output size)
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    # SDXL refiner (None: diffusers' defaults, 6.0 and 2.5)
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+    refiner_switch_at: float | None = None
 
     @property
     def do_classifier_free_guidance(self) -> bool:
         """Guidance scale <= 1 turns classifier-free guidance off (and halves the UNet batch)."""
         return self.guidance_scale > 1.0
+
+
+def img2img_strength(request: GenerationRequest, config: PipelineConfig | None) -> float:
+    """``strength``, or when absent diffusers' default for the model's family (None: SD
+    1.x/2.x) and the mode."""
+    if request.strength is not None:
+        return request.strength
+    xl = config is not None and config.is_xl
+    return DEFAULT_STRENGTH[(xl, request.mask_image is not None)]
 
 
 def make_request(
@@ -171,6 +208,8 @@ def _value(tensor: S.TensorSpec, array: np.ndarray) -> Any:
     """The Python value of a checked input; arrays are copied (Triton frees request memory)."""
     if tensor.dtype == "bytes":
         return _text(tensor.name, array)
+    if tensor.dims == (2,):
+        return tuple(int(v) for v in array)
     if tensor.dims != (1,):
         return np.array(array, copy=True)
     scalar = array.reshape(-1)[0]
@@ -186,12 +225,15 @@ def parse_request(
     model: S.ModelSpec = S.STABLE_DIFFUSION,
     *,
     default_scheduler: str | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> GenerationRequest:
     """Turn ``model``'s input tensors (name -> numpy array, absent = missing) into a valid request.
 
     ``default_scheduler``: the alias used when the request names none (the
     deployment's choice, config parameter ``default_scheduler``); None keeps
-    the model's own scheduler config.
+    the model's own scheduler config. ``defaults``: the model's own defaults
+    of other inputs (:func:`model_defaults`: a Turbo or LCM model's steps and
+    guidance), over the contract's.
     """
     declared = {t.name: t for t in model.inputs}
     unknown = sorted(set(inputs) - set(declared))
@@ -201,12 +243,13 @@ def parse_request(
         )
     for name, array in inputs.items():
         _check_tensor(declared[name], np.asarray(array))
-    for name in ("prompt", "negative_prompt"):
+    for name in _TEXTS:
         if name in inputs:
             _check_text_size(name, np.asarray(inputs[name]), config, limits)
     if "prompt" not in inputs:
         raise InvalidRequest("prompt is required: one UTF-8 string, BYTES with shape [1]")
     values = {name: _value(declared[name], np.asarray(a)) for name, a in inputs.items()}
+    values = {**(defaults or {}), **values}
     if "seed" not in values:
         values["seed"] = random_seed()
     image = values.get("image")
@@ -221,6 +264,31 @@ def parse_request(
     request = GenerationRequest(**values)
     validate(request, config, limits)
     return request
+
+
+# The model config parameters that set a model's own input defaults (the
+# exporter's presets: SDXL-Turbo runs 1-4 steps without guidance, LCM 4 steps).
+DEFAULT_PARAMETERS = {
+    "default_num_inference_steps": ("num_inference_steps", int),
+    "default_guidance_scale": ("guidance_scale", float),
+}
+
+
+def model_defaults(parameters: Mapping[str, str]) -> dict[str, Any]:
+    """Input defaults from the model config's parameters (name -> string); ValueError if bad."""
+    defaults = {}
+    for parameter, (name, kind) in DEFAULT_PARAMETERS.items():
+        raw = (parameters.get(parameter) or "").strip()
+        if not raw:
+            continue
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ValueError(f"model parameter {parameter} must be a number, got {raw!r}") from None
+        if not math.isfinite(value) or value < (1 if kind is int else 0):
+            raise ValueError(f"model parameter {parameter} is out of range: {raw!r}")
+        defaults[name] = value
+    return defaults
 
 
 # ---------------------------------------------------------------------------
@@ -251,16 +319,20 @@ def _check_text_size(
         raise _too_long(name, size, config, limits)
 
 
+_TEXTS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")
+
+
 def _check_prompt(
     request: GenerationRequest, config: PipelineConfig, limits: Limits | None
 ) -> None:
     if not isinstance(request.prompt, str) or not request.prompt.strip():
         raise InvalidRequest("prompt is empty: send a non-empty UTF-8 string")
-    if not isinstance(request.negative_prompt, str):
-        raise InvalidRequest("negative_prompt must be a string")
-    if limits is not None:
-        for name in ("prompt", "negative_prompt"):
-            size = len(getattr(request, name).encode("utf-8", "replace"))
+    for name in _TEXTS[1:]:
+        text = getattr(request, name)
+        if text is not None and not isinstance(text, str):
+            raise InvalidRequest(f"{name} must be a string")
+        if limits is not None and text is not None:
+            size = len(text.encode("utf-8", "replace"))
             if size > limits.max_prompt_bytes:
                 raise _too_long(name, size, config, limits)
 
@@ -366,7 +438,7 @@ def _check_init_image(request: GenerationRequest, config: PipelineConfig) -> Non
                 f"mask_image is {mask.shape[0]} x {mask.shape[1]} pixels but the image is "
                 f"{image.shape[0]} x {image.shape[1]}: they must be the same size"
             )
-    strength = request.img2img_strength
+    strength = img2img_strength(request, config)
     if not math.isfinite(strength) or not 0 < strength <= 1:
         raise InvalidRequest(f"strength must be in (0, 1], got {strength}")
     if int(request.num_inference_steps * strength) < 1:
@@ -376,10 +448,90 @@ def _check_init_image(request: GenerationRequest, config: PipelineConfig) -> Non
         )
 
 
+_FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sdxl-refiner": "an SDXL refiner"}
+
+
+def _refuse_inputs(request: GenerationRequest, names, why: str) -> None:
+    given = [n for n in names if getattr(request, n) is not None]
+    if given:
+        raise InvalidRequest(f"{', '.join(given)}: {why}")
+
+
+def _check_family(request: GenerationRequest, config: PipelineConfig) -> None:
+    """Inputs the model's family does not have are refused, never ignored."""
+    family = _FAMILY_NAMES[config.family]
+    if not config.is_xl:
+        _refuse_inputs(
+            request,
+            ("prompt_2", "negative_prompt_2", *_XL_INPUTS, "refiner_switch_at", *_AESTHETIC_INPUTS),
+            f"SDXL inputs; this model is {family}",
+        )
+        if request.image is not None and request.guidance_rescale:
+            raise InvalidRequest(
+                "guidance_rescale applies to SD 1.x/2.x text-to-image only (diffusers' img2img "
+                "and inpainting pipelines for SD 1.x/2.x have none); leave it out with an image"
+            )
+        return
+    if config.family == "sdxl-refiner":
+        if request.image is None:
+            raise InvalidRequest(
+                "this model is an SDXL refiner: it refines images; send an image (img2img), "
+                "or an image and a mask_image"
+            )
+        _refuse_inputs(
+            request,
+            ("prompt_2", "negative_prompt_2"),
+            "the refiner has one text encoder (text_encoder_2): use prompt and negative_prompt",
+        )
+        _refuse_inputs(request, ("refiner_switch_at",), "this model is the refiner itself")
+    if config.requires_aesthetics_score:
+        _refuse_inputs(
+            request,
+            ("target_size", "negative_target_size"),
+            "the refiner's size conditioning takes aesthetic_score instead of a target size",
+        )
+    elif not config.refiner:
+        _refuse_inputs(request, _AESTHETIC_INPUTS, "inputs of an SDXL refiner; this model has none")
+    _check_refiner_switch(request, config)
+    for name in _XL_INPUTS:
+        pair = getattr(request, name)
+        least = 0 if "crops" in name else 1
+        if pair is not None and min(pair) < least:
+            raise InvalidRequest(f"{name} must be two integers >= {least}, got {list(pair)}")
+
+
+def _check_refiner_switch(request: GenerationRequest, config: PipelineConfig) -> None:
+    switch = request.refiner_switch_at
+    if switch is None:
+        return
+    if not config.refiner:
+        raise InvalidRequest(
+            "refiner_switch_at needs a refiner beside this model (export it with --refiner)"
+        )
+    if not math.isfinite(switch) or not 0 < switch < 1:
+        raise InvalidRequest(f"refiner_switch_at must be in (0, 1), got {switch}")
+    if request.image is not None:
+        raise InvalidRequest("refiner_switch_at applies to text-to-image: leave out the image")
+
+
+def _check_guidance_options(request: GenerationRequest) -> None:
+    rescale = request.guidance_rescale
+    if not math.isfinite(rescale) or not 0 <= rescale <= 1:
+        raise InvalidRequest(f"guidance_rescale must be in [0, 1], got {rescale}")
+    if request.clip_skip < 0:
+        raise InvalidRequest(f"clip_skip must be >= 0, got {request.clip_skip}")
+    for name in _AESTHETIC_INPUTS:
+        value = getattr(request, name)
+        if value is not None and not math.isfinite(value):
+            raise InvalidRequest(f"{name} must be a finite number, got {value}")
+
+
 def validate(
     request: GenerationRequest, config: PipelineConfig, limits: Limits | None = None
 ) -> None:
     """Raise :class:`InvalidRequest` unless ``request`` can run on this model (within ``limits``)."""
+    _check_family(request, config)
+    _check_guidance_options(request)
     _check_prompt(request, config, limits)
     _check_steps_and_guidance(request, limits)
     _check_size(request, config, limits)

@@ -36,6 +36,7 @@ from collections.abc import Mapping
 import torch
 
 from . import spec as S
+from .components import TextEncoding, unet_spec
 from .config import PipelineConfig
 from .errors import ComponentError
 
@@ -119,11 +120,13 @@ class TritonComponents:
             raise ComponentError(name, response.error().message())
         return [self._from_triton(model, t.name, response, device) for t in model.outputs]
 
-    def encode_text(self, input_ids):
-        return self._call(S.TEXT_ENCODER, input_ids)[0]
+    def encode_text(self, input_ids, skip_layers, *, encoder="text_encoder"):
+        return TextEncoding(*self._call(S.COMPONENTS[encoder], input_ids, skip_layers))
 
-    def unet(self, sample, timestep, encoder_hidden_states):
-        return self._call(S.UNET, sample, timestep, encoder_hidden_states)[0]
+    def unet(self, sample, timestep, encoder_hidden_states, added=None):
+        spec = unet_spec(added)
+        extra = [added[t.name] for t in spec.inputs[3:]]
+        return self._call(spec, sample, timestep, encoder_hidden_states, *extra)[0]
 
     def vae_encode(self, image):
         return self._call(S.VAE_ENCODER, image)[0]

@@ -64,7 +64,7 @@ from sd_pipeline.config import Assets, Limits  # noqa: E402
 from sd_pipeline.errors import Cancelled, ComponentError, InvalidRequest  # noqa: E402
 from sd_pipeline.loop import GenerationResult, generate, polled_at_most_every  # noqa: E402
 from sd_pipeline.preview import latents_to_preview  # noqa: E402
-from sd_pipeline.request import GenerationRequest, parse_request  # noqa: E402
+from sd_pipeline.request import GenerationRequest, model_defaults, parse_request  # noqa: E402
 from sd_pipeline.schedulers import check_name  # noqa: E402
 from sd_pipeline.telemetry import Metrics, Unavailable, component_unavailable, log_line, record  # noqa: E402
 from sd_pipeline.triton_components import TritonComponents  # noqa: E402
@@ -139,12 +139,17 @@ class TritonPythonModel:
         # The alias for requests that name no scheduler (None: the model's own config).
         self.default_scheduler = parameters.get("default_scheduler", "").strip() or None
         check_name(self.default_scheduler)
+        # The model's own input defaults (a Turbo or LCM export's steps and guidance).
+        self.defaults = model_defaults(parameters)
         # The device rule of every Python-backend model here (component_host.py): a
         # KIND_GPU instance runs on its GPU or fails to load, never quietly on the
         # CPU (parameter ``device``: auto, cuda or cpu); BLS calls keep CUDA tensors on it.
         cuda = instance_device(args, model_config, cuda=torch.cuda.is_available())
         device = "cpu" if cuda is None else f"cuda:{cuda}"
         self.components = TritonComponents(self.assets.config, device=device)
+        # The refiner exported beside an SDXL base (its own component models).
+        refiner = self.assets.refiner
+        self.refiner = None if refiner is None else TritonComponents(refiner.config, device=device)
         self.model_name = args.get("model_name", model_config.get("name", ""))
         self.model_version = str(args.get("model_version", ""))
         self.metrics = Metrics(pb_utils, self.model_name, self.model_version)
@@ -186,6 +191,7 @@ class TritonPythonModel:
             self.limits,
             self.spec,
             default_scheduler=self.default_scheduler,
+            defaults=self.defaults,
         )
 
     def _audit(self, request_id, inputs, parsed, start, error, result=None) -> None:
@@ -224,6 +230,7 @@ class TritonPythonModel:
                 parsed,
                 self.components,
                 self.assets,
+                refiner=self.refiner,
                 should_stop=polled_at_most_every(request.is_cancelled, CANCEL_POLL_INTERVAL_S),
             )
             response = pb_utils.InferenceResponse(output_tensors=result_tensors(result))
@@ -301,6 +308,7 @@ class TritonPythonModel:
                 parsed,
                 self.components,
                 self.assets,
+                refiner=self.refiner,
                 callback=progress,
                 should_stop=polled_at_most_every(sender.is_cancelled, CANCEL_POLL_INTERVAL_S),
             )
