@@ -27,6 +27,36 @@ REFERENCE_SCHEDULERS = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 
+
+def sampler_reference_table() -> dict[str, tuple[str, dict]]:
+    """Every alias -> (diffusers class, config overrides), written from diffusers' own
+    options (independently of the pipeline's scheduler table)."""
+    flags = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+    solvers = {
+        "lms": ("LMSDiscreteScheduler", {}),
+        "euler": ("EulerDiscreteScheduler", {}),
+        "heun": ("HeunDiscreteScheduler", {}),
+        "dpm2": ("KDPM2DiscreteScheduler", {}),
+        "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+        "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+        "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+        "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+        "unipc": ("UniPCMultistepScheduler", {}),
+        "deis": ("DEISMultistepScheduler", {}),
+    }
+    table = {a: s for a, s in REFERENCE_SCHEDULERS.items() if a is not None}
+    table |= {
+        "ddpm": ("DDPMScheduler", {}),
+        "lcm": ("LCMScheduler", {}),
+        "tcd": ("TCDScheduler", {}),
+        **{a: s for a, s in solvers.items() if a not in table},
+    }
+    for alias, (cls, extra) in solvers.items():
+        for suffix, flag in zip(("karras", "exponential", "beta"), flags, strict=True):
+            table.setdefault(f"{alias}_{suffix}", (cls, {**extra, flag: True}))
+    return table
+
+
 SETTINGS = {
     "prompt": "a photo of an astronaut riding a horse",
     "negative_prompt": "blurry, low quality",

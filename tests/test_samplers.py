@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from helpers import MODEL, max_diff, served_generate
+from helpers import MODEL, max_diff, sampler_reference_table, served_generate
 from helpers import SETTINGS as PARITY_SETTINGS
 
 from sd_pipeline.schedulers import SCHEDULERS, make_scheduler
@@ -45,34 +45,7 @@ FIRST_NINE = {
 }
 
 
-def reference_table() -> dict[str, tuple[str, dict]]:
-    """alias -> (diffusers class, config overrides), written from diffusers' own options."""
-    flags = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
-    solvers = {
-        "lms": ("LMSDiscreteScheduler", {}),
-        "euler": ("EulerDiscreteScheduler", {}),
-        "heun": ("HeunDiscreteScheduler", {}),
-        "dpm2": ("KDPM2DiscreteScheduler", {}),
-        "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-        "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-        "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-        "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
-        "unipc": ("UniPCMultistepScheduler", {}),
-        "deis": ("DEISMultistepScheduler", {}),
-    }
-    table = {
-        "ddpm": ("DDPMScheduler", {}),
-        "lcm": ("LCMScheduler", {}),
-        "tcd": ("TCDScheduler", {}),
-        **{a: s for a, s in solvers.items() if a not in FIRST_NINE},
-    }
-    for alias, (cls, extra) in solvers.items():
-        for suffix, flag in zip(("karras", "exponential", "beta"), flags, strict=True):
-            table[f"{alias}_{suffix}"] = (cls, {**extra, flag: True})
-    return {a: s for a, s in table.items() if a not in FIRST_NINE}
-
-
-REFERENCE = reference_table()
+REFERENCE = {a: s for a, s in sampler_reference_table().items() if a not in FIRST_NINE}
 # The served-parity settings with one image; with seed 7 the tiny safety
 # checker flags none of these samplers' images.
 SETTINGS = {**PARITY_SETTINGS, "num_images_per_prompt": 1}
