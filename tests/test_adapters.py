@@ -152,6 +152,12 @@ def adapted_pipe(tiny_checkpoint, files):
     return pipe
 
 
+@pytest.fixture(scope="module")
+def expected(adapted_pipe):
+    """diffusers' image of :data:`SERVED` with the adapters."""
+    return _reference(adapted_pipe)
+
+
 def _served(url, **overrides):
     images, _, _ = served_generate(url, **{**SERVED, **overrides}, seed=SEED, scheduler="euler")
     return images
@@ -165,18 +171,17 @@ def _reference(pipe, **overrides):
 # ----------------------------------------------------------------------------- served
 
 
-def test_served_equals_diffusers_with_loras_and_embeddings(url, adapted_pipe, reference_pipe):
+def test_served_equals_diffusers_with_loras_and_embeddings(url, expected, reference_pipe):
     served = _served(url)
-    expected = _reference(adapted_pipe)
     assert max_diff(served, expected) <= 1
     # The adapters change the image: a served model that ignored them would fail above.
     plain = _reference(reference_pipe, prompt="a photo of a cat on a beach", negative_prompt="")
     assert max_diff(expected, plain) > 8
 
 
-def test_each_embedding_changes_the_image(adapted_pipe):
+def test_each_embedding_changes_the_image(adapted_pipe, expected):
     """The parity above covers both embeddings only if each one matters."""
-    both = _reference(adapted_pipe)
+    both = expected
     without_negative = _reference(adapted_pipe, negative_prompt="blurry")
     without_prompt = _reference(adapted_pipe, prompt="a photo of on a beach")
     assert max_diff(both, without_negative) > 2
@@ -315,12 +320,107 @@ def test_adapted_prompt_from_records():
     assert adapted_prompt("neg <lora:style:0.8>", loras, embeddings) == "neg neg_1 "
 
 
-def test_served_text_matches_the_tokenizer(repository):
-    """The exported tokenizer knows every token the text encoder got rows for."""
+def test_exported_tokenizer_and_text_encoder_know_the_tokens(repository):
+    """The served tokenizer has the four new tokens, the ONNX text encoder a row for each."""
+    import onnx
     from transformers import CLIPTokenizer
+
+    from sd_triton.export.component_models import ONNX_NAME
 
     tokenizer = CLIPTokenizer.from_pretrained(repository / "stable_diffusion/1/assets/tokenizer")
     ids = tokenizer("badpixel badpixel_1 badpixel_2 <cat-toy>", add_special_tokens=False).input_ids
-    config = json.loads((repository / "stable_diffusion/1/assets/pipeline.json").read_text())
-    assert len(set(ids)) == 4 and min(ids) >= 49408
-    assert np.all(np.array(ids) < 49408 + 4) and config["text_width"] == 32
+    assert ids == [49408, 49409, 49410, 49411]
+    graph = onnx.load(str(repository / "text_encoder/1" / ONNX_NAME)).graph
+    shapes = [list(t.dims) for t in graph.initializer]
+    assert [49412, 32] in shapes and [49408, 32] not in shapes
+
+
+# ----------------------------------------------------------------------------- SDXL
+
+
+@pytest.fixture(scope="module")
+def sdxl_checkpoint(build_dir):
+    from sd_triton.export import tiny
+
+    path = build_dir / "tiny-sdxl"
+    if not (path / "model_index.json").exists():
+        assert tiny.main([str(path), "--family", "sdxl"]) == 0
+    return path
+
+
+def _sdxl_lora(pipe) -> dict[str, torch.Tensor]:
+    """A random LoRA of the tiny SDXL's UNet and both text encoders, diffusers-keyed."""
+    import copy
+
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(5)
+    attention = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    parts = {
+        "unet": (pipe.unet, ["to_q", "to_k", "to_v", "to_out.0"]),
+        "text_encoder": (pipe.text_encoder, attention),
+        "text_encoder_2": (pipe.text_encoder_2, attention),
+    }
+    layers = {}
+    for prefix, (module, targets) in parts.items():
+        config = LoraConfig(
+            r=RANK, lora_alpha=RANK, init_lora_weights=False, target_modules=targets
+        )
+        model = inject_adapter_in_model(config, copy.deepcopy(module))
+        for key, value in get_peft_model_state_dict(model).items():
+            layers[f"{prefix}.{key}"] = value.detach().clone() * 0.5
+    return layers
+
+
+def test_sdxl_lora_and_clip_l_clip_g_embedding(sdxl_checkpoint, tmp_path):
+    """An SDXL LoRA (UNet and both text encoders) and an SDXL embedding (clip_l into
+    text_encoder, clip_g into text_encoder_2), fused, give diffusers' images; the
+    folder exports with them recorded."""
+    from diffusers import StableDiffusionXLPipeline
+
+    reference_pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_checkpoint)
+    reference_pipe.set_progress_bar_config(disable=True)
+    layers = _sdxl_lora(reference_pipe)
+    lora, embedding = tmp_path / "xl_style.safetensors", tmp_path / "xlneg.safetensors"
+    save_file(layers, lora)
+    generator = torch.Generator().manual_seed(6)
+    vectors = {"clip_l": torch.randn(2, 32, generator=generator)}
+    vectors["clip_g"] = torch.randn(2, 64, generator=generator)
+    save_file(vectors, embedding)
+
+    reference_pipe.load_lora_weights(layers, adapter_name="xl_style")
+    reference_pipe.set_adapters(["xl_style"], adapter_weights=[0.7])
+    for key, encoder, tokenizer in (
+        ("clip_l", reference_pipe.text_encoder, reference_pipe.tokenizer),
+        ("clip_g", reference_pipe.text_encoder_2, reference_pipe.tokenizer_2),
+    ):
+        reference_pipe.load_textual_inversion(
+            vectors[key], token="xlneg", text_encoder=encoder, tokenizer=tokenizer
+        )
+    settings = {"prompt": "a fox", "negative_prompt": "xlneg, blurry", "height": 32, "width": 32}
+    settings |= {"num_inference_steps": 2, "output_type": "np"}
+    expected = reference_pipe(generator=torch.Generator().manual_seed(1), **settings).images
+    plain = StableDiffusionXLPipeline.from_pretrained(sdxl_checkpoint)
+    plain.set_progress_bar_config(disable=True)
+    unchanged = plain(generator=torch.Generator().manual_seed(1), **settings).images
+    assert np.abs(unchanged - expected).max() * 255 > 8  # the adapters matter
+
+    specs = [A.LoraFile(lora, 0.7)], [A.EmbeddingFile(embedding)]
+    with A.fused_checkpoint(sdxl_checkpoint, *specs, workdir=tmp_path) as fused:
+        assert [r["components"] for r in fused.loras] == [
+            ["text_encoder", "text_encoder_2", "unet"]
+        ]
+        assert fused.embeddings[0]["text_encoders"] == ["text_encoder", "text_encoder_2"]
+        pipe = StableDiffusionXLPipeline.from_pretrained(fused.path)
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(generator=torch.Generator().manual_seed(1), **settings).images
+        as_uint8 = [(x * 255).round().astype(np.uint8) for x in (images, expected)]
+        assert max_diff(*as_uint8) <= 1
+        out = tmp_path / "repo"
+        argv = [str(sdxl_checkpoint), str(out), "-q", "--no-stream-model"]
+        argv += ["--lora", f"{lora}:0.7", "--embedding", str(embedding)]
+        assert cli.main(argv) == 0
+    record = json.loads((out / "stable_diffusion/1/assets/pipeline.json").read_text())
+    assert [(r["name"], r["weight"]) for r in record["loras"]] == [("xl_style", 0.7)]
+    assert [(r["token"], r["vectors"]) for r in record["embeddings"]] == [("xlneg", 2)]
