@@ -72,9 +72,11 @@ REFINER_PREFIX = "refiner_"
 # - turbo: SDXL-Turbo / SD-Turbo (diffusers' docs: 1-4 steps, guidance_scale 0.0
 #   since the model was trained without it; the checkpoint's own Euler a scheduler
 #   with trailing timestep spacing);
-# - lcm: Latent Consistency Models (diffusers' docs: 4 steps, LCMScheduler; a
-#   distilled UNet with time_cond_proj_dim takes the guidance scale as an embedding,
-#   with classifier-free guidance off, and diffusers' examples use 8.0).
+# - lcm: Latent Consistency Models (diffusers' docs: 4 steps, LCMScheduler). A
+#   distilled UNet with time_cond_proj_dim takes the guidance scale as an embedding
+#   (trained on [3, 13]; diffusers' examples use 8.0) with classifier-free guidance
+#   off; a UNet without one (an LCM-LoRA fused in) gets 1.0, guidance off
+#   (:func:`sd_triton.export.pipeline_models.preset_parameters`).
 PRESETS: dict[str, dict[str, int | float | str]] = {
     "turbo": {
         "default_num_inference_steps": 1,
@@ -102,10 +104,11 @@ class Contents:
     either way. ``safety_checker_from``: a diffusers checkpoint whose safety
     checker and feature extractor are exported instead (SDXL ships none).
     ``refiner``: an SDXL refiner folder exported beside an SDXL base.
-    ``preset``: a key of :data:`PRESETS` (recommended request defaults). ``name``: recorded as ``source`` in pipeline.json (default:
-    the source path). ``watermark``: the invisible watermark of diffusers'
-    SDXL pipelines (``sd_pipeline.watermark``); None: as diffusers does
-    (SDXL when the invisible-watermark package is installed, SD 1.x/2.x never).
+    ``preset``: a key of :data:`PRESETS` (recommended request defaults).
+    ``name``: recorded as ``source`` in pipeline.json (default: the source path).
+    ``watermark``: the invisible watermark of diffusers' SDXL pipelines
+    (``sd_pipeline.watermark``); None: as diffusers does (SDXL when the
+    invisible-watermark package is installed, SD 1.x/2.x never).
     """
 
     precision: Precision = "fp32"

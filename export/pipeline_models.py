@@ -35,6 +35,7 @@ __all__ = [
     "pipeline_constants",
     "pipeline_parameters",
     "pipeline_settings",
+    "preset_parameters",
     "request_limits",
     "write_pipeline_models",
 ]
@@ -113,10 +114,24 @@ def request_limits(opts: ExportOptions, constants: Mapping[str, Any]) -> Limits:
         raise ExportError(str(e)) from None
 
 
-def pipeline_parameters(opts: ExportOptions, limits: Limits) -> dict[str, Any]:
-    """The pipeline models' config parameters: limits, admission, the preset's request
-    defaults (``options.PRESETS``), then anything else given."""
-    preset = PRESETS.get(opts.contents.preset or "", {})
+def preset_parameters(preset: str | None, constants: Mapping[str, Any]) -> dict[str, Any]:
+    """The request defaults of ``preset`` (``options.PRESETS``) for a model with ``constants``.
+
+    ``lcm``: guidance 8.0 for a UNet with a guidance embedding (``time_cond_proj_dim``),
+    1.0 (classifier-free guidance off) for one without (an LCM-LoRA fused in).
+    """
+    values = dict(PRESETS.get(preset or "", {}))
+    if preset == "lcm" and constants.get("time_cond_proj_dim") is None:
+        values["default_guidance_scale"] = 1.0
+    return values
+
+
+def pipeline_parameters(
+    opts: ExportOptions, limits: Limits, constants: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The pipeline models' config parameters: admission, the preset's request defaults,
+    anything else given, then the limits."""
+    preset = preset_parameters(opts.contents.preset, constants)
     return {**ADMISSION_DEFAULTS, **preset, **opts.parameters, **limits.parameters()}
 
 

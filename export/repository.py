@@ -285,7 +285,7 @@ def export_repository(
             extra_assets[REFINER_PREFIX.rstrip("_")] = (refiner, r_json)
         opts = base_opts
         t0 = time.perf_counter()
-        parameters = pipeline_parameters(opts, plan.limits)
+        parameters = pipeline_parameters(opts, plan.limits, plan.constants)
         pipeline_json = _pipeline_json(ckpt, plan, opts, src, version)
         write_pipeline_models(ckpt, pipeline_json, parameters, opts, staging, version, extra_assets)
         pipelines = ", ".join(opts.model_name(n) for n in opts.pipeline_models())

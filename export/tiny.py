@@ -24,6 +24,11 @@ any cosine (2.0), so it never fires.
 ``in_channels=9``: latents, mask, masked image latents), saved as a
 ``StableDiffusionInpaintPipeline``; every other weight is the same.
 
+:func:`turbo` and :func:`lcm` make distilled variants: a Turbo model is
+its base with SDXL-Turbo's scheduler config (Euler a, trailing timestep spacing);
+an LCM model has a UNet with a guidance embedding (``time_cond_proj_dim``) and
+an ``LCMScheduler`` config (LCM-Dreamshaper-v7's / lcm-sdxl's).
+
 :func:`build_xl_pipeline` builds a tiny SDXL base (:data:`TINY_SDXL`: two CLIP
 text encoders of widths 32 and 64, a ``text_time`` UNet, a 2-block VAE with
 ``force_upcast``) or refiner (:data:`TINY_SDXL_REFINER`: ``text_encoder_2``
@@ -35,6 +40,7 @@ Command line::
 
     python -m sd_triton.export.tiny OUT_DIR [--full-size] [--inpainting] [--seed N]
     python -m sd_triton.export.tiny OUT_DIR --family sdxl|sdxl-refiner [--seed N]
+    python -m sd_triton.export.tiny OUT_DIR [--family sd|sdxl] --variant turbo|lcm
 """
 
 from __future__ import annotations
@@ -59,8 +65,10 @@ __all__ = [
     "build_pipeline",
     "build_xl_pipeline",
     "inpainting",
+    "lcm",
     "main",
     "save_pipeline",
+    "turbo",
 ]
 
 log = logging.getLogger(__name__)
@@ -316,6 +324,56 @@ TINY_SDXL_REFINER = XLArchitecture(
 )
 
 
+# stabilityai/sdxl-turbo's scheduler/scheduler_config.json.
+SDXL_TURBO_SCHEDULER = {
+    **SDXL_SCHEDULER,
+    "_class_name": "EulerAncestralDiscreteScheduler",
+    "timestep_spacing": "trailing",
+}
+
+# SimianLuo/LCM_Dreamshaper_v7's scheduler/scheduler_config.json (lcm-sdxl's differs
+# only in what LCMScheduler ignores).
+LCM_SCHEDULER = {
+    "_class_name": "LCMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "original_inference_steps": 50,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "timestep_scaling": 10.0,
+    "trained_betas": None,
+}
+# The tiny UNet's guidance embedding width (LCM-Dreamshaper-v7's is 256).
+LCM_TIME_COND_PROJ_DIM = 32
+
+
+def turbo(arch: XLArchitecture) -> XLArchitecture:
+    """``arch`` as a Turbo model: the same weights, SDXL-Turbo's scheduler config."""
+    from dataclasses import replace
+
+    return replace(arch, name=f"{arch.name}-turbo", scheduler=dict(SDXL_TURBO_SCHEDULER))
+
+
+def lcm(arch: Architecture | XLArchitecture) -> Architecture | XLArchitecture:
+    """``arch`` as an LCM model: a UNet with a guidance embedding, LCMScheduler's config."""
+    from dataclasses import replace
+
+    unet = {**arch.unet, "time_cond_proj_dim": LCM_TIME_COND_PROJ_DIM}
+    return replace(arch, name=f"{arch.name}-lcm", unet=unet, scheduler=dict(LCM_SCHEDULER))
+
+
+def _scheduler(config: dict[str, Any], default: str):
+    """The diffusers scheduler ``config`` names (``_class_name``), else ``default``."""
+    import diffusers
+
+    return getattr(diffusers, config.get("_class_name", default)).from_config(config)
+
+
 def inpainting(arch: Architecture) -> Architecture:
     """``arch`` with an inpainting UNet: latents + mask + masked image latents in (2 x 4 + 1)."""
     from dataclasses import replace
@@ -422,7 +480,6 @@ def build_pipeline(arch: Architecture = TINY, seed: int = 0):
 
     from diffusers import (
         AutoencoderKL,
-        PNDMScheduler,
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
         UNet2DConditionModel,
@@ -450,7 +507,7 @@ def build_pipeline(arch: Architecture = TINY, seed: int = 0):
         tokenizer=tokenizer,
         unet=unet,
         # from_config keeps keys PNDM ignores (clip_sample: other schedulers read it).
-        scheduler=PNDMScheduler.from_config(arch.scheduler),
+        scheduler=_scheduler(arch.scheduler, "PNDMScheduler"),
         safety_checker=checker,
         feature_extractor=feature_extractor,
         requires_safety_checker=True,
@@ -467,7 +524,6 @@ def build_xl_pipeline(arch: XLArchitecture = TINY_SDXL, seed: int = 0):
 
     from diffusers import (
         AutoencoderKL,
-        EulerDiscreteScheduler,
         StableDiffusionXLImg2ImgPipeline,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
@@ -502,7 +558,7 @@ def build_xl_pipeline(arch: XLArchitecture = TINY_SDXL, seed: int = 0):
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(arch.scheduler),
+        scheduler=_scheduler(arch.scheduler, "EulerDiscreteScheduler"),
         add_watermarker=False,  # SDXL's invisible watermark is not part of the model
     )
     if arch.is_refiner:
@@ -566,10 +622,21 @@ def main(argv: list[str] | None = None) -> int:
         default="sd",
         help="sd: SD 1.x (default); sdxl, sdxl-refiner: a tiny SDXL base or refiner",
     )
+    parser.add_argument(
+        "--variant",
+        choices=("turbo", "lcm"),
+        default=None,
+        help="turbo: SDXL-Turbo's scheduler config (--family sdxl); lcm: a UNet with a "
+        "guidance embedding (time_cond_proj_dim) and an LCMScheduler config (sd or sdxl)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.family != "sd" and (args.full_size or args.inpainting):
         parser.error("--full-size and --inpainting are for --family sd")
+    if args.variant == "turbo" and args.family != "sdxl":
+        parser.error("--variant turbo is for --family sdxl")
+    if args.variant == "lcm" and args.family == "sdxl-refiner":
+        parser.error("--variant lcm is for --family sd or sdxl")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
@@ -581,9 +648,11 @@ def main(argv: list[str] | None = None) -> int:
         arch = SD15 if args.full_size else TINY
         if args.inpainting:
             arch = inpainting(arch)
+        arch = lcm(arch) if args.variant == "lcm" else arch
         pipe = build_pipeline(arch, seed=args.seed)
     else:
         arch = TINY_SDXL if args.family == "sdxl" else TINY_SDXL_REFINER
+        arch = {"turbo": turbo, "lcm": lcm}.get(args.variant or "", lambda a: a)(arch)
         pipe = build_xl_pipeline(arch, seed=args.seed)
     save_pipeline(pipe, args.out_dir)
     log.info("%s: wrote %s in %.1f s", arch.name, args.out_dir, time.perf_counter() - start)

@@ -5,8 +5,9 @@ folder holds this file, ``component_host.py`` (batching, config, errors and
 the device rule, shared with the ONNX host), ``wrappers.py`` (the exporter's
 component wrappers: the same ``forward`` the ONNX files are traced from) and
 the module's weights as ``save_pretrained`` wrote them (``unet/``, ``vae/``,
-``text_encoder/`` or ``safety_checker/``). The tensor contract (names, dims, dtypes) is the ONNX
-hosts', so the pipeline does not care which host serves a component.
+``text_encoder/``, ``text_encoder_2/`` or ``safety_checker/``). The tensor
+contract (names, dims, dtypes) is the ONNX hosts', so the pipeline does not
+care which host serves a component.
 
 Device: CUDA (the instance's device) for a ``KIND_GPU`` instance, which
 fails to load if torch sees no CUDA device; the CPU for any other kind.
@@ -23,11 +24,13 @@ Batching and errors: see ``component_host.py``.
 
 Config parameters (string values):
 
-- ``component``: which wrapper (``text_encoder``, ``unet``, ``vae_encoder``,
-  ``vae_decoder``, ``safety_checker``); the model's name may carry a prefix;
+- ``component``: which wrapper (``text_encoder``, ``text_encoder_2``, ``unet``,
+  ``vae_encoder``, ``vae_decoder``, ``safety_checker``); the model's name may carry
+  a prefix (``refiner_unet`` is a ``unet``);
 - ``device``: ``auto`` (default), ``cuda`` or ``cpu``;
 - ``dtype``: ``auto`` (default: float16 on CUDA, float32 on the CPU),
-  ``float16`` or ``float32`` (the SD 1.x VAE decoder: it overflows in fp16);
+  ``float16`` or ``float32`` (a VAE whose config says ``force_upcast``: the SD 1.x
+  and SDXL VAEs overflow in fp16);
 - ``intra_op_threads``: torch's CPU threads (0: torch's default).
 """
 
