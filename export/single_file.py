@@ -126,8 +126,9 @@ def is_single_file(path: str | Path) -> bool:
 def model_hash(path: str | Path) -> str:
     """The web UI's ``Model hash``: the first 10 hex digits of the file's SHA-256.
 
-    (AUTOMATIC1111 wrote an 8-digit hash of 64 KiB at offset 1 MiB until
-    2023; every current version writes this one, as do Civitai and Forge.)
+    (The web UI's legacy hash, 8 digits of the SHA-256 of 64 KiB at offset
+    1 MiB, is no longer written: since early 2023 it writes this one, as
+    Forge does and Civitai searches by.)
     """
     return sha256_file(path)[:MODEL_HASH_DIGITS]
 
@@ -321,6 +322,10 @@ def diffusers_folder(
     (under ``workdir``) that lives as long as the context; a folder as it is."""
     src = Path(src)
     if not is_single_file(src):
+        if options not in (None, SingleFileOptions()):
+            raise ExportError(
+                f"{src} is a folder: --prediction-type, --ema and --config are for single files"
+            )
         yield Converted(src, {})
         return
     if not src.is_file():

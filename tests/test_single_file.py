@@ -278,6 +278,12 @@ def test_sdxl_base_as_a_single_file_exports_the_same_repository(folders, tmp_pat
     _assert_provenance(file, path)
 
 
+def test_single_file_options_on_a_folder_are_an_error(tiny_checkpoint, tmp_path, capsys):
+    assert _export(tiny_checkpoint, tmp_path / "out", "--ema") == 2
+    assert "are for single files" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_ckpt_with_a_pickled_callable_is_refused_and_nothing_runs(tmp_path, capsys):
     marker = tmp_path / "ran"
 
