@@ -78,6 +78,7 @@ FAMILIES: dict[str, str] = {
     "sd1-inpainting": "SD 1.x inpainting, 9-channel UNet (stable-diffusion-inpainting's)",
     "sd2-v": "SD 2.x, 768 px, v-prediction (stable-diffusion-2-1's)",
     "sd2-base": "SD 2.x, 512 px, epsilon (stable-diffusion-2-1-base's)",
+    "sd2-inpainting": "SD 2.x inpainting, 9-channel UNet (stable-diffusion-2-inpainting's)",
     "sdxl-base": "SDXL base (stable-diffusion-xl-base-1.0's)",
     "sdxl-refiner": "SDXL refiner (stable-diffusion-xl-refiner-1.0's)",
 }
@@ -99,7 +100,7 @@ NOT_IN_FILE = ("safety_checker", "feature_extractor")
 # diffusers' names (infer_diffusers_model_type) of the layouts we convert; it
 # names others too (SDXL inpainting, Playground, upscaler, ControlNet, SD3,
 # Flux, ...), which share some of these prefixes but not our configs.
-DIFFUSERS_TYPES = {"v1", "v2", "inpainting", "xl_base", "xl_refiner"}
+DIFFUSERS_TYPES = {"v1", "v2", "inpainting", "inpainting_v2", "xl_base", "xl_refiner"}
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,8 @@ def _diffusers_type(state_dict: Mapping[str, Any]) -> str | None:
 
 
 def _layout(state_dict: Mapping[str, Any]) -> str:
-    """``sd1``, ``sd1-inpainting``, ``sd2``, ``sdxl-base`` or ``sdxl-refiner``, from key prefixes."""
+    """``sd1``, ``sd2`` (with ``-inpainting`` for a 9-channel UNet), ``sdxl-base`` or
+    ``sdxl-refiner``, from key prefixes and the UNet's input channels."""
     keys = list(state_dict)
     if not (_has(keys, UNET) and _has(keys, VAE) and CONV_IN in state_dict):
         raise ExportError(
@@ -165,16 +167,16 @@ def _layout(state_dict: Mapping[str, Any]) -> str:
     elif _has(keys, XL_SECOND + "model.") and _has(keys, XL_FIRST + "transformer."):
         layout = "sdxl-base"
     elif _has(keys, CLIP):
-        layout = "sd1-inpainting" if inpainting else "sd1"
+        layout = "sd1"
     elif _has(keys, OPEN_CLIP):
         layout = "sd2"
     else:
         raise ExportError(
             f"a UNet and VAE without a text encoder this exporter knows; found {_prefixes(keys)}"
         )
-    if inpainting and layout != "sd1-inpainting":
-        raise ExportError(f"{layout} inpainting checkpoints (9-channel UNet) are not supported")
-    return layout
+    if inpainting and layout.startswith("sdxl"):
+        raise ExportError("SDXL inpainting checkpoints (9-channel UNet) are not supported")
+    return f"{layout}-inpainting" if inpainting else layout
 
 
 def detect_family(state_dict: Mapping[str, Any], prediction_type: str | None = None) -> str:

@@ -58,9 +58,11 @@ def folders(build_dir, tiny_checkpoint) -> dict[str, Path]:
         unet={**tiny.TINY.unet, "use_linear_projection": True, "attention_head_dim": (2, 4)},
         scheduler={**tiny.SD15_SCHEDULER, "prediction_type": "v_prediction"},
     )
+    sd2_inpainting = replace(tiny.inpainting(sd2), scheduler=dict(tiny.SD15_SCHEDULER))  # epsilon
     makers = {
         "sd1-inpainting": lambda p: tiny.main([str(p), "--inpainting"]),
         "sd2": lambda p: tiny.save_pipeline(tiny.build_pipeline(sd2), p),
+        "sd2-inpainting": lambda p: tiny.save_pipeline(tiny.build_pipeline(sd2_inpainting), p),
         "sdxl-base": lambda p: tiny.main([str(p), "--family", "sdxl"]),
         "sdxl-refiner": lambda p: tiny.main([str(p), "--family", "sdxl-refiner"]),
     }
@@ -88,6 +90,7 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         ("sd1", ".ckpt", None),
         ("sd1-inpainting", ".safetensors", None),
         ("sd2", ".safetensors", "v_prediction"),
+        ("sd2-inpainting", ".ckpt", None),
         ("sdxl-base", ".safetensors", None),
         ("sdxl-refiner", ".ckpt", None),
     ],
@@ -185,6 +188,7 @@ def _meta_parts(folder: Path) -> tuple[dict[str, dict], dict[str, dict]]:
         ("sd1-inpainting", "inpainting"),
         ("sd2-v", "v2"),
         ("sd2-base", "v2"),
+        ("sd2-inpainting", "inpainting_v2"),
         ("sdxl-base", "xl_base"),
         ("sdxl-refiner", "xl_refiner"),
     ],
