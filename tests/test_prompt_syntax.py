@@ -18,6 +18,9 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from sd_pipeline.components import DiffusersComponents
+from sd_pipeline.conditioning import check_prompt_chunks, condition
+from sd_pipeline.config import Assets, PipelineConfig
 from sd_pipeline.errors import InvalidRequest
 from sd_pipeline.prompt_syntax import (
     BREAK,
@@ -27,6 +30,7 @@ from sd_pipeline.prompt_syntax import (
     parse_attention,
     uses_syntax,
 )
+from sd_pipeline.request import make_request, model_defaults
 from sd_triton.export.tiny import TINY, TINY_SDXL
 from sd_triton.export.tokenizer import write_clip_tokenizer
 
@@ -377,3 +381,148 @@ def test_unit_weights_change_nothing_bit_for_bit():
     assert torch.equal(out[:2], hidden[:2])
     torch.testing.assert_close(out[2].mean(), hidden[2].mean())
     assert not torch.equal(out[2], hidden[2])
+
+
+# ---------------------------------------------------------------------------
+# Wired into the pipeline's conditioning (sd_pipeline.conditioning), in-process
+
+
+class CountingComponents(DiffusersComponents):
+    """The diffusers modules as components; remembers each text encoder call's rows."""
+
+    def __init__(self, **modules) -> None:
+        super().__init__(unet=None, vae=None, **modules)
+        self.calls: list[tuple[str, list[int]]] = []
+
+    def encode_text(self, input_ids, skip_layers, *, encoder="text_encoder"):
+        self.calls.append((encoder, skip_layers.tolist()))
+        return super().encode_text(input_ids, skip_layers, encoder=encoder)
+
+
+def make_assets(tokenizer, tokenizer_2=None, **config) -> Assets:
+    constants = {
+        "latent_channels": 4,
+        "unet_in_channels": 4,
+        "vae_scaling_factor": 0.18215,
+        "vae_scale_factor": 8,
+        "native_height": 64,
+        "native_width": 64,
+        "size_step": 16,
+        "tokenizer_max_length": 77,
+        "unet_max_batch_size": 4,
+        "safety_checker": False,
+        "text_encoder_layers": {"text_encoder": 5, "text_encoder_2": 5},
+    }
+    pipeline = PipelineConfig.from_dict({**constants, **config})
+    return Assets(pipeline, tokenizer, {}, None, tokenizer_2=tokenizer_2)
+
+
+def sd_request(assets, prompt, **options):
+    return make_request(assets.config, prompt, height=64, width=64, seed=0, **options)
+
+
+def test_plain_request_is_diffusers_encoding_in_one_call(tokenizer, text_model):
+    assets = make_assets(tokenizer)
+    for syntax in ("a1111", "diffusers"):
+        components = CountingComponents(text_encoder=text_model)
+        request = sd_request(
+            assets, "a photo of a cat", negative_prompt="blurry", clip_skip=1, prompt_syntax=syntax
+        )
+        embeddings = condition(request, components, assets).embeddings
+        ids = diffusers_ids(tokenizer, ["blurry", "a photo of a cat"])
+        expected = components.encode_text(ids, torch.tensor([0, 1])).normed_hidden_state
+        assert torch.equal(embeddings, expected)
+        assert components.calls[0] == ("text_encoder", [0, 1]) and len(components.calls) == 2
+
+
+def test_weighted_long_prompt_is_encoded_in_slices_of_the_encoders_batch(tokenizer, text_model):
+    assets = make_assets(tokenizer, text_encoder_max_batch_size=2)
+    components = CountingComponents(text_encoder=text_model)
+    prompt = "(a cat:1.3) " + "on a mat, " * 45  # three chunks
+    request = sd_request(
+        assets, prompt, negative_prompt="[blurry]", clip_skip=2, num_images_per_prompt=2
+    )
+    embeddings = condition(request, components, assets).embeddings
+    # [negative, negative's empty chunk] and three chunks of the prompt: 5 rows, 2 at a time
+    assert components.calls == [
+        ("text_encoder", [0, 0]),
+        ("text_encoder", [2, 2]),
+        ("text_encoder", [2]),
+    ]
+
+    def encode_ids(ids, owner):
+        with torch.no_grad():
+            out = text_model(ids, output_hidden_states=True)
+        skips = torch.tensor([0, 2])[owner]
+        picked = torch.stack([out.hidden_states[-1 - s][k] for k, s in enumerate(skips.tolist())])
+        return text_model.final_layer_norm(picked), None
+
+    expected, _ = encode(["[blurry]", prompt], tokenizer, encode_ids)
+    assert embeddings.shape == (4, 3 * 77, 32)
+    torch.testing.assert_close(embeddings, expected.repeat_interleave(2, dim=0))
+
+
+def test_diffusers_syntax_truncates_and_keeps_brackets(tokenizer, text_model):
+    assets = make_assets(tokenizer)
+    components = CountingComponents(text_encoder=text_model)
+    prompt = "(a cat:1.3) " + "on a mat, " * 45
+    request = sd_request(assets, prompt, prompt_syntax="diffusers")
+    embeddings = condition(request, components, assets).embeddings
+    ids = diffusers_ids(tokenizer, ["", prompt])
+    expected = components.encode_text(ids, torch.tensor([0, 0])).normed_hidden_state
+    assert torch.equal(embeddings, expected)
+
+
+def test_sdxl_encoders_get_the_same_chunk_count_and_zeros_for_no_negative(
+    tokenizer, tokenizer_2, text_model, text_model_2
+):
+    assets = make_assets(
+        tokenizer,
+        tokenizer_2,
+        family="sdxl",
+        text_encoders=["text_encoder", "text_encoder_2"],
+        force_zeros_for_empty_prompt=True,
+    )
+    components = CountingComponents(text_encoder=text_model, text_encoder_2=text_model_2)
+    prompt_2 = "a (dog:0.8), " + "on a mat, " * 30  # two chunks
+    request = sd_request(assets, "a red cat", prompt_2=prompt_2)
+    conditioning = condition(request, components, assets)
+    embeddings, pooled = conditioning.embeddings, conditioning.added["text_embeds"]
+    assert embeddings.shape == (2, 2 * 77, 32 + 64)
+    assert not embeddings[0].any() and not pooled[0].any()  # the absent negative prompt
+    # Encoder 1's one-chunk prompt is padded with its empty chunk to two; clip_skip 0
+    # skips one layer (SDXL's penultimate).
+    assert components.calls == [("text_encoder", [1, 1]), ("text_encoder_2", [1, 1])]
+    with torch.no_grad():
+        out = text_model(diffusers_ids(tokenizer, ["a red cat", ""]), output_hidden_states=True)
+        first_chunk = chunk(prompt_2, tokenizer_2).ids[:1]
+        expected_pooled = text_model_2(first_chunk).text_embeds
+    torch.testing.assert_close(embeddings[1, :, :32], out.hidden_states[-2].flatten(0, 1))
+    torch.testing.assert_close(pooled[1:], expected_pooled)
+
+
+def test_check_prompt_chunks(tokenizer):
+    assets = make_assets(tokenizer)
+    long = "cat, " * 160  # 320 tokens: five chunks
+    check_prompt_chunks(sd_request(assets, long), assets, 5)
+    with pytest.raises(InvalidRequest, match="prompt is 5 chunks of 75 tokens, over .* of 4"):
+        check_prompt_chunks(sd_request(assets, long), assets, 4)
+    with pytest.raises(InvalidRequest, match="negative_prompt is 2 chunks"):
+        check_prompt_chunks(sd_request(assets, "a", negative_prompt="a BREAK b"), assets, 1)
+    check_prompt_chunks(sd_request(assets, long, prompt_syntax="diffusers"), assets, 1)
+
+
+def test_prompt_syntax_default_from_the_model_config():
+    assert model_defaults({"prompt_syntax": "diffusers"}) == {"prompt_syntax": "diffusers"}
+    assert model_defaults({"prompt_syntax": " "}) == {}
+    with pytest.raises(ValueError, match="prompt_syntax must be a1111 or diffusers, got 'x'"):
+        model_defaults({"prompt_syntax": "x"})
+
+
+@pytest.mark.parametrize(("family", "most"), [("sd", 4), ("sdxl", 3)])
+def test_clip_skip_leaves_one_layer(tokenizer, tokenizer_2, family, most):
+    encoders = ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+    assets = make_assets(tokenizer, tokenizer_2, family=family, text_encoders=encoders)
+    sd_request(assets, "a cat", clip_skip=most)
+    with pytest.raises(InvalidRequest, match=f"clip_skip {most + 1} is over .* limit of {most}"):
+        sd_request(assets, "a cat", clip_skip=most + 1)

@@ -19,6 +19,15 @@ absent SDXL negative prompt is zeros when the model says
 ``force_zeros_for_empty_prompt``; the refiner encodes ``prompt`` with its one
 text encoder; txt2img orders the time ids [negative, positive] per image,
 img2img [negative x N, positive x N].
+
+Prompt syntax (request input ``prompt_syntax``): with ``a1111`` (the
+default) a request any of whose texts uses the web UI's weights, ``BREAK``
+or more than 75 tokens is encoded by :func:`.prompt_syntax.encode` (chunks
+of 75 tokens, weights with the mean-restoring rule; every text of the
+request padded to the same number of chunks, SDXL's pooled embedding from
+the first chunk); any other request, and every request with ``diffusers``,
+is encoded exactly as diffusers encodes it (77 tokens, truncated). Text
+encoder calls are sliced to the text encoder's ``max_batch_size``.
 """
 
 from __future__ import annotations
@@ -27,11 +36,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .components import Components
+from . import prompt_syntax
+from .components import Components, TextEncoding
 from .config import Assets, PipelineConfig
+from .errors import InvalidRequest
 from .request import GenerationRequest
 
-__all__ = ["Conditioning", "condition", "guided"]
+__all__ = ["Conditioning", "check_prompt_chunks", "condition", "guided"]
+
+# The request's texts, in the order check_prompt_chunks names them.
+_TEXTS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")
 
 
 @dataclass(frozen=True)
@@ -64,24 +78,107 @@ def condition(request: GenerationRequest, components: Components, assets: Assets
     return Conditioning(embeddings, added)
 
 
+def check_prompt_chunks(request: GenerationRequest, assets: Assets, most: int) -> None:
+    """Refuse a text of ``request`` that the web UI's syntax reads as over ``most`` chunks
+    of 75 tokens (the limit ``max_prompt_chunks``), and the web UI's sampler-time syntax."""
+    if request.prompt_syntax != "a1111":
+        return  # diffusers' syntax truncates
+    for name in _TEXTS:
+        text = getattr(request, name)
+        if text is None:
+            continue
+        count = _chunk_count(text, assets, assets.config.text_encoders[0])
+        if count > most:
+            raise InvalidRequest(
+                f"{name} is {count} chunks of 75 tokens, over this model's limit of {most} "
+                f"({most * prompt_syntax.CHUNK_LENGTH} tokens)"
+            )
+
+
+def _chunk_count(text: str, assets: Assets, encoder: str) -> int:
+    tokenizer = assets.tokenizers[encoder]
+    return len(prompt_syntax.chunk(text, tokenizer, lock=assets._tokenizer_lock).ids)
+
+
 def _skips(guided: bool, negative: int, positive: int, n: int = 1) -> torch.Tensor:
     """``skip_layers`` for a text encoder call on [negative, positive] (or [positive])."""
     values = ([negative] * n if guided else []) + [positive] * n
     return torch.tensor(values, dtype=torch.int32)
 
 
+def _encode(
+    components: Components,
+    config: PipelineConfig,
+    ids: torch.Tensor,
+    skips: torch.Tensor,
+    encoder: str,
+) -> TextEncoding:
+    """Text encoder ``encoder`` on every row, in slices of at most its max batch size."""
+    size = config.text_encoder_max_batch_size
+    parts = [
+        components.encode_text(ids[i : i + size], skips[i : i + size], encoder=encoder)
+        for i in range(0, len(ids), size)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return TextEncoding(*(torch.cat(tensors) for tensors in zip(*parts, strict=True)))
+
+
+def _web_ui_syntax(request: GenerationRequest, assets: Assets, texts: dict[str, list[str]]) -> bool:
+    """Whether the request is read in the web UI's syntax: asked for, and needed by one of
+    ``texts`` (text encoder -> its texts)."""
+    if request.prompt_syntax != "a1111":
+        return False
+    lock = assets._tokenizer_lock
+    return any(
+        prompt_syntax.uses_syntax(text, assets.tokenizers[encoder], lock=lock)
+        for encoder, encoder_texts in texts.items()
+        for text in encoder_texts
+    )
+
+
+def _encode_texts(
+    components: Components,
+    assets: Assets,
+    encoder: str,
+    texts: list[str],
+    skips: torch.Tensor,
+    *,
+    web_ui: bool,
+    chunks: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``texts`` through ``encoder`` (row i skipping ``skips[i]`` layers): (the chosen layer's
+    hidden states, normed for SD and as they are for SDXL; the pooled embeddings).
+
+    ``web_ui``: in the web UI's syntax, at least ``chunks`` chunks each; else as diffusers.
+    """
+    config = assets.config
+
+    def encode_ids(ids: torch.Tensor, owner: torch.Tensor):
+        out = _encode(components, config, ids.to(torch.int32), skips[owner], encoder)
+        return (out.hidden_state if config.is_xl else out.normed_hidden_state), out.text_embeds
+
+    if web_ui:
+        tokenizer = assets.tokenizers[encoder]
+        lock = assets._tokenizer_lock
+        return prompt_syntax.encode(texts, tokenizer, encode_ids, min_chunks=chunks, lock=lock)
+    return encode_ids(assets.tokenize(texts, encoder), torch.arange(len(texts)))
+
+
 def _encode_sd(request: GenerationRequest, components: Components, assets: Assets) -> torch.Tensor:
     """SD 1.x/2.x: the normed hidden state of ``clip_skip`` layers from the end (the negative
     prompt's: the last layer), repeated ``num_images_per_prompt`` times.
 
-    Both texts go through the text encoder in one call.
+    Both texts go through the text encoder in one call (as many as its batch size takes).
     """
     cfg = guided(request, assets.config)
+    encoder = assets.config.text_encoders[0]
     texts = ([request.negative_prompt or ""] if cfg else []) + [request.prompt]
-    ids = assets.tokenize(texts).to(torch.int32)
-    out = components.encode_text(ids, _skips(cfg, 0, request.clip_skip))
+    web_ui = _web_ui_syntax(request, assets, {encoder: texts})
+    skips = _skips(cfg, 0, request.clip_skip)
+    hidden, _ = _encode_texts(components, assets, encoder, texts, skips, web_ui=web_ui)
     # [negative, positive] -> [negative x N, positive x N]
-    return out.normed_hidden_state.repeat_interleave(request.num_images_per_prompt, dim=0)
+    return hidden.repeat_interleave(request.num_images_per_prompt, dim=0)
 
 
 def _texts_xl(request: GenerationRequest, config: PipelineConfig) -> list[tuple[str, str | None]]:
@@ -104,21 +201,27 @@ def _encode_xl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL: every encoder's penultimate (``clip_skip`` + 1 from the end) hidden state,
     concatenated, and the last encoder's pooled embedding; negatives likewise (without
-    ``clip_skip``) or zeros."""
+    ``clip_skip``) or zeros. In the web UI's syntax every text of both encoders has the
+    same number of chunks (the most any of them needs)."""
     config = assets.config
     cfg = guided(request, config)
     n = request.num_images_per_prompt
+    pairs = dict(zip(config.text_encoders, _texts_xl(request, config), strict=True))
+    texts = {
+        encoder: ([negative] if cfg and negative is not None else []) + [text]
+        for encoder, (text, negative) in pairs.items()
+    }
+    web_ui = _web_ui_syntax(request, assets, texts)
+    chunks = 1
+    if web_ui:
+        chunks = max(_chunk_count(t, assets, e) for e, ts in texts.items() for t in ts)
     hidden, pooled = [], None
-    for encoder, (text, negative) in zip(
-        config.text_encoders, _texts_xl(request, config), strict=True
-    ):
+    for encoder, (_, negative) in pairs.items():
         encode_negative = cfg and negative is not None
-        texts = ([negative] if encode_negative else []) + [text]
-        ids = assets.tokenize(texts, encoder).to(torch.int32)
-        out = components.encode_text(
-            ids, _skips(encode_negative, 1, request.clip_skip + 1), encoder=encoder
+        skips = _skips(encode_negative, 1, request.clip_skip + 1)
+        states, pooled = _encode_texts(
+            components, assets, encoder, texts[encoder], skips, web_ui=web_ui, chunks=chunks
         )
-        states, pooled = out.hidden_state, out.text_embeds
         if cfg and not encode_negative:  # zeros for the absent negative prompt
             states = torch.cat([torch.zeros_like(states), states])
             pooled = torch.cat([torch.zeros_like(pooled), pooled])

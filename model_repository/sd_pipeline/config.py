@@ -57,6 +57,12 @@ class PipelineConfig:
     family: str = "sd"
     # the text encoders, in the order their hidden states are concatenated
     text_encoders: tuple[str, ...] = ("text_encoder",)
+    # each text encoder's transformer layers (the upper bound of clip_skip);
+    # absent: not checked here (the text encoder clamps)
+    text_encoder_layers: Mapping[str, int] = field(default_factory=dict)
+    # the text encoders' Triton max_batch_size (prompt chunks are sent in slices of
+    # at most this); absent: 8, the exporter's default
+    text_encoder_max_batch_size: int = 8
     # SDXL: an absent negative prompt means zero embeddings (model_index.json)
     force_zeros_for_empty_prompt: bool = False
     # SDXL refiner: time ids end with an aesthetic score instead of the target size
@@ -144,6 +150,7 @@ LIMIT_DEFAULTS: Mapping[str, int] = {
     "max_steps": 150,
     "max_images": 8,
     "max_prompt_bytes": 16 * 1024,
+    "max_prompt_chunks": 8,
 }
 LIMIT_NATIVE_AREA_FACTORS: Mapping[str, int] = {"max_pixels": 4, "max_work": 400}
 # max_side: 2x the model's longer native side (1024 for SD 1.x), so the square at
@@ -158,12 +165,13 @@ class Limits:
     ``max_steps``: scheduler steps (num_inference_steps); ``max_pixels``:
     height * width; ``max_images``: num_images_per_prompt;
     ``max_prompt_bytes``: UTF-8 bytes of prompt and of negative_prompt,
-    checked before anything is decoded or tokenized (longer prompts are
-    truncated to the tokenizer's ``model_max_length`` tokens anyway: this
-    only stops a megabyte of text from costing CPU); ``max_work``: the work
+    checked before anything is decoded or tokenized (this only stops a
+    megabyte of text from costing CPU); ``max_work``: the work
     budget, height * width * num_images_per_prompt * num_inference_steps
     ("pixel-steps"), so that the single limits cannot be maxed out together;
-    ``max_side``: height and width each.
+    ``max_side``: height and width each; ``max_prompt_chunks``: the 75-token
+    chunks of a prompt in the web UI's syntax (:mod:`.prompt_syntax`; 8 is
+    600 tokens), each text of a request.
     Defaults: :data:`LIMIT_DEFAULTS`, :data:`LIMIT_NATIVE_AREA_FACTORS` and
     :data:`LIMIT_NATIVE_SIDE_FACTORS`.
     """
@@ -174,6 +182,7 @@ class Limits:
     max_prompt_bytes: int
     max_work: int
     max_side: int
+    max_prompt_chunks: int = LIMIT_DEFAULTS["max_prompt_chunks"]
 
     @classmethod
     def default(cls, native_height: int, native_width: int) -> Limits:

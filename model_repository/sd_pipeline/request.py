@@ -69,6 +69,12 @@ _XL_INPUTS = (
     "negative_target_size",
 )
 _AESTHETIC_INPUTS = ("aesthetic_score", "negative_aesthetic_score")
+# How a prompt's text is read (input prompt_syntax; the model's default: config
+# parameter prompt_syntax, else the first).
+PROMPT_SYNTAXES = {
+    "a1111": "the AUTOMATIC1111 web UI's weights, BREAK and 75-token chunks",
+    "diffusers": "literal text, truncated to 77 tokens",
+}
 _INT64 = np.iinfo(np.int64)
 
 
@@ -99,6 +105,7 @@ class GenerationRequest:
     preview: bool = _DEFAULTS["preview"]
     guidance_rescale: float = _DEFAULTS["guidance_rescale"]
     clip_skip: int = _DEFAULTS["clip_skip"]
+    prompt_syntax: str = next(iter(PROMPT_SYNTAXES))
     # SDXL (None: as diffusers, from the prompts and the output size)
     prompt_2: str | None = None
     negative_prompt_2: str | None = None
@@ -277,6 +284,14 @@ DEFAULT_PARAMETERS = {
 def model_defaults(parameters: Mapping[str, str]) -> dict[str, Any]:
     """Input defaults from the model config's parameters (name -> string); ValueError if bad."""
     defaults = {}
+    syntax = (parameters.get("prompt_syntax") or "").strip()
+    if syntax:
+        if syntax not in PROMPT_SYNTAXES:
+            raise ValueError(
+                f"model parameter prompt_syntax must be {' or '.join(PROMPT_SYNTAXES)}, "
+                f"got {syntax!r}"
+            )
+        defaults["prompt_syntax"] = syntax
     for parameter, (name, kind) in DEFAULT_PARAMETERS.items():
         raw = (parameters.get(parameter) or "").strip()
         if not raw:
@@ -298,7 +313,7 @@ def model_defaults(parameters: Mapping[str, str]) -> dict[str, Any]:
 def _too_long(name: str, size: int, config: PipelineConfig, limits: Limits) -> InvalidRequest:
     return InvalidRequest(
         f"{name} is {size} bytes, over this model's limit of {limits.max_prompt_bytes} bytes "
-        f"(the text encoder reads at most the first {config.tokenizer_max_length} tokens anyway)"
+        f"(at most {limits.max_prompt_chunks} chunks of 75 tokens are read)"
     )
 
 
@@ -520,6 +535,24 @@ def _check_guidance_options(request: GenerationRequest) -> None:
         raise InvalidRequest(f"guidance_rescale must be in [0, 1], got {rescale}")
     if request.clip_skip < 0:
         raise InvalidRequest(f"clip_skip must be >= 0, got {request.clip_skip}")
+    if request.prompt_syntax not in PROMPT_SYNTAXES:
+        known = "; ".join(f"{name!r}: {what}" for name, what in PROMPT_SYNTAXES.items())
+        raise InvalidRequest(f"unknown prompt_syntax {request.prompt_syntax!r}; choose {known}")
+
+
+def _check_clip_skip(request: GenerationRequest, config: PipelineConfig) -> None:
+    """clip_skip leaves every text encoder at least one layer (SDXL starts one layer from
+    the end: diffusers' clip_skip N takes the layer N + 2 from the end, SD's N + 1)."""
+    start = 1 if config.is_xl else 0
+    layers = [config.text_encoder_layers.get(n) for n in config.text_encoders]
+    if None in layers or not layers:
+        return
+    most = min(layers) - 1 - start
+    if request.clip_skip > most:
+        raise InvalidRequest(
+            f"clip_skip {request.clip_skip} is over this model's limit of {most}: its text "
+            f"encoder has {min(layers)} layers"
+        )
     for name in _AESTHETIC_INPUTS:
         value = getattr(request, name)
         if value is not None and not math.isfinite(value):
@@ -532,6 +565,7 @@ def validate(
     """Raise :class:`InvalidRequest` unless ``request`` can run on this model (within ``limits``)."""
     _check_family(request, config)
     _check_guidance_options(request)
+    _check_clip_skip(request, config)
     _check_prompt(request, config, limits)
     _check_steps_and_guidance(request, limits)
     _check_size(request, config, limits)

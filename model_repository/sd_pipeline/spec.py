@@ -295,6 +295,15 @@ STABLE_DIFFUSION = ModelSpec(
             "(the web UI's Clip skip N is N - 1)",
         ),
         TensorSpec(
+            "prompt_syntax",
+            "bytes",
+            (1,),
+            optional=True,
+            description="a1111: the web UI's weights, BREAK and 75-token chunks; diffusers: "
+            "literal text, truncated to 77 tokens; default: the model's config parameter "
+            "prompt_syntax (a1111)",
+        ),
+        TensorSpec(
             "prompt_2",
             "bytes",
             (1,),

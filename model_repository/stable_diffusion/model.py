@@ -20,9 +20,11 @@ errors into responses. One file serves two configs:
 Config parameters (string values, all optional; the exporter writes them,
 documented in docs/reliability.md):
 ``max_steps``, ``max_pixels``, ``max_side``, ``max_images``,
-``max_prompt_bytes``, ``max_work`` (request limits, defaults:
-``sd_pipeline.config.Limits``), ``default_scheduler`` (an alias for requests
-that name none; default: the model's own scheduler config),
+``max_prompt_bytes``, ``max_prompt_chunks``, ``max_work`` (request limits,
+defaults: ``sd_pipeline.config.Limits``), ``default_scheduler`` (an alias for
+requests that name none; default: the model's own scheduler config),
+``prompt_syntax`` (``a1111`` or ``diffusers``, for requests that name none;
+default ``a1111``),
 ``max_concurrency``, ``max_queue_size``, ``queue_timeout_s`` (streaming
 model: its own admission control; the unary model's queue is Triton's
 ``dynamic_batching { default_queue_policy }``, written by the exporter).
@@ -60,6 +62,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from component_host import instance_device  # noqa: E402  (beside this file, as in every host)
 
 from sd_pipeline import spec as S  # noqa: E402
+from sd_pipeline.conditioning import check_prompt_chunks  # noqa: E402
 from sd_pipeline.config import Assets, Limits  # noqa: E402
 from sd_pipeline.errors import Cancelled, ComponentError, InvalidRequest  # noqa: E402
 from sd_pipeline.loop import GenerationResult, generate, polled_at_most_every  # noqa: E402
@@ -185,7 +188,7 @@ class TritonPythonModel:
         return inputs
 
     def _parse(self, inputs: dict) -> GenerationRequest:
-        return parse_request(
+        request = parse_request(
             inputs,
             self.assets.config,
             self.limits,
@@ -193,6 +196,9 @@ class TritonPythonModel:
             default_scheduler=self.default_scheduler,
             defaults=self.defaults,
         )
+        # Prompts in the web UI's syntax: at most max_prompt_chunks chunks each.
+        check_prompt_chunks(request, self.assets, self.limits.max_prompt_chunks)
+        return request
 
     def _audit(self, request_id, inputs, parsed, start, error, result=None) -> None:
         """One JSON line in the server log and the sd_* metrics, for every request.
