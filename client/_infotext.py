@@ -147,11 +147,23 @@ def format_infotext(settings: GenerationSettings, *, index: int = 0) -> str:
     if settings.num_images_per_prompt > 1:
         fields["Batch size"] = settings.num_images_per_prompt
         fields["Batch pos"] = index
+    fields["Lora hashes"] = settings.lora_hashes
+    fields["TI hashes"] = _used_embeddings(settings)
     lines = [settings.prompt]
     if settings.negative_prompt:
         lines.append(f"Negative prompt: {settings.negative_prompt}")
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None))
     return "\n".join(lines)
+
+
+def _used_embeddings(settings: GenerationSettings) -> str | None:
+    """The model's ``TI hashes`` entries whose trigger word the prompts use (the web UI
+    lists the embeddings a generation used; fused LoRAs are always in use)."""
+    if not settings.ti_hashes:
+        return None
+    texts = f"{settings.prompt}\n{settings.negative_prompt or ''}"
+    used = [e for e in settings.ti_hashes.split(", ") if e.rpartition(": ")[0] in texts]
+    return ", ".join(used) or None
 
 
 # "Key: value" pairs of the last line; a value is JSON-quoted or runs to the next comma.

@@ -42,6 +42,9 @@ SCHEDULER_PARAMETER = "default_scheduler"
 # Model config parameters naming the checkpoint (sd_triton.export.single_file): the web
 # UI's "Model hash" and "Model" of the images.
 MODEL_FACT_PARAMETERS = ("model_hash", "model_name")
+# ... and the LoRAs and embeddings fused into it (sd_triton.export.adapters): the web
+# UI's "Lora hashes" and "TI hashes" lines, "name: hash, name2: hash".
+ADAPTER_PARAMETERS = ("lora_hashes", "ti_hashes")
 
 _INT_RANGES = {"int32": np.iinfo(np.int32), "int64": np.iinfo(np.int64)}
 
@@ -142,6 +145,7 @@ def model_defaults(parameters: Mapping[str, str]) -> dict[str, Any]:
     published = {
         "scheduler": parameters.get(SCHEDULER_PARAMETER, ""),
         **{key: parameters.get(key, "") for key in MODEL_FACT_PARAMETERS},
+        **{key: parameters.get(key, "") for key in ADAPTER_PARAMETERS},
     }
     return {k: v.strip() for k, v in published.items() if v.strip()}
 
@@ -191,6 +195,8 @@ def _settings(
         strength=strength,
         model_hash=defaults.get("model_hash"),
         checkpoint=defaults.get("model_name"),
+        lora_hashes=defaults.get("lora_hashes"),
+        ti_hashes=defaults.get("ti_hashes"),
     )
 
 

@@ -24,6 +24,9 @@ class GenerationSettings:
     set for img2img / inpainting. ``model_hash`` and ``checkpoint``: the web UI's
     hash and name of the single file the model was exported from, when the
     model publishes them (config parameters ``model_hash``, ``model_name``).
+    ``lora_hashes`` / ``ti_hashes``: the LoRAs and embeddings fused into the
+    model at export, as the web UI's ``name: hash, ...`` lines (config
+    parameters of the same names), when it has any.
     """
 
     prompt: str
@@ -39,6 +42,8 @@ class GenerationSettings:
     strength: float | None = None
     model_hash: str | None = None
     checkpoint: str | None = None
+    lora_hashes: str | None = None
+    ti_hashes: str | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -42,6 +42,7 @@ SERVED = {
     "num_images_per_prompt": 1,
 }
 SEED = 11
+SMALL = {"height": 32, "width": 32, "num_inference_steps": 1, "seed": 1}
 
 
 # ----------------------------------------------------------------------------- the files
@@ -256,6 +257,25 @@ def test_config_parameters_carry_the_web_ui_hash_lines(repository, files, url):
     assert (
         params["ti_hashes"] == f"badpixel: {digests['badpixel']}, <cat-toy>: {digests['cat_toy']}"
     )
+
+
+def test_client_infotext_names_the_loras_and_the_embeddings_used(url, files):
+    from sd_triton.client import Client, parse_infotext
+
+    with Client(url, timeout_s=300) as client:
+        used = client.generate("<cat-toy> on a beach", negative_prompt="badpixel", **SMALL)
+        unused = client.generate("a beach", **SMALL)
+    style, detail = _addnet_hash(files["style"]), _addnet_hash(files["detail"])
+    digests = {n: hashlib.sha256(files[n].read_bytes()).hexdigest()[:12] for n in files}
+    fields = parse_infotext(used.infotext())
+    assert fields["Lora hashes"] == f"style: {style}, detail: {detail}"
+    assert (
+        fields["TI hashes"] == f"badpixel: {digests['badpixel']}, <cat-toy>: {digests['cat_toy']}"
+    )
+    assert f'Lora hashes: "style: {style}, detail: {detail}"' in used.infotext()  # as the web UI
+    fields = parse_infotext(unused.infotext())
+    assert fields["Lora hashes"] == f"style: {style}, detail: {detail}"
+    assert "TI hashes" not in fields  # no trigger word in the prompts
 
 
 # ----------------------------------------------------------------------------- bad input
