@@ -305,6 +305,25 @@ def test_lora_and_embedding_arguments():
         A.parse_lora("b.safetensors:heavy")
 
 
+def test_embedding_file_formats(tmp_path):
+    """The web UI's .safetensors (emb_params) and SDXL pair are read; anything else is named."""
+    vectors = torch.ones(2, 32)
+    save_file({"emb_params": vectors}, tmp_path / "webui.safetensors")
+    token, found = A._embedding_vectors(tmp_path / "webui.safetensors", None)
+    assert token == "webui" and torch.equal(found[""], vectors)
+    save_file(
+        {"clip_l": torch.ones(1, 32), "clip_g": torch.ones(1, 64)}, tmp_path / "xl.safetensors"
+    )
+    token, found = A._embedding_vectors(tmp_path / "xl.safetensors", "<xl>")
+    assert token == "<xl>" and {k: v.shape[1] for k, v in found.items()} == {
+        "clip_l": 32,
+        "clip_g": 64,
+    }
+    save_file({"a": vectors, "b": vectors.clone()}, tmp_path / "two.safetensors")
+    with pytest.raises(A.ExportError, match="not a textual-inversion embedding.*holds a, b"):
+        A._embedding_vectors(tmp_path / "two.safetensors", None)
+
+
 # ----------------------------------------------------------------------------- prompt text
 
 
