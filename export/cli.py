@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="DIR",
-        help="with an SDXL base: export the SDXL refiner DIR beside it (models refiner_*), "
+        help="with an SDXL base: export the SDXL refiner DIR (or single file) beside it "
+        "(models refiner_*), "
         "so requests can hand the base's latents to it (refiner_switch_at)",
     )
     p.add_argument(
@@ -260,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         options = options_from_args(args)
         with (
             single_file.diffusers_folder(args.src, single_file.options_from_args(args)) as src,
+            single_file.refiner_folder(options) as options,
             adapters.fused_checkpoint(src.path, args.lora, args.embedding) as fused,
         ):
             options = fused.options(src.options(options, args.src), args.src)

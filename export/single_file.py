@@ -64,6 +64,7 @@ __all__ = [
     "is_single_file",
     "model_hash",
     "options_from_args",
+    "refiner_folder",
 ]
 
 log = logging.getLogger("sd_triton.export")
@@ -293,8 +294,11 @@ def convert(src: str | Path, out: str | Path, options: SingleFileOptions | None 
         except ExportError:
             raise
         except Exception as e:  # diffusers / transformers raise many kinds
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ExportError(f"{src}: component '{name}' cannot be converted: {first}") from e
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+            hint = "" if opts.config else f" (with the shipped {family} configs; --config DIR?)"
+            raise ExportError(
+                f"{src}: component '{name}' cannot be converted{hint}: {first}"
+            ) from e
         _check_loaded(name, module)
         module.save_pretrained(out / name)
     return family
@@ -341,6 +345,19 @@ def diffusers_folder(
         convert(src, folder, options)
         log.info("converted %s to diffusers format in %.1f s", src, time.perf_counter() - t0)
         yield Converted(folder, facts)
+
+
+@contextlib.contextmanager
+def refiner_folder(opts: ExportOptions) -> Iterator[ExportOptions]:
+    """``opts`` with a single-file ``--refiner`` (``opts.contents.refiner``) converted to a
+    temporary diffusers folder (the shipped configs of its detected family) for the
+    context's lifetime; ``opts`` as they are when the refiner is a folder or absent."""
+    refiner = opts.contents.refiner
+    if refiner is None or not is_single_file(refiner):
+        yield opts
+        return
+    with diffusers_folder(refiner) as converted:
+        yield replace(opts, contents=replace(opts.contents, refiner=converted.path))
 
 
 def export_single_file(

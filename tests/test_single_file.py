@@ -143,6 +143,31 @@ def test_a_float16_file_stays_float16_and_exact(tiny_checkpoint, tmp_path):
         assert all(torch.equal(got[k], source[k].half()) for k in source), name
 
 
+def test_a_single_file_refiner_is_converted_with_its_family_configs(folders, tmp_path, monkeypatch):
+    """``--refiner FILE``: converted with the shipped configs of the family it is detected as
+    (here the tiny refiner's own configs stand in for the full-size ones)."""
+    from sd_triton.export import single_file as SF
+    from sd_triton.export.options import Contents, ExportOptions
+
+    path = write_original(folders["sdxl-refiner"], tmp_path / "refiner.safetensors")
+    mismatch = r"shipped sdxl-refiner configs; --config DIR\?\): "
+    with (
+        pytest.raises(ExportError, match=mismatch),
+        SF.refiner_folder(ExportOptions(Contents(refiner=path))),
+    ):
+        pass
+    shipped = SF.config_folder
+    monkeypatch.setattr(
+        SF, "config_folder", lambda f: folders[f] if f == "sdxl-refiner" else shipped(f)
+    )
+    with SF.refiner_folder(ExportOptions(Contents(refiner=path))) as opts:
+        _assert_same_weights(folders["sdxl-refiner"], opts.contents.refiner)
+    assert not opts.contents.refiner.exists()  # removed with the context
+    folder_opts = ExportOptions(Contents(refiner=folders["sdxl-refiner"]))
+    with SF.refiner_folder(folder_opts) as opts:
+        assert opts is folder_opts
+
+
 def _ema_key(key: str) -> str:
     """LDM's EMA name of a UNet weight: ``model_ema.`` + the key without its dots."""
     return "model_ema." + "".join(key.split(".")[1:])
