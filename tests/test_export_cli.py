@@ -18,6 +18,8 @@ from sd_triton.export import Contents, ExportError, ExportOptions, Hosting, expo
 from sd_triton.export import components as C
 from sd_triton.export import triton_config as T
 
+SD_COMPONENTS = [*C.FAMILY_COMPONENTS["sd"], "safety_checker"]
+
 
 def run_cli(*args):
     return subprocess.run(
@@ -72,9 +74,9 @@ def test_tokenizer_without_vocabulary(configs_only, tmp_path):
 
 def test_not_stable_diffusion(configs_only, tmp_path):
     index = json.loads((configs_only / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionXLPipeline"
+    index["_class_name"] = "StableDiffusion3Pipeline"
     (configs_only / "model_index.json").write_text(json.dumps(index))
-    assert_clean_error(run_cli(configs_only, tmp_path / "out"), "StableDiffusionXLPipeline")
+    assert_clean_error(run_cli(configs_only, tmp_path / "out"), "StableDiffusion3Pipeline")
 
 
 def test_existing_repository_needs_overwrite(tiny_checkpoint, tiny_repository):
@@ -150,17 +152,18 @@ def _initializer_types(path):
 
 
 def test_fp16_weights(fp16_repository):
-    for name in ("text_encoder", "unet", "vae_encoder"):
+    for name in ("text_encoder", "unet"):
         assert _initializer_types(fp16_repository / name / "1" / "model.onnx") == {"FLOAT16"}
-    # The SD 1.x VAE decoder overflows in fp16: kept in fp32.
-    assert _initializer_types(fp16_repository / "vae_decoder" / "1" / "model.onnx") == {"FLOAT"}
+    # The SD 1.x VAE overflows in fp16: encoder and decoder kept in fp32.
+    for name in ("vae_encoder", "vae_decoder"):
+        assert _initializer_types(fp16_repository / name / "1" / "model.onnx") == {"FLOAT"}
 
 
 def test_fp16_configs_and_dtypes(fp16_repository):
     from helpers import assert_config_matches_onnx
 
     pb = T.pb
-    for name in C.COMPONENTS:
+    for name in SD_COMPONENTS:
         config = T.read_config(fp16_repository / name)
         assert config.backend == "onnxruntime"
         assert not (fp16_repository / name / "1" / "model.py").exists()
@@ -174,8 +177,8 @@ def test_fp16_configs_and_dtypes(fp16_repository):
     }
     assert unet.max_batch_size == 4
     assert list(unet.dynamic_batching.preferred_batch_size) == [2, 4]
-    decoder = T.read_config(fp16_repository / "vae_decoder")
-    assert decoder.input[0].data_type == pb.TYPE_FP32
+    for name in ("vae_encoder", "vae_decoder"):
+        assert T.read_config(fp16_repository / name).input[0].data_type == pb.TYPE_FP32
 
     constants = json.loads(
         (fp16_repository / "stable_diffusion" / "1" / "assets" / "pipeline.json").read_text()
@@ -183,6 +186,7 @@ def test_fp16_configs_and_dtypes(fp16_repository):
     assert constants["dtype"] == "float16"
     assert constants["source"] == "tiny-sd1"
     assert constants["component_dtypes"]["vae_decoder"] == "float32"
+    assert constants["component_dtypes"]["vae_encoder"] == "float32"
     assert constants["tensor_dtypes"]["unet"]["timestep"] == "float32"
     assert constants["tensor_dtypes"]["safety_checker"]["clip_input"] == "float16"
     params = T.read_config(fp16_repository / "stable_diffusion").parameters
@@ -195,7 +199,7 @@ def test_fp16_unet_runs_close_to_fp32(fp16_repository, tiny_repository, tiny_che
     from sd_triton.export.checkpoint import inspect_checkpoint
 
     comp = C.COMPONENTS["unet"]
-    sizes = {"B": 2, "latent_height": 8, "latent_width": 8}
+    sizes = {"B": 2, "latent_height": 8, "latent_width": 8, "text_sequence": 77}
     sizes.update(C.fixed_sizes(inspect_checkpoint(tiny_checkpoint).configs))
     feeds32 = {k: v.numpy() for k, v in C.sample_inputs(comp, sizes).items()}
     feeds16 = {k: v.astype(np.float16) if k != "timestep" else v for k, v in feeds32.items()}
@@ -228,10 +232,10 @@ def test_failed_export_leaves_output_untouched(tiny_checkpoint, tmp_path, monkey
     out.mkdir()
     write_component = repository.write_component
 
-    def fail_at_unet(name, *args, **kwargs):
-        if name == "unet":  # after the text encoder was staged
+    def fail_at_unet(component, *args, **kwargs):
+        if component.name == "unet":  # after the text encoder was staged
             raise RuntimeError("disk full")
-        return write_component(name, *args, **kwargs)
+        return write_component(component, *args, **kwargs)
 
     monkeypatch.setattr(repository, "write_component", fail_at_unet)
     with pytest.raises(RuntimeError, match="disk full"):
@@ -243,7 +247,7 @@ def test_tokenizer_json_only_is_accepted(configs_only, tmp_path):
     from transformers import CLIPTokenizer
 
     from sd_triton.export.checkpoint import inspect_checkpoint
-    from sd_triton.export.pipeline_models import _write_assets
+    from sd_triton.export.pipeline_models import write_assets
 
     folder = configs_only / "tokenizer"
     CLIPTokenizer.from_pretrained(folder).save_pretrained(tmp_path / "saved")
@@ -251,8 +255,8 @@ def test_tokenizer_json_only_is_accepted(configs_only, tmp_path):
     shutil.copytree(tmp_path / "saved", folder)
     assert not (folder / "vocab.json").exists() and (folder / "tokenizer.json").exists()
     ckpt = inspect_checkpoint(configs_only)
-    assert [f.name for f in ckpt.tokenizer_files][0] == "tokenizer.json"
-    _write_assets(ckpt, tmp_path / "assets", {})
+    assert [f.name for f in ckpt.tokenizer_files["tokenizer"]][0] == "tokenizer.json"
+    write_assets(ckpt, tmp_path / "assets", {})
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "assets" / "tokenizer")
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
@@ -287,7 +291,7 @@ def test_checkpoint_without_safety_checker_exports_as_is(
     out = tmp_path / "repo"
     with caplog.at_level(logging.INFO, logger="sd_triton.export"):
         assert main([str(no_checker_checkpoint), str(out)]) == 0  # no --no-safety-checker
-    assert "has no safety checker (model_index.json: null): exporting without one" in caplog.text
+    assert "has no safety checker (model_index.json): exporting without one" in caplog.text
     assert not (out / "safety_checker").exists()
     assets = Assets.load(out / "stable_diffusion" / "1" / "assets")
     assert assets.config.safety_checker is False

@@ -133,7 +133,8 @@ def test_bad_request_fails_alone(pb, unet):
     wrong_dtype = dict(_unet_inputs(rng, 1), sample=np.zeros((1, 4, 8, 12), np.float64))
     missing = _unet_inputs(rng, 1)
     del missing["encoder_hidden_states"]
-    wrong_shape = dict(_unet_inputs(rng, 1), encoder_hidden_states=np.zeros((1, 7, 32), np.float32))
+    # The text sequence is dynamic (long prompts); the text width is fixed.
+    wrong_shape = dict(_unet_inputs(rng, 1), encoder_hidden_states=np.zeros((1, 77, 7), np.float32))
     responses = unet.execute([request(pb, **r) for r in (good, wrong_dtype, missing, wrong_shape)])
     assert not responses[0].has_error()
     np.testing.assert_allclose(outputs(responses[0])["out_sample"], _direct(unet, good), atol=1e-5)

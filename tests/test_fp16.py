@@ -10,8 +10,9 @@ pipeline's loop (``TritonComponents`` over the export's pipeline.json)
 generates an image. onnxruntime runs fp16 ONNX models on the CPU; the torch
 host is given ``dtype`` float16 where its config says ``auto`` (what ``auto``
 means on CUDA), since torch runs fp16 convolutions, norms and SDPA on the CPU
-too. The image is compared with the fp32 export's (PSNR printed); the VAE
-decoder's fp32 rule is checked in the files written.
+too. The image is compared with the fp32 export's (PSNR printed); the VAE's
+fp32 rule (encoder and decoder, as diffusers upcasts both) is checked in the
+files written.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from sd_pipeline import Assets, OnnxComponents, generate, make_request
 from sd_pipeline import spec as S
 from sd_triton.export import Contents, ExportOptions, Hosting, export_repository
 from sd_triton.export import component_models as CM
+from sd_triton.export import components as C
 from sd_triton.export import triton_config as T
 
 # fp16 carries 11 significant bits: each component's outputs differ from fp32
@@ -91,7 +93,7 @@ def pb(module_monkeypatch):
 def serve(pb, monkeypatch, repository, tag: str) -> dict:
     """The repository's component models, loaded as Triton would; BLS calls go to them."""
     models = {}
-    for name in S.COMPONENTS:
+    for name in [*C.FAMILY_COMPONENTS["sd"], S.SAFETY_CHECKER.name]:
         folder = repository / name
         host = import_model(monkeypatch, folder / "1" / "model.py", name=f"{tag}_{name}")
         dtype = model_config(folder).get("parameters", {}).get("dtype", {}).get("string_value")
@@ -143,24 +145,29 @@ def test_fp16_image_is_close_to_fp32(pb, module_monkeypatch, exports, fp32_image
     assert score >= PSNR_FLOOR_DB, f"{host} {precision}: PSNR {score:.1f} dB"
 
 
-def _decoder_dtype(repository) -> str:
-    """The VAE decoder's dtype as written: pipeline.json, config and ONNX file agree."""
+def _vae_dtype(repository) -> str:
+    """The VAE's dtype as written: encoder and decoder agree, and pipeline.json, config
+    and ONNX file agree."""
     assets = repository / "stable_diffusion" / "1" / "assets" / "pipeline.json"
-    dtype = json.loads(assets.read_text())["component_dtypes"]["vae_decoder"]
-    [latents] = T.read_config(repository / "vae_decoder").input
-    assert T.pb.DataType.Name(latents.data_type) == f"TYPE_FP{dtype[-2:]}"
-    session = ort.InferenceSession(str(repository / "vae_decoder" / "1" / CM.ONNX_NAME))
-    onnx_type = {"float32": "tensor(float)", "float16": "tensor(float16)"}[dtype]
-    assert session.get_inputs()[0].type == onnx_type
+    dtypes = json.loads(assets.read_text())["component_dtypes"]
+    dtype = dtypes["vae_decoder"]
+    assert dtypes["vae_encoder"] == dtype
+    for name in ("vae_encoder", "vae_decoder"):
+        [tensor] = T.read_config(repository / name).input
+        assert T.pb.DataType.Name(tensor.data_type) == f"TYPE_FP{dtype[-2:]}"
+        session = ort.InferenceSession(str(repository / name / "1" / CM.ONNX_NAME))
+        onnx_type = {"float32": "tensor(float)", "float16": "tensor(float16)"}[dtype]
+        assert session.get_inputs()[0].type == onnx_type
     return dtype
 
 
 @pytest.mark.parametrize("force_upcast", [True, False, None])
-def test_fp16_decoder_follows_the_vaes_force_upcast(
+def test_fp16_vae_follows_its_force_upcast(
     tiny_checkpoint, tiny_repository, exports, tmp_path, monkeypatch, force_upcast
 ):
     """--fp16 (fp16-vae-auto) reads the VAE's config as diffusers does: force_upcast true
-    (or absent: AutoencoderKL's default) keeps the decoder fp32, false lets it go fp16."""
+    (or absent: AutoencoderKL's default) keeps the VAE (encoder and decoder) fp32, false
+    lets it go fp16."""
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(tiny_checkpoint, checkpoint)
     vae_json = checkpoint / "vae" / "config.json"
@@ -178,36 +185,39 @@ def test_fp16_decoder_follows_the_vaes_force_upcast(
         hosting=Hosting(pipeline_instances=1),
     )
     repository = export_repository(checkpoint, tmp_path / "repo", options)
-    assert _decoder_dtype(repository) == ("float16" if force_upcast is False else "float32")
+    assert _vae_dtype(repository) == ("float16" if force_upcast is False else "float32")
     assert T.read_config(repository / "unet").input[0].data_type == T.pb.TYPE_FP16
     # An explicit choice wins over the VAE's config.
     explicit = ExportOptions(contents=Contents(precision="fp16"))
     assert explicit.for_vae(vae).component_dtype("vae_decoder") == "float16"
     explicit = ExportOptions(contents=Contents(precision="fp16-vae-fp32"))
     assert explicit.for_vae(vae).component_dtype("vae_decoder") == "float32"
+    assert explicit.for_vae(vae).component_dtype("vae_encoder") == "float32"
     with pytest.raises(ValueError, match="resolve it"):
         options.component_dtype("vae_decoder")  # never guessed before the VAE is read
 
 
 @pytest.mark.parametrize("host", ["python", "torch"])
-def test_vae_decoder_stays_fp32_unless_asked(exports, host):
-    """--fp16 (fp16-vae-fp32) keeps the decoder fp32; --fp16-vae-decoder (fp16) does not."""
-    for precision, decoder in (("fp16-vae-fp32", "float32"), ("fp16", "float16")):
+def test_vae_stays_fp32_unless_asked(exports, host):
+    """--fp16 (fp16-vae-fp32) keeps the VAE encoder and decoder fp32; --fp16-vae-decoder
+    (fp16) does not."""
+    for precision, vae in (("fp16-vae-fp32", "float32"), ("fp16", "float16")):
         repository = exports[host, precision]
         constants = json.loads(
             (repository / "stable_diffusion" / "1" / "assets" / "pipeline.json").read_text()
         )
-        assert constants["component_dtypes"]["vae_decoder"] == decoder
         assert constants["component_dtypes"]["unet"] == "float16"
-        config = T.read_config(repository / "vae_decoder")
-        [latents] = config.input
-        assert T.pb.DataType.Name(latents.data_type) == f"TYPE_FP{decoder[-2:]}"
-        version = repository / "vae_decoder" / "1"
-        if host == "python":
-            session = ort.InferenceSession(str(version / "model.onnx"))
-            onnx_type = {"float32": "tensor(float)", "float16": "tensor(float16)"}[decoder]
-            assert session.get_inputs()[0].type == onnx_type
-        else:
-            assert config.parameters["dtype"].string_value == (
-                "float32" if decoder == "float32" else "auto"
-            )
+        for name in ("vae_encoder", "vae_decoder"):
+            assert constants["component_dtypes"][name] == vae
+            config = T.read_config(repository / name)
+            [tensor] = config.input
+            assert T.pb.DataType.Name(tensor.data_type) == f"TYPE_FP{vae[-2:]}"
+            version = repository / name / "1"
+            if host == "python":
+                session = ort.InferenceSession(str(version / "model.onnx"))
+                onnx_type = {"float32": "tensor(float)", "float16": "tensor(float16)"}[vae]
+                assert session.get_inputs()[0].type == onnx_type
+            else:
+                assert config.parameters["dtype"].string_value == (
+                    "float32" if vae == "float32" else "auto"
+                )

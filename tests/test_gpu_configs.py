@@ -40,6 +40,9 @@ from sd_triton.export.pipeline_models import pipeline_constants, request_limits
 from sd_triton.export.tensorrt import TRT_COMPONENTS
 
 TRT_MAX_SIDE = 96  # pixels a side (the tiny model's native size is 64)
+# The tiny SD 1.x checkpoint's components, and those TensorRT builds engines for.
+SD_COMPONENTS = [*C.FAMILY_COMPONENTS["sd"], "safety_checker"]
+SD_TRT_COMPONENTS = [n for n in TRT_COMPONENTS if n in SD_COMPONENTS]
 
 # The TensorRT keys Triton's onnxruntime backend accepts in a
 # gpu_execution_accelerator "tensorrt" (it refuses to load a model with any
@@ -115,7 +118,8 @@ def tiny_configs(tiny_checkpoint):
 
 def _component_config(name, opts, tiny_configs):
     sizes, constants = tiny_configs
-    return CM.component_config(name, opts, sizes, constants, request_limits(opts, constants))
+    component = C.COMPONENTS[name]  # SD 1.x's UNet
+    return CM.component_config(component, opts, sizes, constants, request_limits(opts, constants))
 
 
 def _profiles(config) -> dict[str, dict[str, list[int]]]:
@@ -134,7 +138,7 @@ def _profiles(config) -> dict[str, dict[str, list[int]]]:
 # ------------------------------------------------------------ the GPU repository
 
 
-@pytest.mark.parametrize("name", list(C.COMPONENTS))
+@pytest.mark.parametrize("name", SD_COMPONENTS)
 def test_gpu_component_configs_agree_with_onnx(gpu_repository, name):
     from helpers import assert_config_matches_onnx
 
@@ -147,7 +151,7 @@ def test_gpu_component_configs_agree_with_onnx(gpu_repository, name):
     assert config.version_policy.latest.num_versions == 2
 
 
-@pytest.mark.parametrize("name", TRT_COMPONENTS)
+@pytest.mark.parametrize("name", SD_TRT_COMPONENTS)
 def test_tensorrt_profiles_name_the_onnx_inputs(gpu_repository, tiny_configs, name):
     import onnx
 
@@ -184,6 +188,9 @@ def test_tensorrt_profiles_name_the_onnx_inputs(gpu_repository, tiny_configs, na
         assert profiles["opt"]["sample"][2:] == [native] * 2
         assert profiles["max"]["sample"][2:] == [TRT_MAX_SIDE // f] * 2
         assert profiles["opt"]["timestep"] == [2]  # [B]: the model sees the reshaped timestep
+        # The text sequence: one 77-token prompt chunk up to TRT_MAX_PROMPT_CHUNKS (3).
+        sequence = {label: p["encoder_hidden_states"][1] for label, p in profiles.items()}
+        assert sequence == {"min": 77, "opt": 77, "max": 3 * 77}
 
 
 def _served_limits(repository: Path) -> tuple[PipelineConfig, Limits]:
@@ -242,8 +249,8 @@ def test_gpu_pipeline_models(gpu_repository):
         assert config.version_policy.latest.num_versions == 1
     assets = gpu_repository / "stable_diffusion" / "1" / "assets" / "pipeline.json"
     constants = json.loads(assets.read_text())
-    assert constants["component_models"] == {n: n for n in C.COMPONENTS}
-    assert constants["component_versions"] == {n: 1 for n in C.COMPONENTS}
+    assert constants["component_models"] == {n: n for n in SD_COMPONENTS}
+    assert constants["component_versions"] == {n: 1 for n in SD_COMPONENTS}
 
 
 @pytest.mark.parametrize("host", ["python", "torch", "onnxruntime"])
@@ -251,7 +258,7 @@ def test_gpu_pipeline_models(gpu_repository):
 def test_cpu_export_asks_for_cpu_instances(tiny_configs, host, instances):
     """No --gpu: KIND_CPU, never left to Triton (which picks KIND_GPU on a GPU node)."""
     opts = ExportOptions(hosting=Hosting(host=host, component_instances=instances))
-    for name in C.COMPONENTS:
+    for name in SD_COMPONENTS:
         config, _ = _component_config(name, opts, tiny_configs)
         [group] = config.instance_group
         assert group.kind == T.pb.ModelInstanceGroup.KIND_CPU, name
@@ -260,7 +267,7 @@ def test_cpu_export_asks_for_cpu_instances(tiny_configs, host, instances):
 
 def _precision_modes(opts, tiny_configs) -> dict[str, str]:
     modes = {}
-    for name in TRT_COMPONENTS:
+    for name in SD_TRT_COMPONENTS:
         config, _ = _component_config(name, opts, tiny_configs)
         [accelerator] = config.optimization.execution_accelerators.gpu_execution_accelerator
         modes[name] = accelerator.parameters["precision_mode"]
@@ -284,8 +291,9 @@ def test_fp16_tensorrt_precision_follows_the_weights(tiny_configs):
     assert _precision_modes(opts, tiny_configs) == {
         "text_encoder": "FP16",
         "unet": "FP16",
-        "vae_encoder": "FP16",
-        "vae_decoder": "FP32",  # SD 1.x's decoder overflows in fp16
+        # SD 1.x's VAE overflows in fp16: diffusers upcasts it to encode and decode.
+        "vae_encoder": "FP32",
+        "vae_decoder": "FP32",
     }
     all_fp16 = ExportOptions(contents=Contents(precision="fp16"), hosting=hosting)
     assert set(_precision_modes(all_fp16, tiny_configs).values()) == {"FP16"}

@@ -390,6 +390,32 @@ def test_fp16_auto_keeps_the_vae_fp32_when_it_must_upcast(force_upcast, base):
         assert set(floats.values()) == {want}, name
 
 
+def test_tensorrt_profiles_of_the_sdxl_unet(base):
+    """The added conditioning at its fixed widths; the text sequence from one prompt chunk
+    to three (long prompts)."""
+    ckpt, _ = base
+    sizes, constants = C.fixed_sizes(ckpt.configs), pipeline_constants(ckpt.configs)
+    opts = ExportOptions(
+        hosting=Hosting(host="onnxruntime", tensorrt=True, unet_max_batch_size=4),
+        parameters={"max_side": 96},
+    )
+    limits = request_limits(opts, constants)
+    unet = C.checkpoint_components(ckpt.configs, safety_checker=False)["unet"]
+    config, _ = component_config(unet, opts, sizes, constants, limits)
+    [trt] = config.optimization.execution_accelerators.gpu_execution_accelerator
+    shapes = {
+        label: dict(
+            item.split(":") for item in trt.parameters[f"trt_profile_{label}_shapes"].split(",")
+        )
+        for label in ("min", "opt", "max")
+    }
+    assert shapes["min"]["encoder_hidden_states"] == "1x77x96"
+    assert shapes["opt"]["encoder_hidden_states"] == "2x77x96"
+    assert shapes["max"]["encoder_hidden_states"] == f"4x{3 * 77}x96"
+    assert shapes["max"]["text_embeds"] == "4x32" and shapes["max"]["time_ids"] == "4x6"
+    assert shapes["max"]["sample"] == "4x4x48x48"  # 96 px, VAE factor 2
+
+
 def test_tiny_sdxl_vae_says_force_upcast(base):
     ckpt, _ = base
     assert ckpt.configs["vae"]["force_upcast"] is True

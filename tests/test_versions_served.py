@@ -44,7 +44,8 @@ PREFIX = "v_"
 PIPELINE = f"{PREFIX}stable_diffusion"
 # What txt2img needs; the VAE encoder is only called for img2img.
 COMPONENTS = [f"{PREFIX}{n}" for n in ("text_encoder", "unet", "vae_decoder")]
-EXPORTED = [n for n in C.COMPONENTS if n != "safety_checker"]  # exported without it
+SD_COMPONENTS = [*C.FAMILY_COMPONENTS["sd"], "safety_checker"]  # the tiny SD 1.x checkpoint's
+EXPORTED = [n for n in SD_COMPONENTS if n != "safety_checker"]  # exported without it
 REQUEST = dict(prompt="a red bicycle", num_inference_steps=2, height=32, width=24, seed=7)
 
 
@@ -69,7 +70,7 @@ def export(tiny_checkpoint, copy_onnx_export):
 def other_weights(tiny_repository, tmp_path_factory):
     """The session repository's ONNX files with a different UNet (its output bias moved)."""
     out = tmp_path_factory.mktemp("other-weights")
-    for name in C.COMPONENTS:
+    for name in SD_COMPONENTS:
         (out / name / "1").mkdir(parents=True)
         shutil.copyfile(
             tiny_repository / name / "1" / "model.onnx", out / name / "1" / "model.onnx"
@@ -123,7 +124,7 @@ def expected_image(repository, version: int) -> np.ndarray:
 
     view = repository.parent / f"view-{version}"  # OnnxComponents reads <repo>/<name>/<v>/
     view.mkdir(exist_ok=True)
-    for name in C.COMPONENTS:
+    for name in SD_COMPONENTS:
         if not (view / name).exists() and (repository / f"{PREFIX}{name}").exists():
             (view / name).symlink_to(repository / f"{PREFIX}{name}")
     assets = Assets.load(repository / PIPELINE / str(version) / "assets")
