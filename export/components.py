@@ -121,15 +121,6 @@ FAMILY_COMPONENTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def unet_inputs(unet_config: dict[str, Any]) -> dict[str, bool]:
-    """``unet_spec``'s keywords for a UNet config: SDXL's ``text_time`` added conditioning,
-    LCM's ``timestep_cond`` (a UNet distilled with a guidance embedding)."""
-    return {
-        "text_time": unet_config.get("addition_embed_type") == "text_time",
-        "timestep_cond": unet_config.get("time_cond_proj_dim") is not None,
-    }
-
-
 def checkpoint_components(
     configs: dict[str, dict[str, Any]], *, safety_checker: bool
 ) -> dict[str, Component]:
@@ -138,7 +129,7 @@ def checkpoint_components(
     ``configs``: folder -> config (``checkpoint.Checkpoint.configs``).
     """
     names = FAMILY_COMPONENTS[family(configs)] + (("safety_checker",) if safety_checker else ())
-    unet = _component(S.unet_spec(**unet_inputs(configs["unet"])))
+    unet = _component(S.unet_spec(**W.unet_inputs(configs["unet"])))
     return {n: unet if n == "unet" else COMPONENTS[n] for n in names}
 
 

@@ -18,7 +18,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FP32_TENSORS", "MODULE_CLASSES", "MODULES", "load_module", "wrap"]
+__all__ = ["FP32_TENSORS", "MODULE_CLASSES", "MODULES", "load_module", "unet_inputs", "wrap"]
 
 # Checkpoint folders each component needs.
 MODULES: dict[str, tuple[str, ...]] = {
@@ -124,13 +124,22 @@ def _text_encoder(folder):
     return build
 
 
+def unet_inputs(unet_config: Any) -> dict[str, bool]:
+    """``sd_pipeline.spec.unet_spec``'s keywords for a UNet config (a mapping): SDXL's
+    ``text_time`` added conditioning, LCM's ``timestep_cond`` (a UNet distilled with a
+    guidance embedding)."""
+    return {
+        "text_time": unet_config.get("addition_embed_type") == "text_time",
+        "timestep_cond": unet_config.get("time_cond_proj_dim") is not None,
+    }
+
+
 def _unet(modules, attention):
     """The UNet; SDXL's added conditioning (``text_embeds``, ``time_ids``) and LCM's
     guidance embedding (``timestep_cond``) follow as the UNet's config has them, in the
     order of ``sd_pipeline.spec.unet_spec``."""
-    config = modules["unet"].config
-    text_time = config.get("addition_embed_type") == "text_time"
-    timestep_cond = config.get("time_cond_proj_dim") is not None
+    extra = unet_inputs(modules["unet"].config)
+    text_time, timestep_cond = extra["text_time"], extra["timestep_cond"]
 
     def forward(self, sample, timestep, encoder_hidden_states, *extra):
         kwargs = {}
