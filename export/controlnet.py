@@ -1,0 +1,357 @@
+"""ControlNet component models: a ControlNet's residuals, and the UNet that takes them.
+
+A ControlNet (diffusers' ``ControlNetModel``; SD 1.x/2.x, or SDXL's with the
+added ``text_embeds`` / ``time_ids`` conditioning) sees the UNet's inputs plus
+a control image and returns one residual per UNet down-block output and one
+for the mid block; the UNet adds them to its skip connections
+(``down_block_additional_residuals``, ``mid_block_additional_residual``). Here
+both become component models over the project's tensor contract:
+
+- :func:`controlnet_component`: inputs ``sample``, ``timestep``,
+  ``encoder_hidden_states``, ``controlnet_cond`` (the control image, [0, 1],
+  pixel size), ``conditioning_scale`` and ``guess_mode`` (both per sample, so
+  requests with different scales batch together) (+ SDXL's ``text_embeds``,
+  ``time_ids``); outputs ``down_block_res_0`` .. ``down_block_res_{N-1}`` and
+  ``mid_block_res``, already scaled as diffusers scales them;
+- :func:`controlled_unet_component`: the UNet's inputs plus
+  ``down_block_additional_residual_0`` .. ``_{N-1}`` and
+  ``mid_block_additional_residual`` (the sum over the request's ControlNets);
+  beside the plain UNet, so requests without ControlNet pay nothing.
+
+The residuals' spatial sizes follow the latents' (``latent_height/2`` is half
+the latent height, and so on): they are dynamic, and named apart in the ONNX
+files, since TensorRT takes inputs that share a dimension name to be equal.
+:func:`export_onnx` exports either through ``components.export_onnx`` and
+:func:`triton_config` writes the Triton config through ``triton_config``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sd_pipeline import spec as S
+
+from . import components as C
+from . import triton_config as T
+from .checkpoint import ExportError
+
+if TYPE_CHECKING:
+    from tritonclient.grpc import model_config_pb2
+
+__all__ = [
+    "CONTROLNET_INPUTS",
+    "Residual",
+    "check_compatible",
+    "controlled_unet_component",
+    "controlnet_component",
+    "export_onnx",
+    "residual_sizes",
+    "residuals",
+    "triton_config",
+]
+
+# The ControlNet's own inputs, after the UNet's sample, timestep and text states
+# (SDXL's text_embeds and time_ids follow them).
+CONTROLNET_INPUTS = (
+    # The control image, RGB in [0, 1] at the output image's size.
+    S.TensorSpec(
+        "controlnet_cond", "float32", (S.BATCH, "conditioning_channels", "height", "width")
+    ),
+    S.TensorSpec("conditioning_scale", "float32", (S.BATCH, 1), reshape=()),
+    # diffusers' guess_mode: residuals scaled from 0.1 (first) to 1 (mid block).
+    S.TensorSpec("guess_mode", "bool", (S.BATCH, 1), reshape=()),
+)
+# The UNet's config keys that decide the residuals' number and shapes.
+_ARCHITECTURE_KEYS = (
+    "block_out_channels",
+    "layers_per_block",
+    "down_block_types",
+    "cross_attention_dim",
+    "addition_embed_type",
+    "in_channels",
+)
+
+
+@dataclass(frozen=True)
+class Residual:
+    """One residual: the ControlNet's output name, the controlled UNet's input name,
+    its channels and its downsampling from the latents (1, 2, 4, ...)."""
+
+    output: str
+    unet_input: str
+    channels: int
+    factor: int
+
+    @property
+    def dims(self) -> tuple[int | str, ...]:
+        if self.factor == 1:
+            return (S.BATCH, self.channels, "latent_height", "latent_width")
+        return (
+            S.BATCH,
+            self.channels,
+            f"latent_height/{self.factor}",
+            f"latent_width/{self.factor}",
+        )
+
+
+def residuals(config: Mapping[str, Any]) -> tuple[Residual, ...]:
+    """The residuals of a UNet (or ControlNet) config: down blocks in order, then the mid block.
+
+    As diffusers' UNet: ``conv_in``'s output, then each down block's resnet outputs
+    (``layers_per_block``) and its downsampler's (all blocks but the last).
+    """
+    channels = list(config["block_out_channels"])
+    layers = config["layers_per_block"]
+    layers = [layers] * len(channels) if isinstance(layers, int) else list(layers)
+    shapes, factor = [(channels[0], 1)], 1
+    for i, c in enumerate(channels):
+        shapes += [(c, factor)] * layers[i]
+        if i < len(channels) - 1:
+            factor *= 2
+            shapes.append((c, factor))
+    down = tuple(
+        Residual(f"down_block_res_{i}", f"down_block_additional_residual_{i}", c, f)
+        for i, (c, f) in enumerate(shapes)
+    )
+    mid = Residual("mid_block_res", "mid_block_additional_residual", channels[-1], factor)
+    return (*down, mid)
+
+
+def residual_sizes(config: Mapping[str, Any], sizes: Mapping[str, int]) -> dict[str, int]:
+    """The residuals' spatial dims at ``sizes``' ``latent_height`` and ``latent_width``."""
+    out = {}
+    for r in residuals(config):
+        for dim, side in zip(r.dims[2:], ("latent_height", "latent_width"), strict=True):
+            out[dim] = sizes[side] // r.factor
+    return out
+
+
+def check_compatible(
+    controlnet_config: Mapping[str, Any], unet_config: Mapping[str, Any], vae_scale_factor: int
+) -> None:
+    """Raise ``ExportError`` unless the ControlNet's residuals fit the UNet and its control
+    image is at the VAE's pixel size; ``global_pool_conditions`` ControlNets are refused."""
+    differ = [
+        k
+        for k in _ARCHITECTURE_KEYS
+        if _norm(controlnet_config.get(k)) != _norm(unet_config.get(k))
+    ]
+    if differ:
+        raise ExportError(
+            f"the ControlNet does not fit the UNet: {', '.join(differ)} differ "
+            "(a ControlNet for another model family?)"
+        )
+    embedding = controlnet_config.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)
+    if 2 ** (len(embedding) - 1) != vae_scale_factor:
+        raise ExportError(
+            f"the ControlNet's control image is {2 ** (len(embedding) - 1)}x its latents, "
+            f"the VAE's images {vae_scale_factor}x"
+        )
+    if controlnet_config.get("global_pool_conditions"):
+        raise ExportError("ControlNets with global_pool_conditions are not supported")
+
+
+def _norm(value: Any) -> Any:
+    return list(value) if isinstance(value, list | tuple) else value
+
+
+def _text_time(config: Mapping[str, Any]) -> bool:
+    return config.get("addition_embed_type") == "text_time"
+
+
+# --------------------------------------------------------------------------
+# The two components
+
+
+def controlnet_component(config: Mapping[str, Any], name: str = "controlnet") -> C.Component:
+    """The ControlNet of ``config`` (its ``config.json``) as a component: module ``controlnet``."""
+    unet = S.unet_spec(text_time=_text_time(config))
+    sample, timestep, text, *added = unet.inputs
+    sample = replace(sample, dims=(S.BATCH, int(config["in_channels"]), *sample.dims[2:]))
+    conditioning = int(config.get("conditioning_channels", 3))
+    cond, *rest = CONTROLNET_INPUTS
+    cond = replace(cond, dims=(S.BATCH, conditioning, *cond.dims[2:]))
+    spec = S.ModelSpec(
+        name=name,
+        inputs=(sample, timestep, text, cond, *rest, *added),
+        outputs=tuple(S.TensorSpec(r.output, "float32", r.dims) for r in residuals(config)),
+        description="ControlNet: the UNet's inputs and a control image -> the UNet's residuals.",
+    )
+    return C.Component(spec, _wrap_controlnet, ("controlnet",))
+
+
+def controlled_unet_component(
+    config: Mapping[str, Any], name: str = "unet_controlled"
+) -> C.Component:
+    """The UNet of ``config`` with the residual inputs: module ``unet``."""
+    unet = S.unet_spec(
+        text_time=_text_time(config), timestep_cond=config.get("time_cond_proj_dim") is not None
+    )
+    extra = tuple(S.TensorSpec(r.unet_input, "float32", r.dims) for r in residuals(config))
+    spec = replace(
+        unet,
+        name=name,
+        inputs=unet.inputs + extra,
+        description="Denoising UNet plus ControlNet residuals (summed over the ControlNets).",
+    )
+    return C.Component(spec, _wrap_controlled_unet, ("unet",))
+
+
+def _wrap_controlnet(modules: Mapping[str, Any]) -> torch.nn.Module:
+    return _ControlNet(modules["controlnet"])
+
+
+def _wrap_controlled_unet(modules: Mapping[str, Any]) -> torch.nn.Module:
+    return _ControlledUNet(modules["unet"])
+
+
+class _ControlNet(torch.nn.Module):
+    """``ControlNetModel`` behind :func:`controlnet_component`'s contract.
+
+    The scale is applied here, per sample, exactly as diffusers applies its
+    float (``residual * scale``; with ``guess_mode``, ``residual * (logspace_i * scale)``).
+    """
+
+    def __init__(self, controlnet):
+        super().__init__()
+        self.controlnet = controlnet
+        self.text_time = _text_time(controlnet.config)
+
+    def forward(self, *args):
+        # One *args, in the spec's order, as every component wrapper (torch.export's
+        # dynamic_shapes in components.export_onnx describe it so).
+        sample, timestep, text, cond, scale, guess_mode, *added = args
+        added_cond = dict(zip(("text_embeds", "time_ids"), added, strict=True)) if added else None
+        down, mid = self.controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states=text,
+            controlnet_cond=cond,
+            conditioning_scale=1.0,
+            added_cond_kwargs=added_cond,
+            return_dict=False,
+        )
+        # diffusers' guess-mode factors, 0.1 .. 1, one per residual.
+        steps = torch.logspace(-1, 0, len(down) + 1, device=sample.device)
+        scales = torch.where(guess_mode[:, None], steps[None, :], 1.0) * scale[:, None]
+        scales = scales.to(sample.dtype)[:, :, None, None, None]
+        return (*(r * scales[:, i] for i, r in enumerate(down)), mid * scales[:, -1])
+
+
+class _ControlledUNet(torch.nn.Module):
+    """``UNet2DConditionModel`` behind :func:`controlled_unet_component`'s contract."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        self.text_time = _text_time(unet.config)
+        self.timestep_cond = unet.config.get("time_cond_proj_dim") is not None
+        self.residuals = len(residuals(unet.config))
+
+    def forward(self, *args):
+        sample, timestep, text, *rest = args
+        extra, res = rest[: len(rest) - self.residuals], rest[len(rest) - self.residuals :]
+        kwargs: dict[str, Any] = {}
+        if self.text_time:
+            kwargs["added_cond_kwargs"] = {"text_embeds": extra[0], "time_ids": extra[1]}
+        if self.timestep_cond:
+            kwargs["timestep_cond"] = extra[-1]
+        return self.unet(
+            sample,
+            timestep,
+            text,
+            down_block_additional_residuals=tuple(res[:-1]),
+            mid_block_additional_residual=res[-1],
+            return_dict=False,
+            **kwargs,
+        )[0]
+
+
+# --------------------------------------------------------------------------
+# ONNX and Triton
+
+
+def _dynamic_names(spec: S.ModelSpec) -> S.ModelSpec:
+    """``spec`` with each residual dim named as the latent dim it follows (dynamic in
+    ``components.DYNAMIC_DIMS``): what the generic export and config writers understand."""
+
+    def plain(t: S.TensorSpec) -> S.TensorSpec:
+        dims = tuple(d.split("/")[0] if isinstance(d, str) else d for d in t.dims)
+        return replace(t, dims=dims)
+
+    return replace(
+        spec, inputs=tuple(map(plain, spec.inputs)), outputs=tuple(map(plain, spec.outputs))
+    )
+
+
+def export_onnx(
+    component: C.Component,
+    modules: Mapping[str, Any],
+    path: str | Path,
+    sizes: Mapping[str, int],
+    *,
+    opset: int = 17,
+    dynamo: bool = False,
+) -> Path:
+    """Trace ``component`` (:func:`controlnet_component` or :func:`controlled_unet_component`)
+    over ``modules`` to ``path``, with dynamic batch and spatial dims.
+
+    ``sizes``: the fixed dims (``components.fixed_sizes``) and the trace's dynamic ones
+    (``B``, ``latent_height``, ``latent_width``, ``height``, ``width``, ``text_sequence``).
+    The residuals' dims are named apart in the file (``latent_height/2``, ...).
+    """
+    import onnx
+
+    config = modules[component.modules[0]].config
+    trace = {**sizes, **residual_sizes(config, sizes)}
+    inputs = C.sample_inputs(component, trace)
+    exportable = C.Component(_dynamic_names(component.spec), component.wrap, component.modules)
+    path = C.export_onnx(
+        exportable,
+        component.wrap(modules),
+        inputs,
+        Path(path),
+        sizes=dict(sizes),
+        opset=opset,
+        dynamo=dynamo,
+    )
+    # Rename the residuals' dims; the weights (inline or external) stay as written.
+    model = onnx.load(str(path), load_external_data=False)
+    specs = {t.name: t for t in component.spec.inputs + component.spec.outputs}
+    for value in list(model.graph.input) + list(model.graph.output):
+        t = specs[value.name]
+        for dim, d in zip(value.type.tensor_type.shape.dim, C.model_dims(t), strict=True):
+            if isinstance(d, str) and "/" in d:
+                dim.dim_param = d
+    onnx.save_model(model, str(path))
+    return path
+
+
+def triton_config(
+    component: C.Component,
+    sizes: Mapping[str, int],
+    *,
+    backend: str = "python",
+    max_batch_size: int = 16,
+    gpu: bool = False,
+    instances: int = 1,
+    parameters: Mapping[str, object] | None = None,
+) -> model_config_pb2.ModelConfig:
+    """``component``'s Triton config: batched, dynamic batching (one call per step, as the
+    UNet), dynamic spatial dims, fixed dims from ``sizes``."""
+    config = T.component_config(
+        _dynamic_names(component.spec),
+        sizes=sizes,
+        dtypes={},
+        backend=backend,
+        max_batch_size=max_batch_size,
+        dynamic_batching=True,
+        parameters=parameters,
+    )
+    T.set_instance_group(config, gpu=gpu, count=instances)
+    return config
