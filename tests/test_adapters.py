@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from sd_pipeline.errors import InvalidRequest
 from sd_pipeline.lora_tags import adapted_prompt, expand_embeddings, strip_lora_tags
+from sd_triton.export import Contents, ExportOptions, cli, export_repository
 from sd_triton.export import adapters as A
-from sd_triton.export import cli
 
 WEIGHTS = {"style": 0.8, "detail": 0.5}
 KOHYA_ALPHA = 2.0  # rank 4: the kohya file scales its up-weights by 4 / 2 to match
@@ -180,13 +180,10 @@ def test_served_equals_diffusers_with_loras_and_embeddings(url, expected, refere
     assert max_diff(expected, plain) > 8
 
 
-def test_each_embedding_changes_the_image(adapted_pipe, expected):
-    """The parity above covers both embeddings only if each one matters."""
-    both = expected
-    without_negative = _reference(adapted_pipe, negative_prompt="blurry")
-    without_prompt = _reference(adapted_pipe, prompt="a photo of on a beach")
-    assert max_diff(both, without_negative) > 2
-    assert max_diff(both, without_prompt) > 2
+def test_the_embeddings_change_the_image(adapted_pipe, expected):
+    """The parity above covers the embeddings only if they matter."""
+    without = _reference(adapted_pipe, prompt="a photo of on a beach", negative_prompt="blurry")
+    assert max_diff(expected, without) > 2
 
 
 def test_lora_tag_at_the_exported_weight_is_removed(url, adapted_pipe):
@@ -440,10 +437,6 @@ def test_sdxl_lora_and_clip_l_clip_g_embedding(sdxl_checkpoint, tmp_path):
     settings = {"prompt": "a fox", "negative_prompt": "xlneg, blurry", "height": 32, "width": 32}
     settings |= {"num_inference_steps": 2, "output_type": "np"}
     expected = reference_pipe(generator=torch.Generator().manual_seed(1), **settings).images
-    plain = StableDiffusionXLPipeline.from_pretrained(sdxl_checkpoint)
-    plain.set_progress_bar_config(disable=True)
-    unchanged = plain(generator=torch.Generator().manual_seed(1), **settings).images
-    assert np.abs(unchanged - expected).max() * 255 > 8  # the adapters matter
 
     specs = [A.LoraFile(lora, 0.7)], [A.EmbeddingFile(embedding)]
     with A.fused_checkpoint(sdxl_checkpoint, *specs, workdir=tmp_path) as fused:
@@ -456,10 +449,13 @@ def test_sdxl_lora_and_clip_l_clip_g_embedding(sdxl_checkpoint, tmp_path):
         images = pipe(generator=torch.Generator().manual_seed(1), **settings).images
         as_uint8 = [(x * 255).round().astype(np.uint8) for x in (images, expected)]
         assert max_diff(*as_uint8) <= 1
+        weights = "unet/diffusion_pytorch_model.safetensors"
+        fused_unet, unet = load_file(fused.path / weights), load_file(sdxl_checkpoint / weights)
+        assert any(not torch.equal(fused_unet[k], unet[k]) for k in unet)  # the LoRA is in
+        assert pipe.text_encoder_2.get_input_embeddings().num_embeddings == 49408 + 2
         out = tmp_path / "repo"
-        argv = [str(sdxl_checkpoint), str(out), "-q", "--no-stream-model"]
-        argv += ["--lora", f"{lora}:0.7", "--embedding", str(embedding)]
-        assert cli.main(argv) == 0
+        options = ExportOptions(contents=Contents(stream_model=False))
+        export_repository(fused.path, out, fused.options(options, sdxl_checkpoint))
     record = json.loads((out / "stable_diffusion/1/assets/pipeline.json").read_text())
     assert [(r["name"], r["weight"]) for r in record["loras"]] == [("xl_style", 0.7)]
     assert [(r["token"], r["vectors"]) for r in record["embeddings"]] == [("xlneg", 2)]
