@@ -66,14 +66,15 @@ CONTROLNET_INPUTS = (
     # diffusers' guess_mode: residuals scaled from 0.1 (first) to 1 (mid block).
     S.TensorSpec("guess_mode", "bool", (S.BATCH, 1), reshape=()),
 )
-# The UNet's config keys that decide the residuals' number and shapes.
+# The UNet's config keys that decide the residuals' number and shapes. Not
+# in_channels: an inpainting UNet (9 channels) takes a 4-channel ControlNet's
+# residuals (diffusers' ControlNet inpaint pipeline gives it the plain latents).
 _ARCHITECTURE_KEYS = (
     "block_out_channels",
     "layers_per_block",
     "down_block_types",
     "cross_attention_dim",
     "addition_embed_type",
-    "in_channels",
 )
 
 

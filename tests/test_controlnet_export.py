@@ -247,6 +247,8 @@ def test_files_name_residual_dims_apart_and_configs_match(models, repository, fa
 def test_incompatible_controlnets_are_refused(models):
     sd, sdxl = models["sd"], models["sdxl"]
     CN.check_compatible(sd.controlnet.config, sd.unet.config, VAE_SCALE)
+    # An inpainting UNet takes a plain ControlNet's residuals.
+    CN.check_compatible(sd.controlnet.config, {**sd.unet.config, "in_channels": 9}, VAE_SCALE)
     with pytest.raises(ExportError, match="does not fit the UNet: .*cross_attention_dim"):
         CN.check_compatible(sd.controlnet.config, sdxl.unet.config, VAE_SCALE)
     with pytest.raises(ExportError, match="control image is 2x its latents, the VAE's images 8x"):
