@@ -225,6 +225,11 @@ def _stages(
     device: torch.device,
 ) -> list[Stage]:
     switch = request.refiner_switch_at
+    if request.enable_hr:  # the web UI's hires fix: a second, enlarged img2img pass
+        from .hires import SecondPass  # hires builds on this module
+
+        base = Stage.make(request, components, assets, device)
+        return [base, SecondPass.after(request, components, assets, device)]
     if switch is None:
         return [Stage.make(request, components, assets, device)]
     if refiner is None or assets.refiner is None:

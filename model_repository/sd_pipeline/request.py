@@ -119,6 +119,13 @@ class GenerationRequest:
     aesthetic_score: float | None = None
     negative_aesthetic_score: float | None = None
     refiner_switch_at: float | None = None
+    # The web UI's hires fix (.hires); None: the contract's default (2.0, "latent",
+    # 0.7, 0: num_inference_steps). They need enable_hr.
+    enable_hr: bool = _DEFAULTS["enable_hr"]
+    hr_scale: float | None = None
+    hr_upscaler: str | None = None
+    hr_denoising_strength: float | None = None
+    hr_second_pass_steps: int | None = None
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -573,3 +580,6 @@ def validate(
     _check_work(request, limits)
     check_name(request.scheduler)
     _check_init_image(request, config)
+    from .hires import check_hires  # hires builds on the loop, which imports this module
+
+    check_hires(request, config, limits)

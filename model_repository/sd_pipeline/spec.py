@@ -358,6 +358,52 @@ STABLE_DIFFUSION = ModelSpec(
             description="SDXL base with a refiner: in (0, 1), the fraction of the schedule the "
             "base runs before the refiner takes over (the web UI's name)",
         ),
+        # The web UI's hires fix (sd_pipeline.hires): txt2img, enlarge, img2img.
+        TensorSpec(
+            "enable_hr",
+            "bool",
+            (1,),
+            optional=True,
+            default=False,
+            description="text-to-image: run a second, img2img pass at hr_scale times the size "
+            "(the web UI's hires fix); the hr_* inputs need it",
+        ),
+        TensorSpec(
+            "hr_scale",
+            "float32",
+            (1,),
+            optional=True,
+            default=2.0,
+            description="hires fix: >= 1; the second pass is int(height x hr_scale) x "
+            "int(width x hr_scale), which must be on the model's size step",
+        ),
+        TensorSpec(
+            "hr_upscaler",
+            "bytes",
+            (1,),
+            optional=True,
+            default="latent",
+            description="hires fix: latent (bilinear, as the web UI's Latent), latent_antialiased, "
+            "latent_bicubic, latent_bicubic_antialiased, latent_nearest, latent_nearest_exact; "
+            "or decode, resize with PIL and encode: lanczos, nearest",
+        ),
+        TensorSpec(
+            "hr_denoising_strength",
+            "float32",
+            (1,),
+            optional=True,
+            default=0.7,
+            description="hires fix: in (0, 1], the second pass's img2img strength",
+        ),
+        TensorSpec(
+            "hr_second_pass_steps",
+            "int32",
+            (1,),
+            optional=True,
+            default=0,
+            description="hires fix: the second pass's num_inference_steps (it runs "
+            "int(steps x hr_denoising_strength) of them); 0: num_inference_steps",
+        ),
     ),
     outputs=(
         TensorSpec("images", "uint8", ("num_images", "height", "width", 3)),
