@@ -350,6 +350,15 @@ def test_expand_embeddings_as_diffusers(adapted_pipe, text):
     assert expand_embeddings(text, {"badpixel": 3, "<cat-toy>": 1}) == expected
 
 
+def test_expand_embeddings_in_any_case():
+    """The tokenizer matches added tokens in any case: every vector is used, as in the web
+    UI (diffusers' maybe_convert_prompt expands only the token as added)."""
+    vectors = {"EasyNeg": 3}
+    expanded = "EasyNeg EasyNeg_1 EasyNeg_2"
+    assert expand_embeddings("easyneg, (EASYNEG:1.2)", vectors) == f"{expanded}, ({expanded}:1.2)"
+    assert expand_embeddings(expanded, vectors) == f"{expanded} EasyNeg_1 EasyNeg_2"
+
+
 def test_adapted_prompt_from_records():
     loras = [{"name": "style", "alias": None, "weight": 0.8}]
     embeddings = [{"token": "neg", "vectors": 2}]

@@ -15,7 +15,8 @@ for a prompt, done before it is tokenized:
   ``<hypernet:...>`` is refused too: diffusers has no hypernetworks.
 - An embedding of N > 1 vectors was added as the tokens ``tok``, ``tok_1``
   ... ``tok_{N-1}``; a prompt's ``tok`` is expanded to all of them, as
-  diffusers' ``TextualInversionLoaderMixin.maybe_convert_prompt`` does.
+  diffusers' ``TextualInversionLoaderMixin.maybe_convert_prompt`` does (in
+  any case, as the tokenizer matches it).
 
 :func:`adapted_prompt` does both with ``pipeline.json``'s records.
 """
@@ -103,12 +104,18 @@ def strip_lora_tags(text: str, exported: Mapping[str, float], *, field: str = "p
 
 def expand_embeddings(text: str, vectors: Mapping[str, int]) -> str:
     """``text`` with every multi-vector embedding token ``tok`` (token -> vector count)
-    written as ``tok tok_1 ... tok_{N-1}``, as diffusers' ``maybe_convert_prompt``."""
+    written as ``tok tok_1 ... tok_{N-1}``, as diffusers' ``maybe_convert_prompt``.
+
+    The CLIP tokenizer matches added tokens whatever their case, and so does this;
+    diffusers' ``maybe_convert_prompt`` misses a token written with capitals (it
+    looks the lowercased token up), so ``EasyNegative`` would get one of its
+    vectors there: here it gets all, as in the web UI.
+    """
     for token, count in vectors.items():
-        if count > 1 and token in text:
-            text = text.replace(
-                token, " ".join([token, *(f"{token}_{i}" for i in range(1, count))])
-            )
+        if count > 1:
+            expanded = " ".join([token, *(f"{token}_{i}" for i in range(1, count))])
+            pattern = re.compile(re.escape(token) + r"(?!_\d)", re.IGNORECASE)
+            text = pattern.sub(lambda _, e=expanded: e, text)
     return text
 
 
