@@ -161,8 +161,9 @@ def _used_embeddings(settings: GenerationSettings) -> str | None:
     lists the embeddings a generation used; fused LoRAs are always in use)."""
     if not settings.ti_hashes:
         return None
-    texts = f"{settings.prompt}\n{settings.negative_prompt or ''}"
-    used = [e for e in settings.ti_hashes.split(", ") if e.rpartition(": ")[0] in texts]
+    # In any case, as the tokenizer matches trigger words.
+    texts = f"{settings.prompt}\n{settings.negative_prompt or ''}".lower()
+    used = [e for e in settings.ti_hashes.split(", ") if e.rpartition(": ")[0].lower() in texts]
     return ", ".join(used) or None
 
 
