@@ -38,6 +38,7 @@ from sd_pipeline import spec as S
 
 from . import components as C
 from . import triton_config as T
+from . import wrappers as W
 from .checkpoint import ExportError
 
 if TYPE_CHECKING:
@@ -161,17 +162,14 @@ def _norm(value: Any) -> Any:
     return list(value) if isinstance(value, list | tuple) else value
 
 
-def _text_time(config: Mapping[str, Any]) -> bool:
-    return config.get("addition_embed_type") == "text_time"
-
-
 # --------------------------------------------------------------------------
 # The two components
 
 
 def controlnet_component(config: Mapping[str, Any], name: str = "controlnet") -> C.Component:
     """The ControlNet of ``config`` (its ``config.json``) as a component: module ``controlnet``."""
-    unet = S.unet_spec(text_time=_text_time(config))
+    # A ControlNet takes SDXL's added conditioning, never LCM's guidance embedding.
+    unet = S.unet_spec(text_time=W.unet_inputs(config)["text_time"])
     sample, timestep, text, *added = unet.inputs
     sample = replace(sample, dims=(S.BATCH, int(config["in_channels"]), *sample.dims[2:]))
     conditioning = int(config.get("conditioning_channels", 3))
@@ -190,9 +188,7 @@ def controlled_unet_component(
     config: Mapping[str, Any], name: str = "unet_controlled"
 ) -> C.Component:
     """The UNet of ``config`` with the residual inputs: module ``unet``."""
-    unet = S.unet_spec(
-        text_time=_text_time(config), timestep_cond=config.get("time_cond_proj_dim") is not None
-    )
+    unet = S.unet_spec(**W.unet_inputs(config))
     extra = tuple(S.TensorSpec(r.unet_input, "float32", r.dims) for r in residuals(config))
     spec = replace(
         unet,
@@ -221,7 +217,6 @@ class _ControlNet(torch.nn.Module):
     def __init__(self, controlnet):
         super().__init__()
         self.controlnet = controlnet
-        self.text_time = _text_time(controlnet.config)
 
     def forward(self, *args):
         # One *args, in the spec's order, as every component wrapper (torch.export's
@@ -250,8 +245,8 @@ class _ControlledUNet(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
-        self.text_time = _text_time(unet.config)
-        self.timestep_cond = unet.config.get("time_cond_proj_dim") is not None
+        extra = W.unet_inputs(unet.config)
+        self.text_time, self.timestep_cond = extra["text_time"], extra["timestep_cond"]
         self.residuals = len(residuals(unet.config))
 
     def forward(self, *args):
