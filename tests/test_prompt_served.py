@@ -1,0 +1,226 @@
+"""The web UI's prompt syntax and clip skip, served (issue 15 items 4, 5).
+
+The tiny SD 1.x with its text encoder's final LayerNorm randomized (the
+tiny model's is untrained: weight 1, bias 0, so its outputs have a mean of
+rounding noise and the web UI's mean-restoring rescale would be noise too),
+exported to a private repository and served by a real tritonserver. Each
+served image is compared, within one uint8 level, with diffusers'
+``StableDiffusionPipeline`` on the same weights given ``prompt_embeds`` /
+``negative_prompt_embeds`` that the test computes in-process: the web UI's
+chunks and weights (:func:`sd_pipeline.prompt_syntax.encode`) over the torch
+text encoder. Plain prompts are read as diffusers reads them; clip skip is
+diffusers' ``clip_skip``; ``prompt_syntax=diffusers`` keeps brackets as text.
+"""
+
+from __future__ import annotations
+
+import shutil
+import types
+
+import numpy as np
+import pytest
+import torch
+from helpers import bad_request_error, max_diff, served_generate
+
+from sd_pipeline import prompt_syntax
+from sd_pipeline.spec import STABLE_DIFFUSION
+from sd_triton.export import Contents, ExportOptions, Hosting, export_repository
+from sd_triton.export import component_models as CM
+from sd_triton.server import TritonServer
+
+pytestmark = pytest.mark.server
+
+MAX_CHUNKS = 3
+SETTINGS = {"height": 32, "width": 48, "num_inference_steps": 3, "guidance_scale": 7.5}
+WEIGHTED = "a (red:1.8) cube on a ((green)) hill, [[blue]] sky, (shiny:0.5)"
+NEGATIVE = "(blurry:1.4), low quality"
+# 24 weighted phrases of 5 tokens: 120 tokens, two chunks.
+LONG = ", ".join(f"a (small:1.8) {c} house" for c in ["red", "blue", "green"] * 8)
+BREAK = "a (red:1.8) cube BREAK ((a green hill:1.5)) under a [grey] sky"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(build_dir, tiny_checkpoint):
+    """The tiny checkpoint with a randomized final LayerNorm in its text encoder."""
+    from transformers import CLIPTextModel
+
+    path = build_dir / "tiny-sd-layernorm"
+    if not (path / "model_index.json").exists():
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.copytree(tiny_checkpoint, path)
+        encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
+        norm = encoder.final_layer_norm
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=generator))
+            norm.bias.copy_(0.5 + 0.5 * torch.randn(norm.bias.shape, generator=generator))
+        encoder.save_pretrained(path / "text_encoder")
+    return path
+
+
+@pytest.fixture(scope="module")
+def url(build_dir, checkpoint, tiny_repository):
+    """``checkpoint`` exported (its text encoder traced, the rest the session export's ONNX
+    files: the same weights) and served."""
+    path = build_dir / "model_repository_prompt_syntax"
+    trace = CM._export_onnx
+
+    def export_onnx(component, modules, sizes, trace_sizes, dtype, version_dir, opts):
+        if component.name == "text_encoder":
+            return trace(component, modules, sizes, trace_sizes, dtype, version_dir, opts)
+        version_dir.mkdir(parents=True, exist_ok=True)
+        onnx = version_dir / CM.ONNX_NAME
+        shutil.copyfile(tiny_repository / component.name / "1" / CM.ONNX_NAME, onnx)
+        return onnx
+
+    options = ExportOptions(
+        contents=Contents(safety_checker=False, stream_model=False),
+        hosting=Hosting(pipeline_instances=1),
+        parameters={"max_prompt_chunks": MAX_CHUNKS},
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CM, "_export_onnx", export_onnx)
+        export_repository(checkpoint, path, options, overwrite=True)
+    with TritonServer(path).start(timeout_s=300) as server:
+        yield server.grpc_url
+
+
+@pytest.fixture(scope="module")
+def pipe(checkpoint):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        checkpoint, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    # diffusers' clip_skip reads text_encoder.text_model.final_layer_norm; transformers
+    # 5's CLIPTextModel is the text model itself.
+    te = pipe.text_encoder
+    object.__setattr__(
+        te, "text_model", types.SimpleNamespace(final_layer_norm=te.final_layer_norm)
+    )
+    return pipe
+
+
+def web_ui_embeddings(pipe, texts: list[str], skips: list[int], weighted: bool = True):
+    """``texts`` as the web UI encodes them, on the torch text encoder: row i's hidden state
+    ``skips[i]`` layers before the last, through the final LayerNorm. ``weighted`` False:
+    every weight 1 (the same chunks)."""
+    encoder = pipe.text_encoder
+
+    def encode_ids(ids, owner):
+        with torch.no_grad():
+            out = encoder(ids, output_hidden_states=True)
+            layers = [out.hidden_states[-1 - skips[int(i)]][k] for k, i in enumerate(owner)]
+            return encoder.final_layer_norm(torch.stack(layers)), None
+
+    with pytest.MonkeyPatch.context() as mp:
+        if not weighted:
+            mp.setattr(prompt_syntax, "emphasize", lambda hidden, weights: hidden)
+        embeddings, _ = prompt_syntax.encode(texts, pipe.tokenizer, encode_ids)
+    return embeddings
+
+
+def reference(pipe, seed: int, **settings) -> np.ndarray:
+    out = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", **settings)
+    return (out.images * 255).round().astype(np.uint8)
+
+
+def reference_web_ui(pipe, seed, prompt, negative="", clip_skip=0, weighted=True):
+    """diffusers' pipeline on the web UI's embeddings of [negative, prompt]."""
+    emb = web_ui_embeddings(pipe, [negative, prompt], [0, clip_skip], weighted)
+    return reference(pipe, seed, prompt_embeds=emb[1:], negative_prompt_embeds=emb[:1], **SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "negative", "clip_skip"),
+    [(WEIGHTED, NEGATIVE, 0), (LONG, "", 0), (BREAK, "", 0), (WEIGHTED, LONG, 1)],
+    ids=["weighted", "long", "break", "weighted-clip-skip"],
+)
+def test_web_ui_syntax_equals_diffusers_on_its_embeddings(url, pipe, prompt, negative, clip_skip):
+    images, _, _ = served_generate(
+        url, prompt=prompt, negative_prompt=negative, clip_skip=clip_skip, seed=5, **SETTINGS
+    )
+    expected = reference_web_ui(pipe, 5, prompt, negative, clip_skip)
+    assert max_diff(images, expected) <= 1
+    # The weights and chunks matter here: unweighted chunks, or the prompt truncated to
+    # 77 tokens as diffusers reads it, give another image.
+    unweighted = reference_web_ui(pipe, 5, prompt, negative, clip_skip, weighted=False)
+    literal = reference(
+        pipe, 5, prompt=prompt, negative_prompt=negative, clip_skip=clip_skip or None, **SETTINGS
+    )
+    assert max_diff(images, unweighted) > 1
+    assert max_diff(images, literal) > 1
+
+
+def test_long_and_break_prompts_are_two_chunks(pipe):
+    assert prompt_syntax.chunk(LONG, pipe.tokenizer).ids.shape == (2, 77)
+    assert prompt_syntax.chunk(BREAK, pipe.tokenizer).ids.shape == (2, 77)
+
+
+@pytest.mark.parametrize("syntax", ["a1111", "diffusers"])
+def test_plain_prompt_is_read_as_diffusers_reads_it(url, pipe, syntax):
+    prompt = "a photo of an astronaut riding a horse"
+    images, _, _ = served_generate(
+        url, prompt=prompt, negative_prompt="blurry", prompt_syntax=syntax, seed=2, **SETTINGS
+    )
+    expected = reference(pipe, 2, prompt=prompt, negative_prompt="blurry", **SETTINGS)
+    assert max_diff(images, expected) <= 1
+
+
+def test_plain_prompt_gives_the_same_bytes_in_both_syntaxes(url):
+    options = {"prompt": "a red cube", "negative_prompt": "blurry", "seed": 4, **SETTINGS}
+    web_ui, _, _ = served_generate(url, **options)
+    literal, _, _ = served_generate(url, prompt_syntax="diffusers", **options)
+    assert np.array_equal(web_ui, literal)
+
+
+def test_diffusers_syntax_keeps_brackets_as_text(url, pipe):
+    images, _, _ = served_generate(
+        url, prompt=WEIGHTED, negative_prompt=NEGATIVE, prompt_syntax="diffusers", seed=6,
+        **SETTINGS,
+    )  # fmt: skip
+    expected = reference(pipe, 6, prompt=WEIGHTED, negative_prompt=NEGATIVE, **SETTINGS)
+    assert max_diff(images, expected) <= 1
+    assert max_diff(images, reference_web_ui(pipe, 6, WEIGHTED, NEGATIVE)) > 1
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_clip_skip_equals_diffusers(url, pipe, clip_skip):
+    options = {"prompt": "a red cube", "negative_prompt": "blurry", **SETTINGS}
+    images, _, _ = served_generate(url, clip_skip=clip_skip, seed=7, **options)
+    expected = reference(pipe, 7, clip_skip=clip_skip, **options)
+    assert max_diff(images, expected) <= 1
+    assert max_diff(images, reference(pipe, 7, **options)) > 1
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"prompt_syntax": "compel"}, "unknown prompt_syntax 'compel'; choose 'a1111'"),
+        ({"prompt_syntax": "A1111"}, "'diffusers': literal text"),
+        # the tiny text encoder has 5 layers: clip_skip 4 leaves one
+        ({"clip_skip": 5}, "clip_skip 5 is over this model's limit of 4"),
+        ({"prompt": "cat, " * 40 * MAX_CHUNKS}, "prompt is 4 chunks of 75 tokens, over this"),
+        ({"negative_prompt": "a BREAK b BREAK c BREAK d"}, "negative_prompt is 4 chunks"),
+        ({"prompt": "a cat AND a dog"}, "'AND' (composable diffusion) is not supported"),
+        ({"prompt": "a [cat:dog:0.5]"}, "prompt editing or alternation"),
+    ],
+)
+def test_bad_input_is_invalid_arg(url, inputs, message):
+    error = bad_request_error(url, inputs)
+    assert "INVALID_ARG" in str(error.status()), error
+    assert message in error.message()
+
+
+def test_diffusers_syntax_reads_and_and_long_prompts_as_text(url):
+    images, _, _ = served_generate(
+        url, prompt="a cat AND a dog, " + "cat, " * 200, prompt_syntax="diffusers", seed=1,
+        **SETTINGS,
+    )  # fmt: skip
+    assert images.shape == (1, 32, 48, 3)
+
+
+def test_contract_declares_prompt_syntax():
+    tensor = STABLE_DIFFUSION.input("prompt_syntax")
+    assert tensor.optional and tensor.dtype == "bytes" and tensor.dims == (1,)
