@@ -38,14 +38,91 @@ def tiny_checkpoint(build_dir) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_repository(build_dir, tiny_checkpoint) -> Path:
-    """The tiny model exported to a Triton model repository (Python-backend ONNX host)."""
-    from sd_triton.export import export_repository
+# The other families' tiny checkpoints (``python -m sd_triton.export.tiny`` arguments).
+FAMILY_CHECKPOINTS = {
+    "tiny-sdxl": ["--family", "sdxl"],
+    "tiny-sdxl-refiner": ["--family", "sdxl-refiner"],
+    "tiny-sdxl-turbo": ["--family", "sdxl", "--variant", "turbo"],
+    "tiny-sd-lcm": ["--variant", "lcm"],
+}
 
-    path = build_dir / "model_repository"
-    export_repository(tiny_checkpoint, path, overwrite=True)  # the Python-backend ONNX host
+
+@pytest.fixture(scope="session")
+def family_checkpoints(build_dir) -> dict[str, Path]:
+    """Tiny SDXL base, refiner and Turbo, and an LCM-style SD 1.x, in diffusers format."""
+    paths = {}
+    for name, args in FAMILY_CHECKPOINTS.items():
+        paths[name] = path = build_dir / name
+        if not (path / "model_index.json").exists():
+            tiny = [sys.executable, "-m", "sd_triton.export.tiny", str(path), *args]
+            subprocess.run(tiny, check=True)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def families_repository(build_dir, family_checkpoints) -> Path:
+    """Two families in one repository: the SDXL base with its refiner (``xl_``), the
+    refiner alone (``xlr_``), Turbo (``turbo_``) and an LCM-style SD 1.x (``lcm_``).
+
+    Apart from the session repository (SD 1.x), served by its own server that only the
+    tests needing it start: one pipeline instance each (two for the base, whose
+    concurrency is tested), no stream models, no LCM safety checker.
+    """
+    from sd_triton.export import Contents, ExportOptions, Hosting, Naming, export_repository
+
+    path = build_dir / "families_repository"
+    exports = {
+        "xl_": ("tiny-sdxl", {"refiner": family_checkpoints["tiny-sdxl-refiner"]}, 2),
+        "xlr_": ("tiny-sdxl-refiner", {}, 1),
+        "turbo_": ("tiny-sdxl-turbo", {"preset": "turbo"}, 1),
+        "lcm_": ("tiny-sd-lcm", {"preset": "lcm", "safety_checker": False}, 1),
+    }
+    for prefix, (name, contents, instances) in exports.items():
+        options = ExportOptions(
+            contents=Contents(stream_model=False, **contents),
+            hosting=Hosting(pipeline_instances=instances),
+            naming=Naming(model_prefix=prefix),
+        )
+        export_repository(family_checkpoints[name], path, options, overwrite=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def families_url(families_repository) -> str:
+    """gRPC address of a real tritonserver serving :func:`families_repository`."""
+    from sd_triton.server import TritonServer
+
+    with TritonServer(families_repository).start(timeout_s=600) as server:
+        yield server.grpc_url
+
+
+@pytest.fixture(scope="session")
+def xl_pipes(family_checkpoints):
+    """diffusers' SDXL base, refiner and Turbo pipelines on the tiny checkpoints."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    def load(cls, name):
+        pipe = cls.from_pretrained(family_checkpoints[name])
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return SimpleNamespace(
+        base=load(StableDiffusionXLPipeline, "tiny-sdxl"),
+        refiner=load(StableDiffusionXLImg2ImgPipeline, "tiny-sdxl-refiner"),
+        turbo=load(StableDiffusionXLPipeline, "tiny-sdxl-turbo"),
+    )
+
+
+@pytest.fixture(scope="session")
+def lcm_pipe(family_checkpoints):
+    """diffusers' StableDiffusionPipeline on the tiny LCM-style checkpoint."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(family_checkpoints["tiny-sd-lcm"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @pytest.fixture(scope="session")

@@ -73,6 +73,10 @@ class PipelineConfig:
     time_cond_proj_dim: int | None = None
     # a refiner is exported beside this (SDXL base) model, assets in assets/refiner/
     refiner: bool = False
+    # LoRAs and textual-inversion embeddings fused at export (their records:
+    # names, weights, trigger tokens; see lora_tags.py)
+    loras: tuple[Mapping[str, Any], ...] = ()
+    embeddings: tuple[Mapping[str, Any], ...] = ()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PipelineConfig:

@@ -36,6 +36,7 @@ import numpy as np
 from . import spec as S
 from .config import Limits, PipelineConfig
 from .errors import InvalidRequest
+from .lora_tags import adapted_prompt
 from .schedulers import check_name
 
 __all__ = [
@@ -264,6 +265,10 @@ def parse_request(
         raise InvalidRequest("prompt is required: one UTF-8 string, BYTES with shape [1]")
     values = {name: _value(declared[name], np.asarray(a)) for name, a in inputs.items()}
     values = {**(defaults or {}), **values}
+    # <lora:name:w> tags of the LoRAs fused at export go; multi-vector embeddings expand.
+    for name in _TEXTS:
+        if isinstance(values.get(name), str):
+            values[name] = adapted_prompt(values[name], config.loras, config.embeddings, field=name)
     if "seed" not in values:
         values["seed"] = random_seed()
     image = values.get("image")
