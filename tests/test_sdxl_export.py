@@ -322,19 +322,21 @@ def test_refiner_refused_with_one_sentence(base_dir, refiner_dir, tiny_checkpoin
         assert not out.exists()  # refused before anything is written
 
 
-def test_safety_checker_attached(repo, export, tiny_checkpoint, tiny_repository):
+def test_safety_checker_attached(repo, export, tiny_checkpoint):
     _, lines = export
     assert any(line.startswith("attaching the safety checker of ") for line in lines)
-    # The attached checker is the donor's: same flags and images as its own export.
+    # The attached checker is the donor's: it decides as diffusers' module of the donor.
+    from sd_triton.export.wrappers import load_module
+
+    checker = load_module("safety_checker", tiny_checkpoint / "safety_checker")
     ckpt = inspect_checkpoint(tiny_checkpoint)
-    sizes = {**C.fixed_sizes(ckpt.configs), S.BATCH: 4, "height": 16, "width": 24}
-    inputs = {
-        k: v.numpy() for k, v in C.sample_inputs(C.COMPONENTS["safety_checker"], sizes).items()
-    }
-    got = _session(repo / "safety_checker").run(None, inputs)
-    want = _session(tiny_repository / "safety_checker").run(None, inputs)
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_array_equal(g, w)
+    sizes = {**C.fixed_sizes(ckpt.configs), S.BATCH: 6, "height": 16, "width": 24}
+    inputs = C.sample_inputs(C.COMPONENTS["safety_checker"], sizes, seed=4)
+    got = _session(repo / "safety_checker").run(None, {k: v.numpy() for k, v in inputs.items()})
+    with torch.no_grad():
+        images, flags = checker(clip_input=inputs["clip_input"], images=inputs["images"].clone())
+    np.testing.assert_array_equal(got[1].reshape(-1), np.array(flags))
+    np.testing.assert_allclose(got[0], np.asarray(images), atol=1e-6)
     processor = repo / "stable_diffusion" / "1" / "assets" / "feature_extractor"
     donor = tiny_checkpoint / "feature_extractor" / "preprocessor_config.json"
     assert (processor / "preprocessor_config.json").read_bytes() == donor.read_bytes()
