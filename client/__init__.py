@@ -8,6 +8,7 @@
         client.wait_until_ready(timeout_s=60)
         result = client.generate("a photo of a cat", num_inference_steps=20, seed=123)
         result.save("cat.png")              # PNG with AUTOMATIC1111 "parameters" text
+        again = client.generate(**infotext_options(parse_infotext(read_infotext("cat.png"))))
         for event in client.stream("a photo of a dog", seed=1):
             print(event)                    # ProgressEvent(step=1, total_steps=50, ...) ..., GenerationResult
 
@@ -48,7 +49,9 @@ from ._errors import (
 )
 from ._infotext import (
     A1111_SAMPLERS,
+    A1111_UPSCALERS,
     format_infotext,
+    infotext_options,
     parse_infotext,
     read_infotext,
     sampler_name,
@@ -62,6 +65,7 @@ from ._types import GenerationResult, GenerationSettings, ProgressEvent
 
 __all__ = [
     "A1111_SAMPLERS",
+    "A1111_UPSCALERS",
     "AsyncClient",
     "AsyncGenerationStream",
     "AsyncPendingGeneration",
@@ -82,6 +86,7 @@ __all__ = [
     "ServerError",
     "UnavailableError",
     "format_infotext",
+    "infotext_options",
     "outpaint_canvas",
     "parse_infotext",
     "read_infotext",

@@ -136,6 +136,8 @@ def _request(arguments: Mapping[str, Any]) -> GenerationRequest:
 
 
 PathLike = str | os.PathLike
+# A pair input: diffusers' (height, width), or (top, left) for crop coordinates.
+Pair = tuple[int, int]
 
 
 class ClientCore(Generic[ResultT, PendingT, StreamT]):
@@ -295,9 +297,36 @@ class ClientCore(Generic[ResultT, PendingT, StreamT]):
         seed: int | None = None,
         scheduler: str | None = None,
         num_images_per_prompt: int | None = None,
+        guidance_rescale: float | None = None,
+        clip_skip: int | None = None,
+        prompt_syntax: str | None = None,
+        prompt_2: str | None = None,
+        negative_prompt_2: str | None = None,
+        original_size: Pair | None = None,
+        crops_coords_top_left: Pair | None = None,
+        target_size: Pair | None = None,
+        negative_original_size: Pair | None = None,
+        negative_crops_coords_top_left: Pair | None = None,
+        negative_target_size: Pair | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
+        refiner_switch_at: float | None = None,
+        enable_hr: bool | None = None,
+        hr_scale: float | None = None,
+        hr_upscaler: str | None = None,
+        hr_denoising_strength: float | None = None,
+        hr_second_pass_steps: int | None = None,
         timeout_s: float | None = None,
     ) -> ResultT:
-        """Generate images for ``prompt``; omitted options take the server's defaults."""
+        """Generate images for ``prompt``; omitted options take the server's defaults.
+
+        The options are the contract's inputs (diffusers' names): ``guidance_rescale``,
+        ``clip_skip``, ``prompt_syntax`` (``"a1111"`` or ``"diffusers"``) and the hires
+        fix (``enable_hr`` and ``hr_*``) for every family; ``prompt_2`` ...
+        ``negative_target_size`` for SDXL (pairs: ``(height, width)``, crops
+        ``(top, left)``), ``aesthetic_score`` and ``negative_aesthetic_score`` for an
+        SDXL refiner, and ``refiner_switch_at`` for an SDXL base with a refiner beside it.
+        """
         return self.run(_request(locals()), timeout_s=timeout_s)
 
     def submit(
@@ -312,6 +341,25 @@ class ClientCore(Generic[ResultT, PendingT, StreamT]):
         seed: int | None = None,
         scheduler: str | None = None,
         num_images_per_prompt: int | None = None,
+        guidance_rescale: float | None = None,
+        clip_skip: int | None = None,
+        prompt_syntax: str | None = None,
+        prompt_2: str | None = None,
+        negative_prompt_2: str | None = None,
+        original_size: Pair | None = None,
+        crops_coords_top_left: Pair | None = None,
+        target_size: Pair | None = None,
+        negative_original_size: Pair | None = None,
+        negative_crops_coords_top_left: Pair | None = None,
+        negative_target_size: Pair | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
+        refiner_switch_at: float | None = None,
+        enable_hr: bool | None = None,
+        hr_scale: float | None = None,
+        hr_upscaler: str | None = None,
+        hr_denoising_strength: float | None = None,
+        hr_second_pass_steps: int | None = None,
         timeout_s: float | None = None,
     ) -> PendingT:
         """Start :meth:`generate` in the background (not retried); the handle can be cancelled."""
@@ -329,6 +377,25 @@ class ClientCore(Generic[ResultT, PendingT, StreamT]):
         seed: int | None = None,
         scheduler: str | None = None,
         num_images_per_prompt: int | None = None,
+        guidance_rescale: float | None = None,
+        clip_skip: int | None = None,
+        prompt_syntax: str | None = None,
+        prompt_2: str | None = None,
+        negative_prompt_2: str | None = None,
+        original_size: Pair | None = None,
+        crops_coords_top_left: Pair | None = None,
+        target_size: Pair | None = None,
+        negative_original_size: Pair | None = None,
+        negative_crops_coords_top_left: Pair | None = None,
+        negative_target_size: Pair | None = None,
+        aesthetic_score: float | None = None,
+        negative_aesthetic_score: float | None = None,
+        refiner_switch_at: float | None = None,
+        enable_hr: bool | None = None,
+        hr_scale: float | None = None,
+        hr_upscaler: str | None = None,
+        hr_denoising_strength: float | None = None,
+        hr_second_pass_steps: int | None = None,
         preview: bool = False,
         timeout_s: float | None = None,
     ) -> StreamT:

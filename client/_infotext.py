@@ -16,6 +16,16 @@ wrote ``Sampler: DPM++ 2M Karras``, which :func:`scheduler_alias` reads too); a 
 ``:`` or a newline is JSON-quoted, as the web UI does. Several images from one
 request share its seed (one generator draws them all), so their position is
 written as ``Batch size`` / ``Batch pos``, the web UI's keys for that.
+
+The newer inputs are written under the web UI's keys where it has one
+(:data:`EXTRA_FIELDS`): ``Clip skip`` (the web UI's N is diffusers' ``clip_skip``
++ 1), ``Refiner`` / ``Refiner switch at``, the hires fix's ``Hires upscale``,
+``Hires upscaler``, ``Hires steps`` and ``Denoising strength``, and ``CFG Rescale``
+(the CFG Rescale extension's key for diffusers' ``guidance_rescale``; its older
+``CFG Rescale φ``, Neutral Prompt's ``CFG Rescale phi`` and Forge's ``Rescale CFG``
+are read too). SDXL's other inputs have no web UI key; they are written under
+their diffusers names (``Prompt 2``, ``Original size``, ...). :func:`infotext_options`
+turns parsed fields back into the options that reproduce the image.
 """
 
 from __future__ import annotations
@@ -23,7 +33,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, PngImagePlugin
 
@@ -32,7 +45,10 @@ from ._types import GenerationSettings
 __all__ = [
     "A1111_SAMPLERS",
     "A1111_SCHEDULE_TYPES",
+    "A1111_UPSCALERS",
+    "EXTRA_FIELDS",
     "format_infotext",
+    "infotext_options",
     "output_paths",
     "parse_infotext",
     "read_infotext",
@@ -120,14 +136,128 @@ def scheduler_alias(fields: dict[str, str]) -> str | None:
 
 
 def _quote(value: object) -> str:
+    """As the web UI quotes, and also a value that starts with a quote or has spaces
+    at its ends (which the reader would take for quoting or strip)."""
     text = str(value)
-    if "," not in text and ":" not in text and "\n" not in text:
+    plain = not any(c in text for c in ",:\n") and text == text.strip()
+    if plain and not text.startswith('"'):
         return text
     return json.dumps(text, ensure_ascii=False)
 
 
 def _unquote(text: str) -> str:
-    return json.loads(text) if text.startswith('"') else text
+    """As the web UI unquotes: a JSON string, else the text as it is."""
+    if len(text) < 2 or not (text.startswith('"') and text.endswith('"')):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+# The hires fix's upscalers (the contract's hr_upscaler) -> the web UI's names.
+A1111_UPSCALERS: dict[str, str] = {
+    "latent": "Latent",
+    "latent_antialiased": "Latent (antialiased)",
+    "latent_bicubic": "Latent (bicubic)",
+    "latent_bicubic_antialiased": "Latent (bicubic antialiased)",
+    "latent_nearest": "Latent (nearest)",
+    "latent_nearest_exact": "Latent (nearest-exact)",
+    "lanczos": "Lanczos",
+    "nearest": "Nearest",
+}
+
+
+def _size_text(pair: tuple[int, int]) -> str:
+    """(height, width) as the web UI writes a size: ``WIDTHxHEIGHT``."""
+    return f"{pair[1]}x{pair[0]}"
+
+
+def _size_pair(text: str) -> tuple[int, int]:
+    width, height = (int(part) for part in text.lower().split("x"))
+    return height, width
+
+
+def _pair_text(pair: tuple[int, int]) -> str:
+    return f"{pair[0]},{pair[1]}"
+
+
+def _pair(text: str) -> tuple[int, int]:
+    first, second = (int(part) for part in text.split(","))
+    return first, second
+
+
+def _upscaler(text: str) -> str:
+    return next((k for k, v in A1111_UPSCALERS.items() if v == text), text)
+
+
+@dataclass(frozen=True)
+class ExtraField:
+    """One infotext key of a setting beyond the web UI's basic line.
+
+    ``write``: the setting's value -> the text value (None: the key is left out);
+    ``read``: the text value -> the request option ``name`` (None: not an option).
+    """
+
+    key: str
+    name: str
+    write: Callable[[Any], object | None]
+    read: Callable[[str], Any] | None
+    aliases: tuple[str, ...] = ()
+
+
+def _given(value: Any) -> Any:
+    return value
+
+
+def _nonzero(value: Any) -> Any:
+    return value or None
+
+
+def _sized(write: Callable[[Any], object]) -> Callable[[Any], object | None]:
+    return lambda value: None if value is None else write(value)
+
+
+EXTRA_FIELDS: tuple[ExtraField, ...] = (
+    ExtraField("Clip skip", "clip_skip", lambda v: v + 1 if v else None, lambda t: int(t) - 1),
+    ExtraField(
+        "CFG Rescale",
+        "guidance_rescale",
+        lambda v: float(v) if v else None,
+        float,
+        aliases=("CFG Rescale φ", "CFG Rescale phi", "Rescale CFG"),
+    ),
+    ExtraField(
+        "Prompt syntax", "prompt_syntax", lambda v: v if v not in (None, "a1111") else None, str
+    ),
+    ExtraField("Prompt 2", "prompt_2", _given, str),
+    ExtraField("Negative prompt 2", "negative_prompt_2", _given, str),
+    *(
+        ExtraField(
+            name.replace("_", " ").capitalize(),
+            name,
+            _sized(_pair_text if "crops" in name else _size_text),
+            _pair if "crops" in name else _size_pair,
+        )
+        for name in (
+            "original_size",
+            "crops_coords_top_left",
+            "target_size",
+            "negative_original_size",
+            "negative_crops_coords_top_left",
+            "negative_target_size",
+        )
+    ),
+    ExtraField("Aesthetic score", "aesthetic_score", _given, float),
+    ExtraField("Negative aesthetic score", "negative_aesthetic_score", _given, float),
+    ExtraField("Refiner", "refiner", _given, None),
+    ExtraField("Refiner switch at", "refiner_switch_at", _given, float),
+    ExtraField("Hires upscale", "hr_scale", _given, float),
+    ExtraField("Hires steps", "hr_second_pass_steps", _nonzero, int),
+    ExtraField(
+        "Hires upscaler", "hr_upscaler", _sized(lambda v: A1111_UPSCALERS.get(v, v)), _upscaler
+    ),
+)
 
 
 def format_infotext(settings: GenerationSettings, *, index: int = 0) -> str:
@@ -147,10 +277,14 @@ def format_infotext(settings: GenerationSettings, *, index: int = 0) -> str:
     if settings.num_images_per_prompt > 1:
         fields["Batch size"] = settings.num_images_per_prompt
         fields["Batch pos"] = index
+    for extra in EXTRA_FIELDS:
+        fields[extra.key] = extra.write(getattr(settings, extra.name))
+    if settings.enable_hr:  # txt2img: the web UI writes the second pass's strength
+        fields["Denoising strength"] = settings.hr_denoising_strength
     fields["Lora hashes"] = settings.lora_hashes
     fields["TI hashes"] = _used_embeddings(settings)
     lines = [settings.prompt]
-    if settings.negative_prompt:
+    if settings.negative_prompt is not None:  # "" was sent, and differs from none for SDXL
         lines.append(f"Negative prompt: {settings.negative_prompt}")
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None))
     return "\n".join(lines)
@@ -175,21 +309,66 @@ def parse_infotext(text: str) -> dict[str, str]:
     """Split a ``parameters`` text into ``{"Prompt", "Negative prompt", key: value, ...}`` strings.
 
     Reads what :func:`format_infotext` writes (and the web UI's simple cases);
-    values stay strings, as in the text.
+    values stay strings, as in the text. ``"Negative prompt"`` is there only when
+    the text has a negative prompt line (none: the request sent no negative prompt).
     """
     *head, last = text.split("\n")
     if not _FIELD.match(last) or "Steps:" not in last:  # no settings line: all prompt
         head, last = [*head, last], ""
     prompt_lines, negative_lines, into_negative = [], [], False
     for line in head:
-        if line.startswith("Negative prompt:"):
+        if line.startswith(_NEGATIVE) and not into_negative:
             into_negative = True
-            line = line.removeprefix("Negative prompt:").lstrip(" ")
+            line = line.removeprefix(_NEGATIVE)
+            line = line.removeprefix(" ")
         (negative_lines if into_negative else prompt_lines).append(line)
-    out = {"Prompt": "\n".join(prompt_lines), "Negative prompt": "\n".join(negative_lines)}
+    out = {"Prompt": "\n".join(prompt_lines)}
+    if into_negative:
+        out["Negative prompt"] = "\n".join(negative_lines)
     for key, value in _FIELD.findall(last):
         out[key.strip()] = _unquote(value.strip())
     return out
+
+
+_NEGATIVE = "Negative prompt:"
+
+
+def infotext_options(fields: dict[str, str]) -> dict[str, Any]:
+    """The options that reproduce the image whose parsed infotext is ``fields``.
+
+    ``Client.generate(**infotext_options(fields))`` for a text-to-image PNG; an
+    img2img or inpainting one also gives ``strength`` (for ``img2img`` /
+    ``inpaint``, with the source image). Keys the text lacks are left out (the
+    server's defaults), and so are the model's facts (``Model``, hashes, ``Refiner``).
+    """
+    options: dict[str, Any] = {"prompt": fields["Prompt"]}
+    if "Negative prompt" in fields:
+        options["negative_prompt"] = fields["Negative prompt"]
+    basic = {
+        "Steps": ("num_inference_steps", int),
+        "CFG scale": ("guidance_scale", float),
+        "Seed": ("seed", int),
+        "Batch size": ("num_images_per_prompt", int),
+    }
+    for key, (name, kind) in basic.items():
+        if key in fields:
+            options[name] = kind(fields[key])
+    if "Size" in fields:
+        options["height"], options["width"] = _size_pair(fields["Size"])
+    scheduler = scheduler_alias(fields)
+    if scheduler is not None:
+        options["scheduler"] = scheduler
+    for extra in EXTRA_FIELDS:
+        text = next((fields[k] for k in (extra.key, *extra.aliases) if k in fields), None)
+        if text is not None and extra.read is not None:
+            options[extra.name] = extra.read(text)
+    hires = "hr_scale" in options  # the web UI writes Hires upscale when it ran
+    if hires:
+        options["enable_hr"] = True
+    if "Denoising strength" in fields:
+        strength = float(fields["Denoising strength"])
+        options["hr_denoising_strength" if hires else "strength"] = strength
+    return options
 
 
 def output_paths(path: str | os.PathLike, count: int) -> list[Path]:

@@ -7,6 +7,7 @@ server validates against, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Mapping
@@ -17,12 +18,15 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from PIL import Image
 
+from sd_pipeline import request as server_request
 from sd_pipeline import spec as S
 
 from ._errors import InvalidRequestError, ServerError, translate
 from ._types import GenerationResult, GenerationSettings, ProgressEvent
 
 __all__ = [
+    "IMAGE_INPUTS",
+    "PAIR_INPUTS",
     "GenerationRequest",
     "StreamDecoder",
     "decode_progress",
@@ -35,8 +39,6 @@ __all__ = [
 # is the pipeline's name for the model's own scheduler config.
 DEFAULTS: dict[str, Any] = {t.name: t.default for t in S.STABLE_DIFFUSION.inputs}
 DEFAULT_SCHEDULER = "default"
-# The server's strength when an inpainting request sends none (diffusers' default).
-INPAINT_DEFAULT_STRENGTH = 1.0
 # Model config parameter that may name the model's own scheduler (an alias).
 SCHEDULER_PARAMETER = "default_scheduler"
 # Model config parameters naming the checkpoint (sd_triton.export.single_file): the web
@@ -45,6 +47,17 @@ MODEL_FACT_PARAMETERS = ("model_hash", "model_name")
 # ... and the LoRAs and embeddings fused into it (sd_triton.export.adapters): the web
 # UI's "Lora hashes" and "TI hashes" lines, "name: hash, name2: hash".
 ADAPTER_PARAMETERS = ("lora_hashes", "ti_hashes")
+# ... and the refiner beside an SDXL base (the web UI's "Refiner"), and the model's
+# family ("sd", "sdxl", "sdxl-refiner": its default strength).
+REFINER_PARAMETERS = ("refiner_model_name", "refiner_model_hash", "family")
+# The model's default prompt syntax (sd_pipeline.prompt_syntax), for the settings.
+SYNTAX_PARAMETER = "prompt_syntax"
+# The refiner's name in the settings when the model does not publish its checkpoint's.
+DEFAULT_REFINER_NAME = "refiner"
+# Inputs sent as two integers: diffusers' (height, width) sizes and (top, left) crops.
+PAIR_INPUTS = tuple(t.name for t in S.STABLE_DIFFUSION.inputs if t.dims == (2,))
+# Inputs of img2img and inpainting only (the image methods set them).
+IMAGE_INPUTS = ("image", "mask_image", "strength")
 
 _INT_RANGES = {"int32": np.iinfo(np.int32), "int64": np.iinfo(np.int64)}
 
@@ -54,6 +67,8 @@ class GenerationRequest:
     """One request in the contract's terms; None = not sent (the server applies its default).
 
     ``image``, ``mask_image`` and ``strength`` are for img2img / inpainting.
+    ``prompt_2`` ... ``refiner_switch_at`` are SDXL's (an SD 1.x/2.x model
+    refuses them); the pairs are diffusers' ``(height, width)`` and ``(top, left)``.
     """
 
     prompt: str
@@ -68,6 +83,25 @@ class GenerationRequest:
     image: Image.Image | np.ndarray | None = None
     mask_image: Image.Image | np.ndarray | None = None
     strength: float | None = None
+    guidance_rescale: float | None = None
+    clip_skip: int | None = None
+    prompt_syntax: str | None = None
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+    refiner_switch_at: float | None = None
+    enable_hr: bool | None = None
+    hr_scale: float | None = None
+    hr_upscaler: str | None = None
+    hr_denoising_strength: float | None = None
+    hr_second_pass_steps: int | None = None
     preview: bool | None = None  # streaming model only
 
     def sent(self) -> dict[str, Any]:
@@ -102,6 +136,8 @@ def _to_array(tensor: S.TensorSpec, value: Any) -> np.ndarray:
         if not isinstance(value, str):
             raise InvalidRequestError(f"{name} must be a string, got {type(value).__name__}")
         return np.array([value.encode("utf-8")], dtype=np.object_)
+    if tensor.dims == (2,):
+        return _pair(tensor, value)
     if dtype in _INT_RANGES:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
@@ -122,6 +158,19 @@ def _to_array(tensor: S.TensorSpec, value: Any) -> np.ndarray:
     raise InvalidRequestError(f"{name}: unsupported input type {dtype}")  # pragma: no cover
 
 
+def _pair(tensor: S.TensorSpec, value: Any) -> np.ndarray:
+    """A pair input as two integers: ``(height, width)``, or ``(top, left)`` for crops."""
+    order = "top, left" if "crops" in tensor.name else "height, width"
+    items = list(value) if isinstance(value, tuple | list | np.ndarray) else []
+    integers = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items)
+    if len(items) != 2 or not integers:
+        raise InvalidRequestError(f"{tensor.name} must be two integers ({order}), got {value!r}")
+    limits = _INT_RANGES[tensor.dtype]
+    if not all(limits.min <= int(v) <= limits.max for v in items):
+        raise InvalidRequestError(f"{tensor.name} must fit in {tensor.dtype}, got {value!r}")
+    return np.array([int(v) for v in items], dtype=tensor.dtype)
+
+
 def _image_array(name: str, value: Any, channels: int | None) -> np.ndarray:
     """An image input as uint8 [H, W, 3] (RGB) or [H, W] (mask)."""
     if isinstance(value, Image.Image):
@@ -140,14 +189,22 @@ def _image_array(name: str, value: Any, channels: int | None) -> np.ndarray:
 
 
 def model_defaults(parameters: Mapping[str, str]) -> dict[str, Any]:
-    """What a model publishes in its config ``parameters``: its scheduler's alias, and the
-    web UI's hash and name of the single-file checkpoint it was exported from."""
+    """What a model publishes in its config ``parameters``: its scheduler's alias, the
+    web UI's hash and name of the single-file checkpoint it was exported from, its fused
+    adapters and refiner, and its own defaults of steps and guidance (a Turbo or LCM
+    preset, read as the server reads them)."""
     published = {
         "scheduler": parameters.get(SCHEDULER_PARAMETER, ""),
         **{key: parameters.get(key, "") for key in MODEL_FACT_PARAMETERS},
         **{key: parameters.get(key, "") for key in ADAPTER_PARAMETERS},
+        **{key: parameters.get(key, "") for key in REFINER_PARAMETERS},
+        "prompt_syntax": parameters.get(SYNTAX_PARAMETER, ""),
     }
-    return {k: v.strip() for k, v in published.items() if v.strip()}
+    facts: dict[str, Any] = {k: v.strip() for k, v in published.items() if v.strip()}
+    # A bad value: the server refuses to load such a model, and its requests say so.
+    with contextlib.suppress(ValueError):
+        facts |= server_request.model_defaults(parameters)
+    return facts
 
 
 def _response(result: Any) -> Any:
@@ -172,32 +229,85 @@ def _settings(
     model: str,
 ) -> GenerationSettings:
     def value(name: str) -> Any:
+        """What was sent, else the model's published default, else the contract's."""
         sent = getattr(request, name)
-        return sent if sent is not None else DEFAULTS[name]
+        return sent if sent is not None else defaults.get(name, DEFAULTS[name])
 
     scheduler = request.scheduler or defaults.get("scheduler") or DEFAULT_SCHEDULER
-    strength = None
-    if request.image is not None:
-        # The server's default is diffusers': 1.0 to inpaint, 0.8 for img2img.
-        inpaint = request.mask_image is not None and request.strength is None
-        strength = INPAINT_DEFAULT_STRENGTH if inpaint else float(value("strength"))
+    hires = _hires(request, value)
+    height, width = (
+        sent if sent is not None else round(int(side) / hires.get("hr_scale", 1.0))
+        for sent, side in zip((request.height, request.width), images.shape[1:3], strict=True)
+    )
     return GenerationSettings(
         prompt=request.prompt,
-        negative_prompt=value("negative_prompt"),
+        negative_prompt=request.negative_prompt,
         num_inference_steps=int(value("num_inference_steps")),
         guidance_scale=float(value("guidance_scale")),
-        height=int(images.shape[1]),
-        width=int(images.shape[2]),
+        height=int(height),
+        width=int(width),
         seed=int(seeds[0]) if len(seeds) else int(request.seed or 0),
         scheduler=scheduler,
         num_images_per_prompt=int(images.shape[0]),
         model=model,
-        strength=strength,
+        strength=_strength(request, defaults),
         model_hash=defaults.get("model_hash"),
         checkpoint=defaults.get("model_name"),
         lora_hashes=defaults.get("lora_hashes"),
         ti_hashes=defaults.get("ti_hashes"),
+        guidance_rescale=float(value("guidance_rescale")),
+        clip_skip=int(value("clip_skip")),
+        refiner=_refiner(request, defaults),
+        prompt_syntax=request.prompt_syntax or defaults.get("prompt_syntax"),
+        **{name: getattr(request, name) for name in _AS_SENT},
+        **hires,
     )
+
+
+_HIRES = {
+    "hr_scale": float,
+    "hr_upscaler": str,
+    "hr_denoising_strength": float,
+    "hr_second_pass_steps": int,
+}
+
+
+def _hires(request: GenerationRequest, value: Any) -> dict[str, Any]:
+    """The hires fix's settings (what was sent, else the defaults) when it ran."""
+    if not request.enable_hr:
+        return {}
+    return {"enable_hr": True, **{name: kind(value(name)) for name, kind in _HIRES.items()}}
+
+
+# Settings reported as the request sent them (None: the server derived them).
+_AS_SENT = (
+    "prompt_2",
+    "negative_prompt_2",
+    *PAIR_INPUTS,
+    "aesthetic_score",
+    "negative_aesthetic_score",
+    "refiner_switch_at",
+)
+
+
+def _strength(request: GenerationRequest, defaults: Mapping[str, Any]) -> float | None:
+    """img2img / inpainting: the strength sent, else the server's default for the model's
+    family and mode (diffusers': SD 0.8, inpainting 1.0; SDXL 0.3, inpainting 0.9999)."""
+    if request.image is None:
+        return None
+    if request.strength is not None:
+        return float(request.strength)
+    xl = defaults.get("family", "sd") != "sd"
+    return server_request.DEFAULT_STRENGTH[(xl, request.mask_image is not None)]
+
+
+def _refiner(request: GenerationRequest, defaults: Mapping[str, Any]) -> str | None:
+    """The refiner as the web UI names it (``name [hash]``), when one finished the image."""
+    if request.refiner_switch_at is None:
+        return None
+    name = defaults.get("refiner_model_name") or DEFAULT_REFINER_NAME
+    digest = defaults.get("refiner_model_hash")
+    return f"{name} [{digest}]" if digest else name
 
 
 def decode_result(

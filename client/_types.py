@@ -27,10 +27,25 @@ class GenerationSettings:
     ``lora_hashes`` / ``ti_hashes``: the LoRAs and embeddings fused into the
     model at export, as the web UI's ``name: hash, ...`` lines (config
     parameters of the same names), when it has any.
+
+    ``negative_prompt`` None: none was sent (SD 1.x/2.x then encode the empty
+    text, an SDXL base uses zero embeddings; ``""`` is encoded). The SDXL
+    inputs (``prompt_2`` ... ``refiner_switch_at``) are what was sent, None
+    when not: the server then derives them as diffusers does (``prompt_2``
+    from ``prompt``, sizes from the output size). Pairs are diffusers' order:
+    ``(height, width)`` for sizes, ``(top, left)`` for crop coordinates.
+    ``refiner`` names the refiner that finished the image (only with
+    ``refiner_switch_at``): its checkpoint when the model publishes it
+    (``refiner_model_name``, ``refiner_model_hash``), else ``"refiner"``.
+    ``prompt_syntax``: the one sent, else the model's (config parameter
+    ``prompt_syntax``), else None (the server's default, the web UI's). With the
+    hires fix (``enable_hr``) the ``hr_*`` settings are what ran (sent, else the
+    contract's defaults), and ``height``/``width`` are the first pass's size: the
+    images are ``hr_scale`` times larger.
     """
 
     prompt: str
-    negative_prompt: str
+    negative_prompt: str | None
     num_inference_steps: int
     guidance_scale: float
     height: int
@@ -44,6 +59,26 @@ class GenerationSettings:
     checkpoint: str | None = None
     lora_hashes: str | None = None
     ti_hashes: str | None = None
+    guidance_rescale: float = 0.0
+    clip_skip: int = 0
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+    refiner_switch_at: float | None = None
+    refiner: str | None = None
+    prompt_syntax: str | None = None
+    enable_hr: bool = False
+    hr_scale: float | None = None
+    hr_upscaler: str | None = None
+    hr_denoising_strength: float | None = None
+    hr_second_pass_steps: int | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,6 +3,9 @@
 ::
 
     sd-triton generate "a photo of a cat" -o cat.png --steps 20 --seed 123 --size 512x768
+    sd-triton generate "a lighthouse" --clip-skip 1 --guidance-rescale 0.7 --enable-hr
+    sd-triton generate "a castle" --prompt-2 "oil painting" --original-size 2048x2048 \
+        --crops-coords-top-left 0,0 --refiner-switch-at 0.8      # SDXL
     sd-triton img2img "a watercolor" --image in.png --strength 0.6 -o out.png
     sd-triton inpaint "a red armchair" --image in.png --mask mask.png -o out.png
     sd-triton outpaint "a beach" --image in.png --left 64 --right 64 -o wide.png
@@ -23,6 +26,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import TextIO
 
@@ -39,6 +43,7 @@ from ._errors import (
     UnavailableError,
 )
 from ._infotext import output_paths
+from ._request import IMAGE_INPUTS, GenerationRequest
 from ._sync import Client, PendingGeneration
 from ._types import GenerationResult, ProgressEvent
 
@@ -79,6 +84,23 @@ def _size(text: str) -> tuple[int, int]:
             f"expected WIDTHxHEIGHT, e.g. 512x768, got {text!r}"
         ) from None
     return width, height
+
+
+def _size_pair(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` -> diffusers' (height, width) pair."""
+    width, height = _size(text)
+    return height, width
+
+
+def _top_left(text: str) -> tuple[int, int]:
+    """``TOP,LEFT`` -> (top, left), diffusers' crops_coords_top_left."""
+    try:
+        top, left = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected TOP,LEFT in pixels, e.g. 0,256, got {text!r}"
+        ) from None
+    return top, left
 
 
 def _png_path(text: str) -> Path:
@@ -125,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="seed (default: random; written into the PNG)")
     gen.add_argument("--scheduler", help="ddim, pndm, lms, euler, euler_a, heun, dpmpp_2m, ...")
     gen.add_argument("--num-images", dest="num_images_per_prompt", type=int, help="images to make")
+    _add_conditioning_options(gen)
 
     gen = sub.add_parser(
         "generate",
@@ -143,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--stream-model", help="streaming model for --progress (default: MODEL_stream)"
     )
+    _add_hires_options(gen)
     gen.set_defaults(func=cmd_generate)
     _add_edit_commands(sub, [common, options])
 
@@ -167,6 +191,77 @@ def build_parser() -> argparse.ArgumentParser:
         # No abbreviations: "--admin-key VALUE" must not pass as --admin-key-file.
         command.allow_abbrev = False
     return parser
+
+
+def _add_conditioning_options(gen: argparse.ArgumentParser) -> None:
+    """Text-encoder and guidance options for every family, and SDXL's conditioning."""
+    gen.add_argument(
+        "--clip-skip",
+        type=int,
+        metavar="N",
+        help="text encoder layers to skip from the end, as diffusers' clip_skip "
+        "(the web UI's 'Clip skip 2' is 1)",
+    )
+    gen.add_argument(
+        "--guidance-rescale",
+        type=float,
+        metavar="PHI",
+        help="in [0, 1]: diffusers' guidance_rescale",
+    )
+    gen.add_argument(
+        "--prompt-syntax",
+        metavar="SYNTAX",
+        help="a1111 (weights, BREAK, 75-token chunks) or diffusers (literal, 77 tokens); "
+        "default: the model's",
+    )
+    xl = gen.add_argument_group("SDXL (sizes WIDTHxHEIGHT, crops TOP,LEFT, as diffusers' inputs)")
+    xl.add_argument(
+        "--prompt-2", metavar="TEXT", help="text for the second text encoder (default: the prompt)"
+    )
+    xl.add_argument(
+        "--negative-prompt-2",
+        "--negative-2",
+        dest="negative_prompt_2",
+        metavar="TEXT",
+        help="negative text for the second text encoder (default: the negative prompt)",
+    )
+    for prefix, what in (("", "size conditioning"), ("negative-", "negative size conditioning")):
+        sizes = f"{what} (default: the output size)"
+        xl.add_argument(f"--{prefix}original-size", type=_size_pair, metavar="WxH", help=sizes)
+        xl.add_argument(
+            f"--{prefix}crops-coords-top-left",
+            type=_top_left,
+            metavar="TOP,LEFT",
+            help=f"{what} (default: 0,0)",
+        )
+        xl.add_argument(f"--{prefix}target-size", type=_size_pair, metavar="WxH", help=sizes)
+    for prefix in ("", "negative-"):
+        xl.add_argument(
+            f"--{prefix}aesthetic-score", type=float, metavar="SCORE", help="refiner conditioning"
+        )
+    xl.add_argument(
+        "--refiner-switch-at",
+        type=float,
+        metavar="FRACTION",
+        help="in (0, 1): hand the latents to the refiner beside the model after this much "
+        "of the schedule",
+    )
+
+
+def _add_hires_options(gen: argparse.ArgumentParser) -> None:
+    """The web UI's hires fix (text-to-image)."""
+    hires = gen.add_argument_group("hires fix (a second, img2img pass at a larger size)")
+    hires.add_argument("--enable-hr", action="store_const", const=True, help="run the second pass")
+    hires.add_argument("--hr-scale", type=float, metavar="X", help="upscale by (default 2)")
+    hires.add_argument(
+        "--hr-upscaler", metavar="NAME", help="latent (default), latent_bicubic, lanczos, ..."
+    )
+    hires.add_argument(
+        "--hr-denoising-strength", type=float, metavar="S", help="the second pass's strength"
+    )
+    hires.add_argument(
+        "--hr-second-pass-steps", type=int, metavar="N", help="the second pass's steps"
+    )
 
 
 def _add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -302,18 +397,21 @@ def _generate_unary(client: Client, options: dict, timeout: float | None) -> Gen
         raise
 
 
-_OPTIONS = (
-    "negative_prompt",
-    "num_inference_steps",
-    "guidance_scale",
-    "seed",
-    "scheduler",
-    "num_images_per_prompt",
+# The request options the generation commands set by name (the size and the images
+# have their own flags; generate alone has the hires fix's).
+_OPTIONS = tuple(
+    f.name
+    for f in fields(GenerationRequest)
+    if f.name not in ("prompt", "height", "width", "preview", *IMAGE_INPUTS)
 )
 
 
+def _request_options(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name, None) for name in _OPTIONS}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    options = {name: getattr(args, name) for name in ("prompt", *_OPTIONS)}
+    options = {"prompt": args.prompt, **_request_options(args)}
     if args.size:
         options["width"], options["height"] = args.size
     progress = sys.stderr.isatty() if args.progress is None else args.progress
@@ -341,7 +439,7 @@ def _open_image(path: Path, mode: str):
 
 def cmd_edit(args: argparse.Namespace) -> int:
     """img2img, inpaint and outpaint: one unary request (Ctrl-C cancels it on the server)."""
-    options = {name: getattr(args, name) for name in _OPTIONS}
+    options = _request_options(args)
     options["strength"] = args.strength
     image = _open_image(args.image, "RGB")
     if args.command == "img2img":

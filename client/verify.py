@@ -30,8 +30,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sd_pipeline import spec as S
+
 from ._errors import InvalidRequestError
 from ._infotext import output_paths
+from ._request import IMAGE_INPUTS
 from ._sync import Client
 from ._types import GenerationResult
 
@@ -47,19 +50,9 @@ __all__ = [
 ]
 
 DEFAULT_CASES = "golden_set.json"
-# What a case may set besides its name and prompt: generate()'s options.
-CASE_OPTIONS = frozenset(
-    {
-        "negative_prompt",
-        "num_inference_steps",
-        "guidance_scale",
-        "height",
-        "width",
-        "seed",
-        "scheduler",
-        "num_images_per_prompt",
-    }
-)
+# What a case may set besides its name and prompt: generate()'s options, the
+# contract's inputs but the images (pairs are JSON lists: [height, width]).
+CASE_OPTIONS = frozenset(t.name for t in S.STABLE_DIFFUSION.inputs) - {"prompt", *IMAGE_INPUTS}
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 

@@ -99,3 +99,70 @@ def test_an_unreadable_admin_key_file_is_one_line_and_exit_2(tmp_path, unused_ur
     code = cli.main(["models", "--url", unused_url, "--admin-key-file", str(tmp_path / "nope")])
     assert code == cli.EXIT_INVALID
     assert capsys.readouterr().err.startswith("sd-triton: error: cannot read the admin key file")
+
+
+def test_new_inputs_flags_give_the_contracts_values():
+    argv = [
+        "generate",
+        "a castle",
+        *("--clip-skip", "1", "--guidance-rescale", "0.7", "--prompt-syntax", "diffusers"),
+        *("--prompt-2", "oil", "--negative-prompt-2", "blurry"),
+        *("--original-size", "2048x1024", "--crops-coords-top-left", "64,32"),
+        *("--target-size", "768x512", "--negative-original-size", "512x256"),
+        *("--negative-crops-coords-top-left", "0,16", "--negative-target-size", "64x32"),
+        *("--aesthetic-score", "7", "--negative-aesthetic-score", "2.5"),
+        *("--refiner-switch-at", "0.8", "--enable-hr", "--hr-scale", "1.5"),
+        *("--hr-upscaler", "lanczos", "--hr-denoising-strength", "0.5"),
+        *("--hr-second-pass-steps", "12"),
+    ]
+    options = cli._request_options(cli.build_parser().parse_args(argv))
+    assert options == {
+        "negative_prompt": None,
+        "num_inference_steps": None,
+        "guidance_scale": None,
+        "seed": None,
+        "scheduler": None,
+        "num_images_per_prompt": None,
+        "guidance_rescale": 0.7,
+        "clip_skip": 1,
+        "prompt_syntax": "diffusers",
+        "prompt_2": "oil",
+        "negative_prompt_2": "blurry",
+        "original_size": (1024, 2048),  # diffusers' (height, width) from WIDTHxHEIGHT
+        "crops_coords_top_left": (64, 32),
+        "target_size": (512, 768),
+        "negative_original_size": (256, 512),
+        "negative_crops_coords_top_left": (0, 16),
+        "negative_target_size": (32, 64),
+        "aesthetic_score": 7.0,
+        "negative_aesthetic_score": 2.5,
+        "refiner_switch_at": 0.8,
+        "enable_hr": True,
+        "hr_scale": 1.5,
+        "hr_upscaler": "lanczos",
+        "hr_denoising_strength": 0.5,
+        "hr_second_pass_steps": 12,
+    }
+    img2img = cli.build_parser().parse_args(
+        ["img2img", "x", "--image", "in.png", "--clip-skip", "2"]
+    )
+    assert cli._request_options(img2img)["clip_skip"] == 2
+    assert cli._request_options(img2img)["enable_hr"] is None  # the hires fix is txt2img's
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "sentence"),
+    [
+        ("--original-size", "1024", "expected WIDTHxHEIGHT, e.g. 512x768, got '1024'"),
+        ("--negative-target-size", "1024x", "expected WIDTHxHEIGHT"),
+        ("--crops-coords-top-left", "0x0", "expected TOP,LEFT in pixels, e.g. 0,256, got '0x0'"),
+        ("--clip-skip", "two", "invalid int value: 'two'"),
+        ("--refiner-switch-at", "most", "invalid float value: 'most'"),
+    ],
+)
+def test_bad_flag_values_are_a_sentence_and_exit_2(flag, value, sentence, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "x", flag, value])
+    assert info.value.code == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}" in err and sentence in err and "Traceback" not in err

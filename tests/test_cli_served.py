@@ -99,6 +99,44 @@ def test_a_bad_request_is_one_line_with_the_servers_message_and_exit_2(
     assert not out.exists()
 
 
+def test_new_flags_reach_the_server_and_the_png(triton_url, tmp_path, capsys):
+    # Seed 9: an image the tiny safety checker lets through.
+    out, args = tmp_path / "skip.png", ["--steps", "3", "--seed", "9", "--size", "64x32"]
+    argv = ["generate", PROMPT, "-o", str(out), *args, "--url", triton_url, "--no-progress"]
+    assert cli.main([*argv, "--clip-skip", "1", "--guidance-rescale", "0.5"]) == cli.EXIT_OK
+    tensors = [
+        ("prompt", "BYTES", np.array([PROMPT.encode()], dtype=object)),
+        ("num_inference_steps", "INT32", np.array([3], np.int32)),
+        ("seed", "INT64", np.array([9], np.int64)),
+        ("width", "INT32", np.array([64], np.int32)),
+        ("height", "INT32", np.array([32], np.int32)),
+        ("clip_skip", "INT32", np.array([1], np.int32)),
+        ("guidance_rescale", "FP32", np.array([0.5], np.float32)),
+    ]
+    inputs = [grpcclient.InferInput(name, [1], datatype) for name, datatype, _ in tensors]
+    for infer_input, (_, _, data) in zip(inputs, tensors, strict=True):
+        infer_input.set_data_from_numpy(data)
+    with grpcclient.InferenceServerClient(triton_url) as client:
+        expected = client.infer("stable_diffusion", inputs)
+    assert not expected.as_numpy("nsfw_content_detected")[0]  # not blacked out: a real image
+    assert np.array_equal(pixels(out), expected.as_numpy("images")[0])
+    assert read_infotext(out).endswith("Clip skip: 2, CFG Rescale: 0.5")
+
+
+def test_an_sdxl_flag_on_an_sd1_model_is_the_servers_sentence_and_exit_2(
+    triton_url, tmp_path, capsys
+):
+    out = tmp_path / "out.png"
+    argv = ["generate", PROMPT, "-o", str(out), "--url", triton_url, "--no-progress"]
+    code = cli.main([*argv, "--prompt-2", "oil", "--original-size", "1024x1024"])
+    assert code == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert (
+        err == "sd-triton: error: prompt_2, original_size: SDXL inputs; this model is SD 1.x/2.x\n"
+    )
+    assert not out.exists()
+
+
 def test_a_timeout_exits_4(triton_url, tmp_path, capsys):
     argv = ["generate", PROMPT, "-o", str(tmp_path / "o.png"), "--steps", "150"]
     code = cli.main([*argv, "--timeout", "0.5", "--url", triton_url, "--no-progress"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from sd_pipeline import spec as S
 from sd_triton.client import (
     A1111_SAMPLERS,
+    A1111_UPSCALERS,
     AsyncClient,
     CancelledError,
     Client,
@@ -42,6 +44,7 @@ from sd_triton.client import (
     ServerError,
     UnavailableError,
     format_infotext,
+    infotext_options,
     parse_infotext,
     read_infotext,
     save_png,
@@ -108,7 +111,7 @@ class FakeRpcError(grpc.RpcError):
 def settings_for(**overrides) -> GenerationSettings:
     values = dict(
         prompt="a photo of a cat",
-        negative_prompt="",
+        negative_prompt=None,
         num_inference_steps=20,
         guidance_scale=7.5,
         height=512,
@@ -137,29 +140,57 @@ def test_only_given_options_are_sent():
     assert list(sent(GenerationRequest(prompt="a cat"))) == ["prompt"]
 
 
+# Every text-to-image option, SDXL's and the hires fix's included, with a value of its type.
+EVERY_OPTION = dict(
+    negative_prompt="a dog",
+    num_inference_steps=20,
+    guidance_scale=7,
+    height=512,
+    width=768,
+    seed=2**40,
+    scheduler="euler_a",
+    num_images_per_prompt=2,
+    guidance_rescale=0.7,
+    clip_skip=1,
+    prompt_syntax="diffusers",
+    prompt_2="an oil painting, gold frame",
+    negative_prompt_2="blurry: low quality",
+    original_size=(1024, 2048),
+    crops_coords_top_left=(64, 32),
+    target_size=(512, 768),
+    negative_original_size=(256, 384),
+    negative_crops_coords_top_left=(0, 16),
+    negative_target_size=(512, 512),
+    aesthetic_score=7.0,
+    negative_aesthetic_score=2.0,
+    refiner_switch_at=0.8,
+    enable_hr=True,
+    hr_scale=1.5,
+    hr_upscaler="latent_bicubic",
+    hr_denoising_strength=0.55,
+    hr_second_pass_steps=12,
+)
+
+
 def test_every_option_is_sent_with_the_contracts_type_and_shape():
-    request = GenerationRequest(
-        prompt="a cat",
-        negative_prompt="a dog",
-        num_inference_steps=20,
-        guidance_scale=7,
-        height=512,
-        width=768,
-        seed=2**40,
-        scheduler="euler_a",
-        num_images_per_prompt=2,
-    )
-    tensors = sent(request)
-    assert set(tensors) == {t.name for t in S.STABLE_DIFFUSION.inputs} - {
-        "image",
-        "mask_image",
-        "strength",
-    }
+    tensors = sent(GenerationRequest(prompt="a cat", **EVERY_OPTION))
+    image_inputs = {"image", "mask_image", "strength"}
+    assert set(tensors) == {t.name for t in S.STABLE_DIFFUSION.inputs} - image_inputs
     for tensor in S.STABLE_DIFFUSION.inputs:
         if tensor.name in tensors:
             datatype, shape, _ = tensors[tensor.name]
-            expected = "BYTES" if tensor.dtype == "bytes" else tensor.triton_dtype[5:]
-            assert (datatype, shape) == (expected, [1]), tensor.name
+            assert (datatype, shape) == (tensor.datatype, list(tensor.dims)), tensor.name
+
+
+def test_pairs_are_sent_as_two_int32_in_diffusers_order():
+    request = GenerationRequest(
+        prompt="x", original_size=(1024, 2048), crops_coords_top_left=[64, 0]
+    )
+    tensors = {t.name(): t for t in request.to_inputs()}
+    for name, expected in (("original_size", [1024, 2048]), ("crops_coords_top_left", [64, 0])):
+        raw = tensors[name]._get_content()  # the bytes on the wire: little-endian int32
+        assert np.frombuffer(raw, np.int32).tolist() == expected
+        assert tensors[name].datatype() == "INT32" and tensors[name].shape() == [2]
 
 
 def test_image_inputs_leave_room_for_img2img_and_inpainting():
@@ -189,6 +220,12 @@ def test_preview_is_a_streaming_model_input_only():
         ({"guidance_scale": "7"}, "guidance_scale must be a number"),
         ({"image": np.zeros((4, 4, 3), np.float32)}, "image must be uint8"),
         ({"mask_image": np.zeros((4, 4, 3), np.uint8)}, r"mask_image must have shape \[H, W\]"),
+        ({"original_size": 1024}, r"original_size must be two integers \(height, width\)"),
+        ({"target_size": (1024, 1024, 3)}, r"target_size must be two integers"),
+        ({"crops_coords_top_left": (0.5, 0)}, r"crops_coords_top_left .* \(top, left\)"),
+        ({"negative_original_size": (2**31, 1)}, "negative_original_size must fit in int32"),
+        ({"clip_skip": 1.0}, "clip_skip must be an integer"),
+        ({"prompt_2": 2}, "prompt_2 must be a string"),
     ],
 )
 def test_wrong_python_types_are_invalid_requests_before_sending(options, message):
@@ -240,10 +277,55 @@ def test_settings_fill_omitted_options_with_the_contracts_and_models_defaults():
     settings = decode_result(response, request).settings
     assert settings.num_inference_steps == S.STABLE_DIFFUSION.input("num_inference_steps").default
     assert settings.guidance_scale == S.STABLE_DIFFUSION.input("guidance_scale").default
-    assert settings.negative_prompt == ""
+    assert settings.negative_prompt is None  # not sent: SDXL's zero embeddings differ from ""
+    assert (settings.guidance_rescale, settings.clip_skip) == (0.0, 0)
     assert settings.scheduler == "default"
     published = model_defaults({"default_scheduler": "pndm", "max_steps": "150"})
     assert decode_result(response, request, published).settings.scheduler == "pndm"
+
+
+def test_settings_report_a_models_own_defaults_and_its_familys_strength():
+    _, response = images_response(n=1)
+    turbo = model_defaults(
+        {"default_num_inference_steps": "1", "default_guidance_scale": "0.0", "family": "sdxl"}
+    )
+    settings = decode_result(response, GenerationRequest(prompt="a cat"), turbo).settings
+    assert (settings.num_inference_steps, settings.guidance_scale) == (1, 0.0)
+    sent = GenerationRequest(prompt="a cat", num_inference_steps=3, guidance_scale=2.0)
+    assert decode_result(response, sent, turbo).settings.num_inference_steps == 3
+    image, mask = np.zeros((16, 24, 3), np.uint8), np.zeros((16, 24), np.uint8)
+    strengths = [
+        decode_result(response, GenerationRequest(prompt="x", **kw), facts).settings.strength
+        for facts in ({}, turbo)
+        for kw in ({"image": image}, {"image": image, "mask_image": mask})
+    ]
+    assert strengths == [0.8, 1.0, 0.3, 0.9999]  # diffusers' defaults: SD, then SDXL
+
+
+def test_settings_report_the_sdxl_options_sent_and_the_refiner():
+    _, response = images_response(n=2, h=512, w=768, seed=EVERY_OPTION["seed"])
+    options = {k: v for k, v in EVERY_OPTION.items() if not k.startswith(("hr_", "enable_hr"))}
+    settings = decode_result(response, GenerationRequest(prompt="x", **options)).settings
+    for name, value in options.items():
+        assert getattr(settings, name) == value, name
+    assert settings.refiner == "refiner"  # the model publishes no refiner checkpoint
+    facts = model_defaults(
+        {"refiner_model_name": "sdxl_refiner", "refiner_model_hash": "7440042bbd"}
+    )
+    settings = decode_result(response, GenerationRequest(prompt="x", **options), facts).settings
+    assert settings.refiner == "sdxl_refiner [7440042bbd]"
+    assert decode_result(response, GenerationRequest(prompt="x"), facts).settings.refiner is None
+
+
+def test_hires_settings_report_the_first_pass_size_and_the_second_passes_defaults():
+    _, response = images_response(n=1, h=96, w=144)  # 1.5 x (64, 96)
+    request = GenerationRequest(prompt="x", enable_hr=True, hr_scale=1.5)
+    settings = decode_result(response, request).settings
+    assert (settings.height, settings.width) == (64, 96)
+    assert (settings.enable_hr, settings.hr_scale, settings.hr_upscaler) == (True, 1.5, "latent")
+    assert (settings.hr_denoising_strength, settings.hr_second_pass_steps) == (0.7, 0)
+    plain = decode_result(response, GenerationRequest(prompt="x")).settings
+    assert (plain.height, plain.width, plain.enable_hr, plain.hr_scale) == (96, 144, False, None)
 
 
 def test_a_response_without_images_is_a_server_error():
@@ -365,13 +447,98 @@ def test_infotext_is_automatic1111s_format():
     )
 
 
-def test_infotext_omits_an_empty_negative_prompt_and_quotes_like_the_web_ui():
+def test_infotext_omits_an_absent_negative_prompt_and_quotes_like_the_web_ui():
     text = format_infotext(settings_for(scheduler="dpmpp_2m_karras", model="sd: v1, tiny"))
     assert text.splitlines() == [
         "a photo of a cat",
         "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 123, "
         'Size: 768x512, Model: "sd: v1, tiny"',
     ]
+    assert "Negative prompt" not in parse_infotext(text)
+    # An empty negative prompt that was sent is written: SDXL encodes it, unlike none.
+    empty = format_infotext(settings_for(negative_prompt=""))
+    assert empty.splitlines()[1] == "Negative prompt: "
+    assert parse_infotext(empty)["Negative prompt"] == ""
+
+
+def test_infotext_writes_the_new_settings_under_the_web_uis_keys():
+    s = settings_for(
+        clip_skip=1,
+        guidance_rescale=0.7,
+        prompt_2="oil painting, gold frame",
+        original_size=(1024, 2048),
+        crops_coords_top_left=(64, 32),
+        refiner_switch_at=0.8,
+        refiner="sdxl_refiner [7440042bbd]",
+    )
+    assert format_infotext(s).splitlines()[-1] == (
+        "Steps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 123, Size: 768x512, "
+        "Model: stable_diffusion, Clip skip: 2, CFG Rescale: 0.7, "
+        'Prompt 2: "oil painting, gold frame", Original size: 2048x1024, '
+        'Crops coords top left: "64,32", Refiner: sdxl_refiner [7440042bbd], '
+        "Refiner switch at: 0.8"
+    )
+    hires = settings_for(
+        enable_hr=True,
+        hr_scale=2.0,
+        hr_upscaler="latent_bicubic",
+        hr_denoising_strength=0.5,
+        hr_second_pass_steps=0,
+    )
+    assert format_infotext(hires).endswith(
+        "Hires upscale: 2.0, Hires upscaler: Latent (bicubic), Denoising strength: 0.5"
+    )
+    assert "Clip skip" not in format_infotext(settings_for())  # the web UI's 1: the default
+
+
+def test_infotext_options_reproduce_every_option_sent():
+    _, response = images_response(n=2, h=96, w=144, seed=EVERY_OPTION["seed"])
+    request = GenerationRequest(
+        prompt="a cat,\nsecond line", **EVERY_OPTION | {"height": 64, "width": 96}
+    )
+    result = decode_result(response, request)
+    options = infotext_options(parse_infotext(result.infotext(1)))
+    assert options == {"prompt": request.prompt, **EVERY_OPTION, "height": 64, "width": 96}
+
+
+def test_infotext_options_read_the_web_uis_and_its_extensions_texts():
+    text = (
+        "a castle\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, "
+        "Size: 832x1216, Model hash: 31e35c80fc, Model: sd_xl_base_1.0, Denoising strength: 0.4, "
+        "Clip skip: 2, Hires upscale: 1.5, Hires steps: 10, Hires upscaler: Latent (nearest-exact), "
+        "Refiner: sdxl_refiner [7440042bbd], Refiner switch at: 0.8, Version: v1.10.1"
+    )
+    assert infotext_options(parse_infotext(text)) == {
+        "prompt": "a castle",
+        "num_inference_steps": 20,
+        "scheduler": "dpmpp_2m_karras",
+        "guidance_scale": 7.0,
+        "seed": 1,
+        "height": 1216,
+        "width": 832,
+        "clip_skip": 1,
+        "enable_hr": True,
+        "hr_scale": 1.5,
+        "hr_second_pass_steps": 10,
+        "hr_upscaler": "latent_nearest_exact",
+        "hr_denoising_strength": 0.4,
+        "refiner_switch_at": 0.8,
+    }
+    for key in ("CFG Rescale", "CFG Rescale φ", "CFG Rescale phi", "Rescale CFG"):
+        fields = parse_infotext(f"x\nSteps: 4, Seed: 2, {key}: 0.7, Denoising strength: 0.6")
+        assert infotext_options(fields) == {
+            "prompt": "x",
+            "num_inference_steps": 4,
+            "seed": 2,
+            "guidance_rescale": 0.7,
+            "strength": 0.6,
+        }, key
+
+
+def test_every_hires_upscaler_has_a_web_ui_name():
+    description = S.STABLE_DIFFUSION.input("hr_upscaler").description
+    aliases = set(re.findall(r"\b(?:latent\w*|lanczos|nearest)\b", description))
+    assert aliases and aliases <= set(A1111_UPSCALERS)
 
 
 def test_infotext_of_several_images_gives_batch_size_and_position():

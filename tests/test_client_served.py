@@ -27,6 +27,7 @@ from sd_triton.client import (
     PermissionDeniedError,
     ProgressEvent,
     UnavailableError,
+    infotext_options,
     parse_infotext,
     read_infotext,
 )
@@ -60,6 +61,8 @@ def raw_inputs(prompt: str, **options) -> list[grpcclient.InferInput]:
         "width": ("INT32", np.int32),
         "guidance_scale": ("FP32", np.float32),
         "seed": ("INT64", np.int64),
+        "clip_skip": ("INT32", np.int32),
+        "guidance_rescale": ("FP32", np.float32),
     }
     inputs = []
     for name, value in {"prompt": prompt, **options}.items():
@@ -240,7 +243,7 @@ def test_settings_report_the_servers_defaults_and_reproduce_the_images(client, g
     s = first.settings
     assert s.seed == first.seeds[0]
     assert (s.height, s.width) == first.images[0].size[::-1]
-    assert (s.guidance_scale, s.negative_prompt, s.num_images_per_prompt) == (7.5, "", 1)
+    assert (s.guidance_scale, s.negative_prompt, s.num_images_per_prompt) == (7.5, None, 1)
     parameters = grpc_client_module.get_model_config("stable_diffusion").config.parameters
     published = (
         parameters["default_scheduler"].string_value if "default_scheduler" in parameters else ""
@@ -279,6 +282,27 @@ def test_png_parameters_round_trip_and_reproduce_the_image(client, reference, tm
     )
     assert_matches(again, reference)
     assert fields["Model"] == "stable_diffusion" and fields["Batch pos"] == "1"
+
+
+def test_clip_skip_and_guidance_rescale_reach_the_server_and_round_trip_through_the_png(
+    client, grpc_client_module, tmp_path
+):
+    # Seed 9: an image the tiny safety checker lets through, with and without.
+    options = {k: v for k, v in REQUEST.items() if k != "num_images_per_prompt"} | {"seed": 9}
+    new = dict(clip_skip=1, guidance_rescale=0.7)
+    raw = grpc_client_module.infer("stable_diffusion", raw_inputs(PROMPT, **options, **new))
+    plain = client.generate(PROMPT, **options)
+    result = client.generate(PROMPT, **options, **new)
+    assert np.array_equal(np.asarray(result.images[0]), raw.as_numpy("images")[0])
+    assert result.nsfw_content_detected == plain.nsfw_content_detected == [False]
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(plain.images[0]))
+    assert (result.settings.clip_skip, result.settings.guidance_rescale) == (1, 0.7)
+    (path,) = result.save(tmp_path / "skip.png")
+    assert "CFG scale: 6.0, Seed: 9" in read_infotext(path)
+    assert "Clip skip: 2, CFG Rescale: 0.7" in read_infotext(path)  # the web UI's N is ours + 1
+    again = client.generate(**infotext_options(parse_infotext(read_infotext(path))))
+    assert again.settings == result.settings
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[0]))
 
 
 # --------------------------------------------------------------------------- streaming
@@ -394,6 +418,10 @@ def test_a_timeout_is_deadline_exceeded_and_stops_the_server(client, grpc_client
     [
         ({"num_inference_steps": 0}, "num_inference_steps must be at least 1, got 0"),
         ({"scheduler": "nope"}, "unknown scheduler 'nope'; known schedulers: default, ddim"),
+        (
+            {"prompt_2": "oil", "original_size": (64, 64)},
+            "prompt_2, original_size: SDXL inputs; this model is SD 1.x/2.x",
+        ),
     ],
 )
 @pytest.mark.parametrize("how", ["generate", "async", "stream", "async stream"])
