@@ -10,6 +10,9 @@ served image is compared, within one uint8 level, with diffusers'
 chunks and weights (:func:`sd_pipeline.prompt_syntax.encode`) over the torch
 text encoder. Plain prompts are read as diffusers reads them; clip skip is
 diffusers' ``clip_skip``; ``prompt_syntax=diffusers`` keeps brackets as text.
+SDXL likewise, on the session's tiny SDXL base (conftest's ``families_url``),
+against ``StableDiffusionXLPipeline`` with both encoders' embeddings and the
+pooled one.
 """
 
 from __future__ import annotations
@@ -224,3 +227,85 @@ def test_diffusers_syntax_reads_and_and_long_prompts_as_text(url):
 def test_contract_declares_prompt_syntax():
     tensor = STABLE_DIFFUSION.input("prompt_syntax")
     assert tensor.optional and tensor.dtype == "bytes" and tensor.dims == (1,)
+
+
+# ---------------------------------------------------------------------------
+# SDXL: both text encoders, the pooled embedding of the first chunk, zeros for no negative
+
+XL_MODEL = "xl_stable_diffusion"
+
+
+def xl_web_ui_embeddings(pipe, prompt: str, negative: str, clip_skip: int, weighted: bool = True):
+    """[negative, prompt] as the web UI reads them for SDXL: both encoders' hidden states
+    ``clip_skip`` + 1 layers before the last (the negative's: 1), every text the same
+    number of chunks, concatenated; the second encoder's pooled embedding of the first
+    chunk."""
+    texts = [negative, prompt]
+    tokenizers = (pipe.tokenizer, pipe.tokenizer_2)
+    chunks = max(len(prompt_syntax.chunk(t, tok).ids) for t in texts for tok in tokenizers)
+    skips = [1, clip_skip + 1]
+    hidden = []
+    for encoder, tokenizer in zip(
+        (pipe.text_encoder, pipe.text_encoder_2), tokenizers, strict=True
+    ):
+
+        def encode_ids(ids, owner, encoder=encoder):
+            with torch.no_grad():
+                out = encoder(ids, output_hidden_states=True)
+            states = [out.hidden_states[-1 - skips[int(i)]][k] for k, i in enumerate(owner)]
+            return torch.stack(states), out[0]
+
+        with pytest.MonkeyPatch.context() as mp:
+            if not weighted:
+                mp.setattr(prompt_syntax, "emphasize", lambda hidden, weights: hidden)
+            states, pooled = prompt_syntax.encode(texts, tokenizer, encode_ids, min_chunks=chunks)
+        hidden.append(states)
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def xl_reference(pipe, seed, prompt, negative, clip_skip=0, weighted=True):
+    """diffusers' SDXL pipeline on the web UI's embeddings; ``negative`` None: zeros."""
+    emb, pooled = xl_web_ui_embeddings(pipe, prompt, negative or "", clip_skip, weighted)
+    negative_emb, negative_pooled = emb[:1], pooled[:1]
+    if negative is None:  # force_zeros_for_empty_prompt
+        negative_emb, negative_pooled = torch.zeros_like(emb[:1]), torch.zeros_like(pooled[:1])
+    return reference(
+        pipe,
+        seed,
+        prompt_embeds=emb[1:],
+        negative_prompt_embeds=negative_emb,
+        pooled_prompt_embeds=pooled[1:],
+        negative_pooled_prompt_embeds=negative_pooled,
+        **SETTINGS,
+    )
+
+
+def xl_served(url: str, **options) -> np.ndarray:
+    import tritonclient.grpc as grpcclient
+    from helpers import infer_inputs
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        return client.infer(XL_MODEL, infer_inputs(**options)).as_numpy("images")
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize(
+    ("prompt", "negative", "clip_skip"),
+    [(WEIGHTED, NEGATIVE, 1), (LONG, None, 0), (BREAK, "", 0)],
+    ids=["weighted-clip-skip", "long-no-negative", "break"],
+)
+def test_sdxl_web_ui_syntax_equals_diffusers_on_its_embeddings(
+    families_url, xl_pipes, prompt, negative, clip_skip
+):
+    options = {"prompt": prompt, "clip_skip": clip_skip, "seed": 8, **SETTINGS}
+    if negative is not None:
+        options["negative_prompt"] = negative
+    images = xl_served(families_url, **options)
+    pipe = xl_pipes.base
+    assert max_diff(images, xl_reference(pipe, 8, prompt, negative, clip_skip)) <= 1
+    unweighted = xl_reference(pipe, 8, prompt, negative, clip_skip, weighted=False)
+    assert max_diff(images, unweighted) > 1
+    literal = {k: v for k, v in options.items() if k not in ("seed", "clip_skip")}
+    assert max_diff(images, reference(pipe, 8, clip_skip=clip_skip or None, **literal)) > 1
