@@ -38,6 +38,16 @@ def tiny_checkpoint(build_dir) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_repository(build_dir, tiny_checkpoint) -> Path:
+    """The tiny model exported to a Triton model repository (Python-backend ONNX host)."""
+    from sd_triton.export import export_repository
+
+    path = build_dir / "model_repository"
+    export_repository(tiny_checkpoint, path, overwrite=True)  # the Python-backend ONNX host
+    return path
+
+
 # The other families' tiny checkpoints (``python -m sd_triton.export.tiny`` arguments).
 FAMILY_CHECKPOINTS = {
     "tiny-sdxl": ["--family", "sdxl"],
