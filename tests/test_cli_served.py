@@ -230,6 +230,10 @@ def test_docs_python_examples_run(triton_url, tmp_path, capsys):
         "a photo of an astronaut riding a horse\nNegative prompt: blurry\nSteps: 10, Sampler: Euler a"
     )
     assert (tmp_path / "lighthouse.png").exists()
+    # The image made again from its PNG's parameters is the same image.
+    first, again = namespace["result"], namespace["again"]
+    assert again.settings == first.settings
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(first.images[0]))
 
 
 def test_docs_command_line_examples_run(
@@ -256,4 +260,5 @@ def test_docs_command_line_examples_run(
         "astronaut.png",
         "lighthouse.png",
         "lighthouse-1.png",
+        "skip.png",
     }
