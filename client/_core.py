@@ -316,6 +316,12 @@ class ClientCore(Generic[ResultT, PendingT, StreamT]):
         hr_upscaler: str | None = None,
         hr_denoising_strength: float | None = None,
         hr_second_pass_steps: int | None = None,
+        control_image: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray] | None = None,
+        controlnet: str | Sequence[str] | None = None,
+        controlnet_conditioning_scale: float | Sequence[float] | None = None,
+        control_guidance_start: float | Sequence[float] | None = None,
+        control_guidance_end: float | Sequence[float] | None = None,
+        guess_mode: bool | None = None,
         timeout_s: float | None = None,
     ) -> ResultT:
         """Generate images for ``prompt``; omitted options take the server's defaults.
@@ -326,6 +332,9 @@ class ClientCore(Generic[ResultT, PendingT, StreamT]):
         ``negative_target_size`` for SDXL (pairs: ``(height, width)``, crops
         ``(top, left)``), ``aesthetic_score`` and ``negative_aesthetic_score`` for an
         SDXL refiner, and ``refiner_switch_at`` for an SDXL base with a refiner beside it.
+        ``control_image``, ``controlnet`` (names), ``controlnet_conditioning_scale``,
+        ``control_guidance_start`` and ``control_guidance_end`` take one value per
+        ControlNet (a single value for one), as diffusers' ControlNet pipelines.
         """
         return self.run(_request(locals()), timeout_s=timeout_s)
 
@@ -360,6 +369,12 @@ class ClientCore(Generic[ResultT, PendingT, StreamT]):
         hr_upscaler: str | None = None,
         hr_denoising_strength: float | None = None,
         hr_second_pass_steps: int | None = None,
+        control_image: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray] | None = None,
+        controlnet: str | Sequence[str] | None = None,
+        controlnet_conditioning_scale: float | Sequence[float] | None = None,
+        control_guidance_start: float | Sequence[float] | None = None,
+        control_guidance_end: float | Sequence[float] | None = None,
+        guess_mode: bool | None = None,
         timeout_s: float | None = None,
     ) -> PendingT:
         """Start :meth:`generate` in the background (not retried); the handle can be cancelled."""
@@ -396,6 +411,12 @@ class ClientCore(Generic[ResultT, PendingT, StreamT]):
         hr_upscaler: str | None = None,
         hr_denoising_strength: float | None = None,
         hr_second_pass_steps: int | None = None,
+        control_image: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray] | None = None,
+        controlnet: str | Sequence[str] | None = None,
+        controlnet_conditioning_scale: float | Sequence[float] | None = None,
+        control_guidance_start: float | Sequence[float] | None = None,
+        control_guidance_end: float | Sequence[float] | None = None,
+        guess_mode: bool | None = None,
         preview: bool = False,
         timeout_s: float | None = None,
     ) -> StreamT:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -69,6 +69,8 @@ class GenerationRequest:
     ``image``, ``mask_image`` and ``strength`` are for img2img / inpainting.
     ``prompt_2`` ... ``refiner_switch_at`` are SDXL's (an SD 1.x/2.x model
     refuses them); the pairs are diffusers' ``(height, width)`` and ``(top, left)``.
+    ``control_image`` ... ``control_guidance_end`` take one value per ControlNet
+    (``controlnet`` names them), or a single value for one.
     """
 
     prompt: str
@@ -102,6 +104,12 @@ class GenerationRequest:
     hr_upscaler: str | None = None
     hr_denoising_strength: float | None = None
     hr_second_pass_steps: int | None = None
+    control_image: Image.Image | np.ndarray | Sequence[Image.Image | np.ndarray] | None = None
+    controlnet: str | Sequence[str] | None = None
+    controlnet_conditioning_scale: float | Sequence[float] | None = None
+    control_guidance_start: float | Sequence[float] | None = None
+    control_guidance_end: float | Sequence[float] | None = None
+    guess_mode: bool | None = None
     preview: bool | None = None  # streaming model only
 
     def sent(self) -> dict[str, Any]:
@@ -130,32 +138,61 @@ def _triton_type(dtype: str) -> str:
 
 
 def _to_array(tensor: S.TensorSpec, value: Any) -> np.ndarray:
-    """One input value as the array the contract declares; wrong Python types are InvalidRequestError."""
+    """One input value as the array the contract declares; wrong Python types are InvalidRequestError.
+
+    An input with one entry per ControlNet (dims ``("K", ...)``) takes a list, or
+    one value for one ControlNet.
+    """
+    per_controlnet = tensor.dims[0] == "K"
+    if tensor.dtype == "uint8":
+        if per_controlnet:
+            return _image_stack(tensor.name, value)
+        channels = tensor.dims[-1] if len(tensor.dims) == 3 else None
+        return _image_array(tensor.name, value, channels=channels)
+    if tensor.dims == (2,):
+        return _pair(tensor, value)
+    values = [value]
+    if per_controlnet and isinstance(value, list | tuple | np.ndarray):
+        values = list(value)
+        if not values:
+            raise InvalidRequestError(f"{tensor.name} must hold one value per ControlNet, got none")
+    dtype = np.object_ if tensor.dtype == "bytes" else tensor.dtype
+    return np.array([_scalar(tensor, v) for v in values], dtype=dtype)
+
+
+def _scalar(tensor: S.TensorSpec, value: Any) -> Any:
+    """One value of ``tensor``'s type (a string as UTF-8 bytes)."""
     name, dtype = tensor.name, tensor.dtype
     if dtype == "bytes":
         if not isinstance(value, str):
             raise InvalidRequestError(f"{name} must be a string, got {type(value).__name__}")
-        return np.array([value.encode("utf-8")], dtype=np.object_)
-    if tensor.dims == (2,):
-        return _pair(tensor, value)
+        return value.encode("utf-8")
     if dtype in _INT_RANGES:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
         limits = _INT_RANGES[dtype]
         if not limits.min <= int(value) <= limits.max:
             raise InvalidRequestError(f"{name} must fit in {dtype}, got {value}")
-        return np.array([int(value)], dtype=dtype)
+        return int(value)
     if dtype == "float32":
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise InvalidRequestError(f"{name} must be a number, got {value!r}")
-        return np.array([float(value)], dtype=np.float32)
+        return float(value)
     if dtype == "bool":
-        return np.array([bool(value)], dtype=np.bool_)
-    if dtype == "uint8":
-        return _image_array(
-            name, value, channels=tensor.dims[-1] if len(tensor.dims) == 3 else None
-        )
+        return bool(value)
     raise InvalidRequestError(f"{name}: unsupported input type {dtype}")  # pragma: no cover
+
+
+def _image_stack(name: str, value: Any) -> np.ndarray:
+    """One RGB image per ControlNet, all of one size, as uint8 [K, H, W, 3] (one image: K = 1)."""
+    many = isinstance(value, list | tuple) or (isinstance(value, np.ndarray) and value.ndim == 4)
+    arrays = [_image_array(name, image, channels=3) for image in (value if many else [value])]
+    if not arrays:
+        raise InvalidRequestError(f"{name} must hold one image per ControlNet, got none")
+    if len({a.shape for a in arrays}) > 1:
+        sizes = ", ".join(f"{a.shape[1]}x{a.shape[0]}" for a in arrays)
+        raise InvalidRequestError(f"{name}: the images must have one size, got {sizes}")
+    return np.ascontiguousarray(np.stack(arrays))
 
 
 def _pair(tensor: S.TensorSpec, value: Any) -> np.ndarray:

@@ -52,7 +52,9 @@ __all__ = [
 DEFAULT_CASES = "golden_set.json"
 # What a case may set besides its name and prompt: generate()'s options, the
 # contract's inputs but the images (pairs are JSON lists: [height, width]).
-CASE_OPTIONS = frozenset(t.name for t in S.STABLE_DIFFUSION.inputs) - {"prompt", *IMAGE_INPUTS}
+CASE_OPTIONS = frozenset(
+    t.name for t in S.STABLE_DIFFUSION.inputs if t.dtype != "uint8" and t.name != "prompt"
+) - set(IMAGE_INPUTS)
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 

@@ -49,7 +49,10 @@ def test_every_contract_option_has_a_flag():
     gen = cli.build_parser()._subparsers._group_actions[0].choices["generate"]
     dests = {a.dest for a in gen._actions}
     covered = dests | ({"height", "width"} if "size" in dests else set())
-    assert {t.name for t in S.STABLE_DIFFUSION.inputs} - covered == {
+    # The image inputs have img2img's and inpaint's --image, --mask and --strength; the
+    # ControlNet inputs are not the command line's yet.
+    controlnet = {t.name for t in S.STABLE_DIFFUSION.inputs if t.dims[0] == "K"} | {"guess_mode"}
+    assert {t.name for t in S.STABLE_DIFFUSION.inputs} - covered - controlnet == {
         "image",
         "mask_image",
         "strength",
@@ -101,6 +104,16 @@ def test_an_unreadable_admin_key_file_is_one_line_and_exit_2(tmp_path, unused_ur
     assert capsys.readouterr().err.startswith("sd-triton: error: cannot read the admin key file")
 
 
+CONTROLNET_INPUTS = (
+    "control_image",
+    "controlnet",
+    "controlnet_conditioning_scale",
+    "control_guidance_start",
+    "control_guidance_end",
+    "guess_mode",
+)
+
+
 def test_new_inputs_flags_give_the_contracts_values():
     argv = [
         "generate",
@@ -142,6 +155,7 @@ def test_new_inputs_flags_give_the_contracts_values():
         "hr_upscaler": "lanczos",
         "hr_denoising_strength": 0.5,
         "hr_second_pass_steps": 12,
+        **dict.fromkeys(CONTROLNET_INPUTS),
     }
     img2img = cli.build_parser().parse_args(
         ["img2img", "x", "--image", "in.png", "--clip-skip", "2"]

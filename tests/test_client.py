@@ -172,14 +172,61 @@ EVERY_OPTION = dict(
 )
 
 
+# Two ControlNets' options: one value each.
+CONTROL_OPTIONS = dict(
+    controlnet=["canny", "depth"],
+    controlnet_conditioning_scale=[1.0, 0.5],
+    control_guidance_start=(0.0, 0.1),
+    control_guidance_end=[1, 0.9],
+    guess_mode=True,
+)
+
+
 def test_every_option_is_sent_with_the_contracts_type_and_shape():
-    tensors = sent(GenerationRequest(prompt="a cat", **EVERY_OPTION))
-    image_inputs = {"image", "mask_image", "strength"}
+    tensors = sent(GenerationRequest(prompt="a cat", **EVERY_OPTION, **CONTROL_OPTIONS))
+    image_inputs = {"image", "mask_image", "strength", "control_image"}
     assert set(tensors) == {t.name for t in S.STABLE_DIFFUSION.inputs} - image_inputs
     for tensor in S.STABLE_DIFFUSION.inputs:
         if tensor.name in tensors:
             datatype, shape, _ = tensors[tensor.name]
-            assert (datatype, shape) == (tensor.datatype, list(tensor.dims)), tensor.name
+            dims = [2 if d == "K" else d for d in tensor.dims]  # K: two ControlNets
+            assert (datatype, shape) == (tensor.datatype, dims), tensor.name
+
+
+def test_controlnet_inputs_take_one_value_per_controlnet_or_one_for_one():
+    edges = Image.new("RGB", (24, 16), (255, 255, 255))
+    depth = np.zeros((16, 24, 3), np.uint8)
+    two = {
+        t.name(): t
+        for t in GenerationRequest(
+            prompt="x", control_image=[edges, depth], controlnet=["a", "b"]
+        ).to_inputs()
+    }
+    assert (two["control_image"].datatype(), two["control_image"].shape()) == (
+        "UINT8",
+        [2, 16, 24, 3],
+    )
+    assert np.frombuffer(two["control_image"]._get_content(), np.uint8)[:3].tolist() == [255] * 3
+    one = {
+        t.name(): t
+        for t in GenerationRequest(
+            prompt="x", control_image=depth, controlnet="a", controlnet_conditioning_scale=0.5
+        ).to_inputs()
+    }
+    assert one["control_image"].shape() == [1, 16, 24, 3] and one["controlnet"].shape() == [1]
+    assert np.frombuffer(
+        one["controlnet_conditioning_scale"]._get_content(), np.float32
+    ).tolist() == [0.5]
+    with pytest.raises(
+        InvalidRequestError, match="control_image: the images must have one size, got 24x16, 8x8"
+    ):
+        GenerationRequest(
+            prompt="x", control_image=[edges, np.zeros((8, 8, 3), np.uint8)]
+        ).to_inputs()
+    with pytest.raises(InvalidRequestError, match="controlnet must hold one value per ControlNet"):
+        GenerationRequest(prompt="x", controlnet=[]).to_inputs()
+    with pytest.raises(InvalidRequestError, match="control_guidance_end must be a number"):
+        GenerationRequest(prompt="x", control_guidance_end=[1.0, "x"]).to_inputs()
 
 
 def test_pairs_are_sent_as_two_int32_in_diffusers_order():
