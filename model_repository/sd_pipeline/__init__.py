@@ -13,6 +13,7 @@ only. Modules:
 - ``components``: the components interface, onnxruntime and diffusers hosts;
 - ``triton_components``: the same interface as BLS calls (inside Triton);
 - ``loop``: ``generate()``, the sampler loop;
+- ``hires``: the web UI's hires fix, a second img2img pass after the loop's first;
 - ``images``: image and mask pre- and post-processing (diffusers' ``VaeImageProcessor``);
 - ``preview``: cheap latent -> RGB previews for streaming;
 - ``telemetry``: the audit line and the ``sd_*`` metrics;
