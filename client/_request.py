@@ -273,7 +273,7 @@ def _settings(
     scheduler = request.scheduler or defaults.get("scheduler") or DEFAULT_SCHEDULER
     hires = _hires(request, value)
     height, width = (
-        sent if sent is not None else round(int(side) / hires.get("hr_scale", 1.0))
+        sent if sent is not None else _first_pass_side(int(side), hires.get("hr_scale", 1.0))
         for sent, side in zip((request.height, request.width), images.shape[1:3], strict=True)
     )
     return GenerationSettings(
@@ -299,6 +299,13 @@ def _settings(
         **{name: getattr(request, name) for name in _AS_SENT},
         **hires,
     )
+
+
+def _first_pass_side(side: int, scale: float) -> int:
+    """The first pass's side that the hires fix enlarged to ``side``: the server makes
+    ``int(first * scale)`` (the web UI's rule), so it is the one integer in
+    ``[side / scale, (side + 1) / scale)``."""
+    return math.ceil(side / scale - 1e-9)
 
 
 _HIRES = {

@@ -371,8 +371,11 @@ def test_hires_settings_report_the_first_pass_size_and_the_second_passes_default
     assert (settings.height, settings.width) == (64, 96)
     assert (settings.enable_hr, settings.hr_scale, settings.hr_upscaler) == (True, 1.5, "latent")
     assert (settings.hr_denoising_strength, settings.hr_second_pass_steps) == (0.7, 0)
+    _, response = images_response(n=1, h=870, w=1088)  # int(1.7 x (512, 640)): truncated
+    request = GenerationRequest(prompt="x", enable_hr=True, hr_scale=1.7)
+    assert decode_result(response, request).settings.height == 512
     plain = decode_result(response, GenerationRequest(prompt="x")).settings
-    assert (plain.height, plain.width, plain.enable_hr, plain.hr_scale) == (96, 144, False, None)
+    assert (plain.height, plain.width, plain.enable_hr, plain.hr_scale) == (870, 1088, False, None)
 
 
 def test_a_response_without_images_is_a_server_error():
