@@ -38,22 +38,14 @@ BASE = list(C.FAMILY_COMPONENTS["sdxl"]) + ["safety_checker"]
 REFINER = [f"refiner_{n}" for n in C.FAMILY_COMPONENTS["sdxl-refiner"]]
 
 
-def _tiny(build_dir: Path, name: str, *args: str) -> Path:
-    """A tiny checkpoint built once per build folder (``python -m sd_triton.export.tiny``)."""
-    path = build_dir / name
-    if not (path / "model_index.json").exists():
-        assert tiny.main([str(path), *args]) == 0
-    return path
+@pytest.fixture(scope="module")
+def base_dir(family_checkpoints) -> Path:
+    return family_checkpoints["tiny-sdxl-turbo"]
 
 
 @pytest.fixture(scope="module")
-def base_dir(build_dir) -> Path:
-    return _tiny(build_dir, "tiny-sdxl-turbo", "--family", "sdxl", "--variant", "turbo")
-
-
-@pytest.fixture(scope="module")
-def refiner_dir(build_dir) -> Path:
-    return _tiny(build_dir, "tiny-sdxl-refiner", "--family", "sdxl-refiner")
+def refiner_dir(family_checkpoints) -> Path:
+    return family_checkpoints["tiny-sdxl-refiner"]
 
 
 class _Records(logging.Handler):
@@ -235,9 +227,9 @@ def test_unet_matches_torch(chunks, repo, base):
     assert _max_error(got, want) < TOL
 
 
-def test_lcm_unet_exports_with_timestep_cond(build_dir, tmp_path):
+def test_lcm_unet_exports_with_timestep_cond(family_checkpoints, tmp_path):
     """A UNet with time_cond_proj_dim takes the guidance embedding as ``timestep_cond``."""
-    folder = _tiny(build_dir, "tiny-sd-lcm", "--variant", "lcm")
+    folder = family_checkpoints["tiny-sd-lcm"]
     ckpt = inspect_checkpoint(folder, safety_checker=False)
     modules = load_modules(ckpt)
     unet = C.checkpoint_components(ckpt.configs, safety_checker=False)["unet"]
@@ -456,13 +448,13 @@ def test_lcm_preset_follows_the_unet(base):
         ExportOptions(Contents(preset="fast")).check()
 
 
-def test_tiny_variants(build_dir):
+def test_tiny_variants(family_checkpoints, tmp_path):
     from diffusers import LCMScheduler
 
-    folder = _tiny(build_dir, "tiny-sd-lcm", "--variant", "lcm")
+    folder = family_checkpoints["tiny-sd-lcm"]
     unet = json.loads((folder / "unet" / "config.json").read_text())
     assert unet["time_cond_proj_dim"] == tiny.LCM_TIME_COND_PROJ_DIM
     scheduler = LCMScheduler.from_pretrained(folder / "scheduler")
     assert scheduler.config.original_inference_steps == 50
     with pytest.raises(SystemExit):
-        tiny.main([str(build_dir / "never"), "--variant", "turbo"])  # Turbo is SDXL here
+        tiny.main([str(tmp_path / "never"), "--variant", "turbo"])  # Turbo is SDXL here
