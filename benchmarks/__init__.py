@@ -8,7 +8,8 @@ Two entry points (see ``benchmarks/README.md``)::
 Modules: :mod:`.harness` (the run and its command line), :mod:`.load` (served
 and in-process request loops), :mod:`.stats` (the server's inference
 statistics), :mod:`.system` (machine, versions, process-tree memory and CPU),
-:mod:`.flops` (work per image), :mod:`.report` (markdown and plot),
+:mod:`.flops` (work per image), :mod:`.random_models` (full-size architectures
+with random weights, built and exported once), :mod:`.report` (markdown and plot),
 :mod:`.perf_analyzer` (Triton's load generator, extracted and run).
 
 Names below are imported lazily, so that ``python -m`` on a module of this
@@ -23,7 +24,8 @@ from typing import Any
 _EXPORTS = {
     "Options": "harness",
     "Setting": "harness",
-    "full_size_build": "harness",
+    "full_size_build": "random_models",
+    "xl_build": "random_models",
     "run": "harness",
     "Request": "load",
     "markdown": "report",

@@ -74,8 +74,27 @@ def count_configs(
         timestep = torch.empty(1)
         text = torch.empty(1, 77, unet.config.cross_attention_dim)
         latent = torch.empty(1, vae.config.latent_channels, h, w)
+        added = _added_conditioning(unet.config)
     return Work(
-        unet_gflop=_count(lambda: unet(sample, timestep, text)),
+        unet_gflop=_count(lambda: unet(sample, timestep, text, added_cond_kwargs=added)),
         vae_decoder_gflop=_count(lambda: vae.decode(latent)),
         guidance=guidance,
     )
+
+
+def _added_conditioning(config) -> dict | None:
+    """SDXL's ``text_embeds`` and ``time_ids`` for a ``text_time`` UNet (meta tensors), else None.
+
+    The UNet embeds each time id and concatenates them with ``text_embeds`` into
+    one linear layer of ``projection_class_embeddings_input_dim`` inputs, so six
+    ids and the rest as ``text_embeds`` give a refiner's (five ids) work as well.
+    """
+    import torch
+
+    if config.get("addition_embed_type") != "text_time":
+        return None
+    ids = 6
+    pooled = (
+        config["projection_class_embeddings_input_dim"] - ids * config["addition_time_embed_dim"]
+    )
+    return {"text_embeds": torch.empty(1, pooled), "time_ids": torch.empty(1, ids)}

@@ -2,9 +2,11 @@
 
 One command measures, for each model setting, at concurrency 1, 2, 4, 8:
 latency p50/p95 per image and images/s through the served
-``stable_diffusion`` model; the same requests in-process with
-``diffusers.StableDiffusionPipeline`` on the checkpoint the repository was
-exported from (the baseline); their ratio (the serving overhead); how the
+``stable_diffusion`` model; the same requests in-process with the diffusers
+pipeline of the model's family (``StableDiffusionPipeline``,
+``StableDiffusionXLPipeline``; ``family`` in the repository's ``pipeline.json``)
+on the checkpoint the repository was exported from (the baseline); their
+ratio (the serving overhead); how the
 server batched UNet calls (its inference statistics); and the memory of the
 server's process tree. Served and in-process runs alternate (ABBA over the
 concurrency levels) so that drift on a shared machine hits both sides alike.
@@ -13,19 +15,18 @@ It writes ``<label>.md`` (table), ``<label>.png`` (plot) and
 
 Settings (``make bench``): the tiny model from ``--repository``, then SD 1.5's
 full architecture with random weights at a small size (built and exported
-once, cached under ``build/bench/`` keyed on its options). See
-``benchmarks/README.md``.
+once, cached under ``build/bench/`` keyed on its options,
+:mod:`.random_models`); on request (``--models full-size-xl``) SDXL base's
+architecture the same way. See ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -36,13 +37,15 @@ from typing import Any
 import numpy as np
 
 from . import flops, overhead, report, stats, system
-from .load import InProcess, Request, Served, Timing
+from .load import InProcess, Request, Served, Timing, pipeline_class
+from .random_models import FULL_SIZE_ARCH, full_size_build, xl_build, xl_name
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8)
-MODELS = ("repository", "overhead", "full-size")
-FULL_SIZE_ARCH = "sd15-random"
+MODELS = ("repository", "overhead", "full-size", "full-size-xl")
+DEFAULT_MODELS = ("repository", "overhead", "full-size")
+XL_WIDTH_SCALES = (0.5, 1.0)
 
 
 def _shown(path: Path) -> str:
@@ -64,11 +67,14 @@ class Setting:
     request: Request
     requests_per_worker: int = 2  # served images per level = c x this, per round
     inprocess_images: int = 2  # in-process images per level, per round
+    family: str = "sd"  # pipeline.json's: picks the in-process diffusers pipeline
 
     def describe(self) -> dict:
         r = self.request
         return {
             "name": self.name,
+            "family": self.family,
+            "inprocess_pipeline": pipeline_class(self.family),
             "checkpoint": _shown(self.checkpoint),
             "repository": _shown(self.repository),
             "size": f"{r.width}x{r.height}",
@@ -93,82 +99,6 @@ class Options:
     server_log_dir: Path | None = None
     server_start_timeout_s: float = 900.0
     warmup: int | None = None  # concurrent warm-up requests (default: one per pipeline instance)
-
-
-# ------------------------------------------------------------ full size
-def _digest(*paths: Path) -> str:
-    """Digest of the ``.py`` files under ``paths`` (names and contents)."""
-    h = hashlib.sha256()
-    for root in paths:
-        files = [root] if root.is_file() else sorted(root.rglob("*.py"))
-        for path in files:
-            h.update(path.name.encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _cached(folder: Path, options: dict, build) -> Path:
-    """``folder``, rebuilt with ``build(folder)`` unless its ``options.json`` equals ``options``.
-
-    ``options.json`` is written last, so an interrupted build is redone.
-    """
-    stamp = folder / "options.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == options:
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    build(folder)
-    stamp.write_text(json.dumps(options, indent=2, sort_keys=True) + "\n")
-    return folder
-
-
-def full_size_build(
-    build_dir: Path, *, dtype: str = "float32", host: str = "python", seed: int = 0
-) -> tuple[Path, Path]:
-    """SD 1.5's architecture with random weights: checkpoint and exported repository, built once.
-
-    Cached under ``build_dir/bench/``, keyed on what they are made from, not
-    on whether a file exists: the checkpoint on the architecture's configs,
-    the seed and the library versions that build it; the repository on the
-    checkpoint, the export options and the code of ``export/`` and
-    ``model_repository/`` (what the server runs). A different dtype or host
-    replaces the previous repository (each is ~3.5 GB).
-    """
-    import sd_triton.export as export_pkg
-    from sd_triton.export import Contents, ExportOptions, Hosting, export_repository
-    from sd_triton.export.tiny import SD15, build_pipeline, save_pipeline
-
-    export_dir = Path(export_pkg.__file__).resolve().parent
-    templates = export_dir.parent / "model_repository"
-    base = build_dir / "bench" / FULL_SIZE_ARCH
-    libraries = ("torch", "diffusers", "transformers")
-    ckpt_options = {
-        "architecture": json.loads(json.dumps(asdict(SD15), default=list)),
-        "seed": seed,
-        "versions": {k: v for k, v in system.versions().items() if k in libraries},
-    }
-
-    def build_checkpoint(folder: Path) -> None:
-        log.info("building %s with random weights (~1 min, ~5 GB of memory)", FULL_SIZE_ARCH)
-        save_pipeline(build_pipeline(SD15, seed=seed), folder / "diffusers")
-
-    def export(folder: Path) -> None:
-        log.info(
-            "exporting %s (%s, host %s): 1-2 min, ~5 GB of memory", FULL_SIZE_ARCH, dtype, host
-        )
-        precision = "fp16-vae-fp32" if dtype == "float16" else "fp32"
-        options = ExportOptions(contents=Contents(precision=precision), hosting=Hosting(host=host))
-        export_repository(checkpoint, folder / "repository", options, overwrite=True)
-
-    checkpoint = _cached(base / "checkpoint", ckpt_options, build_checkpoint) / "diffusers"
-    repo_options = {
-        "checkpoint": ckpt_options,
-        "dtype": dtype,
-        "host": host,
-        "code": _digest(export_dir, templates),
-    }
-    repository = _cached(base / "export", repo_options, export) / "repository"
-    return checkpoint, repository
 
 
 # ------------------------------------------------------------------ run
@@ -253,7 +183,13 @@ def measure(setting: Setting, opts: Options, progress: Progress) -> dict:
             client,
             pid,
             Served(url, setting.request),
-            InProcess(setting.checkpoint, setting.request, device=opts.device, dtype=opts.dtype),
+            InProcess(
+                setting.checkpoint,
+                setting.request,
+                family=setting.family,
+                device=opts.device,
+                dtype=opts.dtype,
+            ),
         )
         server_memory = system.MemorySampler(pid) if pid else None
         own_memory = system.MemorySampler(os.getpid(), tree=False)
@@ -468,16 +404,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--models",
         type=_names,
-        default=MODELS,
+        default=DEFAULT_MODELS,
         help="comma-separated: 'repository' (--repository, default the tiny model), 'overhead' "
-        "(per-step overhead of --repository's pipeline with a null UNet, benchmarks/overhead.py) "
-        "and/or 'full-size' (SD 1.5's architecture with random weights, built and cached under "
-        "--build-dir)",
+        "(per-step overhead of --repository's pipeline with a null UNet, benchmarks/overhead.py), "
+        "'full-size' (SD 1.5's architecture with random weights, built and cached under "
+        "--build-dir) and/or 'full-size-xl' (SDXL base's, widths times --xl-width-scale; not in "
+        f"the default {','.join(DEFAULT_MODELS)})",
     )
     p.add_argument("--full-size-size", type=int, default=128)
     p.add_argument("--full-size-steps", type=int, default=2)
     p.add_argument("--full-size-requests-per-worker", type=int, default=1)
     p.add_argument("--full-size-inprocess-images", type=int, default=1)
+    p.add_argument(
+        "--xl-width-scale",
+        type=float,
+        choices=XL_WIDTH_SCALES,
+        default=0.5,
+        help="full-size-xl: SDXL's widths times this (1.0: the real architecture, ~14 GB of "
+        "fp32 weights per copy; 0.5: a quarter of them, every depth kept)",
+    )
     p.add_argument("--concurrency", type=_ints, default=DEFAULT_CONCURRENCY)
     p.add_argument(
         "--rounds", type=int, default=1, help="alternations of served and in-process per level"
@@ -521,50 +466,83 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def settings_from_args(args: argparse.Namespace) -> list[Setting]:
-    """The settings ``--models`` asks for (building the full-size model on first use)."""
-    from .perf_analyzer import pipeline_constants
-
+    """The settings ``--models`` asks for (building the full-size models on first use)."""
     if args.url and len(set(args.models) - {"overhead"}) > 1:
         raise SystemExit(
-            "--url serves one repository: pass --models repository or --models full-size"
+            "--url serves one repository: pass --models repository, full-size or full-size-xl"
         )
     settings = []
     if "repository" in args.models:
-        constants = pipeline_constants(args.repository)
         checkpoint = (
             args.checkpoint or _source_checkpoint(args.repository) or args.build_dir / "tiny-sd"
         )
-        request = Request(
-            args.size or constants["native_height"],
-            args.size or constants["native_width"],
-            args.steps,
-            args.guidance_scale,
-        )
         settings.append(
-            Setting(
+            _setting(
                 args.name,
                 checkpoint,
                 args.repository,
-                request,
+                args.size,
+                args.steps,
+                args.guidance_scale,
                 args.requests_per_worker,
                 args.inprocess_images,
             )
         )
-    if "full-size" in args.models:
-        checkpoint, repository = full_size_build(args.build_dir, dtype=args.dtype)
-        size = args.full_size_size
-        request = Request(size, size, args.full_size_steps, args.guidance_scale)
+    full_size = {  # --models name: (setting name, build)
+        "full-size": (FULL_SIZE_ARCH, lambda: full_size_build(args.build_dir, dtype=args.dtype)),
+        "full-size-xl": (
+            xl_name(args.xl_width_scale),
+            lambda: xl_build(args.build_dir, args.xl_width_scale, dtype=args.dtype),
+        ),
+    }
+    for model, (name, build) in full_size.items():
+        if model not in args.models:
+            continue
+        checkpoint, repository = build()
         settings.append(
-            Setting(
-                FULL_SIZE_ARCH,
+            _setting(
+                name,
                 checkpoint,
                 repository,
-                request,
+                args.full_size_size,
+                args.full_size_steps,
+                args.guidance_scale,
                 args.full_size_requests_per_worker,
                 args.full_size_inprocess_images,
             )
         )
     return settings
+
+
+def _setting(
+    name: str,
+    checkpoint: Path,
+    repository: Path,
+    size: int | None,
+    steps: int,
+    guidance_scale: float,
+    requests_per_worker: int,
+    inprocess_images: int,
+) -> Setting:
+    """A setting on ``repository``: its family and native size from its ``pipeline.json``."""
+    from .perf_analyzer import pipeline_constants
+
+    constants = pipeline_constants(repository)
+    request = Request(
+        size or constants["native_height"],
+        size or constants["native_width"],
+        steps,
+        guidance_scale,
+    )
+    return Setting(
+        name,
+        checkpoint,
+        repository,
+        request,
+        requests_per_worker,
+        inprocess_images,
+        family=constants["family"],
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,8 +5,9 @@ sending one request (one prompt, one image) after another until ``n``
 requests are done. Latency is per request, measured around the call;
 images/s is ``n`` over the wall time from the first send to the last reply.
 
-In-process: ``diffusers.StableDiffusionPipeline`` on the checkpoint the
-repository was exported from, called sequentially. A diffusers pipeline is
+In-process: the diffusers pipeline of the model's family
+(``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``) on the checkpoint
+the repository was exported from, called sequentially. A diffusers pipeline is
 not thread-safe (its scheduler holds per-call state), so one pipeline serves
 one caller at a time: at every concurrency its throughput is the sequential
 one, which is what a user of one in-process pipeline gets.
@@ -169,38 +170,56 @@ class Served:
 
 
 # -------------------------------------------------------------- in-process
+# The diffusers text-to-image pipeline of each model family (pipeline.json's ``family``).
+PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+def pipeline_class(family: str) -> str:
+    """The diffusers pipeline the in-process baseline runs for a model ``family``."""
+    try:
+        return PIPELINES[family]
+    except KeyError:
+        raise ValueError(
+            f"no text-to-image baseline for family {family!r} (the harness measures "
+            f"text-to-image; families: {', '.join(PIPELINES)})"
+        ) from None
+
+
 class InProcess:
-    """``diffusers.StableDiffusionPipeline`` on a checkpoint folder, on CPU or CUDA."""
+    """The diffusers pipeline of a model family (:data:`PIPELINES`) on a checkpoint folder, on
+    CPU or CUDA."""
 
     def __init__(
         self,
         checkpoint: str | os.PathLike,
         request: Request,
         *,
+        family: str = "sd",
         device: str = "cpu",
         dtype: str = "float32",
     ):
+        import diffusers
         import torch
-        from diffusers import StableDiffusionPipeline
 
         self.request = request
         self.device = device
         kwargs = {} if dtype == "float32" else {"torch_dtype": getattr(torch, dtype)}
-        self.pipe = StableDiffusionPipeline.from_pretrained(str(checkpoint), **kwargs)
+        cls = getattr(diffusers, pipeline_class(family))
+        self.pipe = cls.from_pretrained(str(checkpoint), **kwargs)
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
-        if request.scheduler:
-            from sd_pipeline.schedulers import make_scheduler
-
-            self.pipe.scheduler = make_scheduler(
-                request.scheduler, self.pipe.scheduler.config, request.seed
-            )
+        self.scheduler_config = self.pipe.scheduler.config
 
     def generate(self, i: int, seed: int) -> np.ndarray:
         """One image (uint8 HWC) for request ``i``, rounded as diffusers rounds its PIL images."""
         import torch
 
         r = self.request
+        if r.scheduler:
+            from sd_pipeline.schedulers import make_scheduler
+
+            # Per request, as served: a scheduler that draws its own noise takes the seed.
+            self.pipe.scheduler = make_scheduler(r.scheduler, self.scheduler_config, seed)
         out = self.pipe(
             r.prompt(i),
             height=r.height,

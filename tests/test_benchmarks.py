@@ -313,6 +313,71 @@ def test_perf_analyzer_runs_over_grpc(tmp_path, build_dir, triton_server, tiny_r
     assert float(unet_rows[0]["Inferences/Second"]) > 0
 
 
+# ------------------------------------------------------------------ SDXL
+def test_sdxl_architecture_reads_the_shipped_configs():
+    """At width 1 the builder's UNet and text encoders are SDXL base's configs exactly (its
+    derived widths included); at 0.5 every width halves and every depth stays."""
+    from sd_triton.benchmarks import random_models
+    from sd_triton.export.single_file import config_folder
+
+    folder = config_folder("sdxl-base")
+    full = random_models.xl_architecture(1.0)
+    for name, built in (
+        ("unet", full.unet),
+        ("text_encoder", full.text_encoder),
+        ("text_encoder_2", full.text_encoder_2),
+        ("vae", full.vae),
+    ):
+        shipped = json.loads((folder / name / "config.json").read_text())
+        arguments = {k for k in shipped if not k.startswith("_")} - set(random_models._METADATA)
+        assert built == {k: shipped[k] for k in arguments}
+    assert full.name == "sdxl-random"
+    half = random_models.xl_architecture(0.5)
+    assert half.name == "sdxl-w0.5-random"
+    assert half.unet["block_out_channels"] == [160, 320, 640]
+    assert half.unet["cross_attention_dim"] == 384 + 640
+    assert half.unet["projection_class_embeddings_input_dim"] == 640 + 6 * 128
+    assert half.text_encoder_2["num_hidden_layers"] == 32
+    assert half.unet["transformer_layers_per_block"] == [1, 2, 10]
+    assert half.vae == full.vae and half.scheduler == full.scheduler
+    with pytest.raises(ValueError, match="do not split into 32 groups"):
+        random_models.xl_architecture(0.75)
+
+
+@pytest.fixture(scope="module")
+def tiny_xl_repository(tmp_path_factory, family_checkpoints):
+    """The tiny SDXL base exported alone: one pipeline instance, no stream model."""
+    from sd_triton.export import Contents, ExportOptions, Hosting, export_repository
+
+    path = tmp_path_factory.mktemp("bench-xl") / "repository"
+    options = ExportOptions(
+        contents=Contents(stream_model=False), hosting=Hosting(pipeline_instances=1)
+    )
+    export_repository(family_checkpoints["tiny-sdxl"], path, options)
+    return path
+
+
+@pytest.mark.server
+def test_harness_sdxl_row(tmp_path, tiny_xl_repository, family_checkpoints):
+    """An SDXL repository is measured against diffusers' StableDiffusionXLPipeline (chosen by
+    pipeline.json's family) on the same weights: same image, counted work, the report."""
+    from sd_triton.benchmarks import harness
+
+    args = ["--repository", str(tiny_xl_repository), "--name", "tiny-sdxl"]
+    args += ["--concurrency", "1,2", "--steps", "2", "--requests-per-worker", "1"]
+    args += ["--inprocess-images", "1", "--models", "repository", "--no-progress"]
+    args += ["--output-dir", str(tmp_path), "--label", "xl", "--build-dir", str(tmp_path / "b")]
+    assert harness.main(args) == 0
+    raw = _check_results(tmp_path, "xl", (1, 2))
+    (setting,) = raw["settings"]
+    assert setting["setting"]["family"] == "sdxl"
+    assert setting["setting"]["inprocess_pipeline"] == "StableDiffusionXLPipeline"
+    assert setting["setting"]["checkpoint"].endswith("tiny-sdxl")  # pipeline.json's source
+    # The text_time UNet's work, counted with its added conditioning.
+    assert setting["work"]["unet_gflop"] > 0 and setting["work"]["guidance"]
+    assert "in-process `StableDiffusionXLPipeline`" in (tmp_path / "xl.md").read_text()
+
+
 # ------------------------------------------------------ per-step overhead
 def test_paired_per_step_time_cancels_the_fixed_cost():
     from sd_triton.benchmarks import overhead
