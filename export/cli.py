@@ -193,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="component versions served at once (version_policy latest N; default 2, so the "
         "pipeline can be rolled back one version)",
     )
+    p.add_argument(
+        "--controlnet",
+        type=_parameter,
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="export the diffusers ControlNet folder DIR beside the UNet as model "
+        "controlnet_NAME (and the controlled UNet unet_controlled); requests name it NAME; "
+        "repeatable (fp32, ONNX hosts)",
+    )
     single_file.add_arguments(p)
     adapters.add_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
@@ -265,7 +275,13 @@ def main(argv: list[str] | None = None) -> int:
             adapters.fused_checkpoint(src.path, args.lora, args.embedding) as fused,
         ):
             options = fused.options(src.options(options, args.src), args.src)
-            export_repository(fused.path, args.out, options, overwrite=args.overwrite)
+            export_repository(
+                fused.path,
+                args.out,
+                options,
+                overwrite=args.overwrite,
+                controlnets={name: Path(path) for name, path in args.controlnet},
+            )
     except ExportError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -56,6 +56,7 @@ __all__ = [
 # Dims that stay dynamic in the ONNX graphs and are -1 in Triton configs.
 DYNAMIC_DIMS = frozenset(
     {S.BATCH, "height", "width", "latent_height", "latent_width", "num_images", "text_sequence"}
+    | {"K"}  # the pipeline's ControlNets per request (control_image, controlnet, ...)
 )
 
 # Float tensors that stay float32 in an fp16 export (see wrappers.FP32_TENSORS).

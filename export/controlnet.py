@@ -27,6 +27,7 @@ files, since TensorRT takes inputs that share a dimension name to be equal.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,12 +35,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sd_pipeline import controlnet as P
 from sd_pipeline import spec as S
+from sd_pipeline.controlnet import CONTROLLED_UNET, CONTROLNET_INPUTS
 
 from . import components as C
 from . import triton_config as T
 from . import wrappers as W
 from .checkpoint import ExportError
+from .options import ExportOptions
 
 if TYPE_CHECKING:
     from tritonclient.grpc import model_config_pb2
@@ -47,7 +51,9 @@ if TYPE_CHECKING:
 __all__ = [
     "CONTROLNET_INPUTS",
     "Residual",
+    "add_controlnets",
     "check_compatible",
+    "check_request",
     "controlled_unet_component",
     "controlnet_component",
     "export_onnx",
@@ -56,17 +62,6 @@ __all__ = [
     "triton_config",
 ]
 
-# The ControlNet's own inputs, after the UNet's sample, timestep and text states
-# (SDXL's text_embeds and time_ids follow them).
-CONTROLNET_INPUTS = (
-    # The control image, RGB in [0, 1] at the output image's size.
-    S.TensorSpec(
-        "controlnet_cond", "float32", (S.BATCH, "conditioning_channels", "height", "width")
-    ),
-    S.TensorSpec("conditioning_scale", "float32", (S.BATCH, 1), reshape=()),
-    # diffusers' guess_mode: residuals scaled from 0.1 (first) to 1 (mid block).
-    S.TensorSpec("guess_mode", "bool", (S.BATCH, 1), reshape=()),
-)
 # The UNet's config keys that decide the residuals' number and shapes. Not
 # in_channels: an inpainting UNet (9 channels) takes a 4-channel ControlNet's
 # residuals (diffusers' ControlNet inpaint pipeline gives it the plain latents).
@@ -116,12 +111,12 @@ def residuals(config: Mapping[str, Any]) -> tuple[Residual, ...]:
         if i < len(channels) - 1:
             factor *= 2
             shapes.append((c, factor))
-    down = tuple(
-        Residual(f"down_block_res_{i}", f"down_block_additional_residual_{i}", c, f)
-        for i, (c, f) in enumerate(shapes)
+    shapes.append((channels[-1], factor))  # the mid block's
+    names = P.residual_names(len(shapes))
+    return tuple(
+        Residual(out, unet_input, c, f)
+        for (out, unet_input), (c, f) in zip(names, shapes, strict=True)
     )
-    mid = Residual("mid_block_res", "mid_block_additional_residual", channels[-1], factor)
-    return (*down, mid)
 
 
 def residual_sizes(config: Mapping[str, Any], sizes: Mapping[str, int]) -> dict[str, int]:
@@ -185,7 +180,7 @@ def controlnet_component(config: Mapping[str, Any], name: str = "controlnet") ->
 
 
 def controlled_unet_component(
-    config: Mapping[str, Any], name: str = "unet_controlled"
+    config: Mapping[str, Any], name: str = CONTROLLED_UNET
 ) -> C.Component:
     """The UNet of ``config`` with the residual inputs: module ``unet``."""
     unet = S.unet_spec(**W.unet_inputs(config))
@@ -351,3 +346,111 @@ def triton_config(
     )
     T.set_instance_group(config, gpu=gpu, count=instances)
     return config
+
+
+# --------------------------------------------------------------------------
+# Beside a checkpoint's export (sd-triton-export --controlnet NAME=PATH)
+
+# A request names a ControlNet by NAME; its model is {prefix}controlnet_{NAME}.
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+
+def check_request(controlnets: Mapping[str, Path], opts: ExportOptions) -> None:
+    """Raise ``ExportError`` unless ``controlnets`` (NAME -> folder) can be exported with ``opts``."""
+    bad = [n for n in controlnets if not _NAME.fullmatch(n)]
+    if bad:
+        raise ExportError(
+            f"--controlnet name {bad[0]!r}: use lower-case letters, digits, '_' and '-' "
+            "(it becomes part of a model name)"
+        )
+    if not controlnets:
+        return
+    if opts.hosting.host == "torch" or opts.hosting.tensorrt:
+        raise ExportError("--controlnet is exported for the ONNX hosts (python, onnxruntime) only")
+    if opts.contents.precision != "fp32":
+        raise ExportError("--controlnet is exported in fp32 only (fp16 is not supported yet)")
+    for name, path in controlnets.items():
+        if not (Path(path) / "config.json").is_file():
+            raise ExportError(
+                f"--controlnet {name}={path}: not a diffusers ControlNet folder (no config.json)"
+            )
+
+
+def _load_controlnet(name: str, path: Path):
+    from diffusers import ControlNetModel
+
+    try:
+        return ControlNetModel.from_pretrained(path).float().eval()
+    except Exception as e:  # diffusers raises many kinds
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"--controlnet {name}={path} cannot be loaded: {first}") from e
+
+
+def _write(
+    component: C.Component,
+    modules: Mapping[str, Any],
+    plan: Any,
+    opts: ExportOptions,
+    staging: Path,
+    version: str,
+) -> None:
+    """Write ``component`` (ONNX, host code, config) to ``staging`` and record it in ``plan``."""
+    from .component_models import BACKENDS, ONNX_NAME, _copy_host_code, _host_parameters
+
+    key, host = component.name, opts.hosting.host
+    folder = staging / opts.model_name(key)
+    trace = {**plan.sizes, **plan.trace_sizes}
+    export_onnx(component, modules, folder / version / ONNX_NAME, trace, opset=opts.contents.opset)
+    _copy_host_code(host, folder / version)
+    config = triton_config(
+        component,
+        plan.sizes,
+        backend=BACKENDS[host],
+        max_batch_size=opts.hosting.unet_max_batch_size,
+        gpu=opts.hosting.on_gpu,
+        instances=opts.hosting.component_instances,
+        parameters=_host_parameters(key, opts),
+    )
+    config.name = opts.model_name(key)
+    T.set_version_policy(config, opts.naming.keep_versions)
+    T.write_config(config, folder)
+    plan.components[key] = component
+    plan.configs[key] = config
+    plan.tensor_dtypes[key] = {
+        t.name: t.dtype for t in component.spec.inputs + component.spec.outputs
+    }
+
+
+def add_controlnets(
+    plan: Any,
+    ckpt: Any,
+    controlnets: Mapping[str, Path],
+    opts: ExportOptions,
+    staging: Path,
+    version: str,
+) -> None:
+    """Export each ControlNet (NAME -> diffusers folder) as ``{prefix}controlnet_{NAME}`` and
+    the controlled UNet as ``{prefix}unet_controlled`` into ``staging``.
+
+    ``plan`` (the repository's export plan) gains their components, configs and tensor
+    dtypes, so pipeline.json names and versions them as every component, and
+    pipeline.json's ``controlnets`` / ``controlnet_residuals`` (:mod:`sd_pipeline.controlnet`).
+    """
+    if not controlnets:
+        return
+    check_request(controlnets, opts)
+    from .wrappers import load_module
+
+    unet = load_module("unet", ckpt.folder("unet")).float().eval()
+    names = {}
+    for name, path in controlnets.items():
+        model = _load_controlnet(name, Path(path))
+        try:
+            check_compatible(model.config, unet.config, plan.constants["vae_scale_factor"])
+        except ExportError as e:
+            raise ExportError(f"--controlnet {name}={path}: {e}") from None
+        names[name] = f"controlnet_{name}"
+        component = controlnet_component(model.config, names[name])
+        _write(component, {"controlnet": model}, plan, opts, staging, version)
+    _write(controlled_unet_component(unet.config), {"unet": unet}, plan, opts, staging, version)
+    plan.constants.update(P.controlnet_record(names, len(residuals(unet.config))))

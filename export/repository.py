@@ -48,6 +48,8 @@ from .checkpoint import (
     load_modules,
 )
 from .component_models import check_host_code, component_config, write_component
+from .controlnet import add_controlnets
+from .controlnet import check_request as check_controlnets
 from .options import PIPELINE_MODELS, REFINER_PREFIX, ExportOptions
 from .pipeline_models import (
     pipeline_constants,
@@ -250,6 +252,7 @@ def export_repository(
     options: ExportOptions | None = None,
     *,
     overwrite: bool = False,
+    controlnets: Mapping[str, Path] | None = None,
 ) -> Path:
     """Export the diffusers SD folder ``src`` to the Triton model repository ``out``.
 
@@ -257,11 +260,13 @@ def export_repository(
     ONNX host, on the CPU). The models are written to a hidden staging folder
     inside ``out`` and moved into place at the end, so a failed export leaves
     ``out`` as it was. Raises :class:`ExportError` for a bad checkpoint,
-    output folder or option.
+    output folder or option. ``controlnets``: NAME -> diffusers ControlNet folder, each
+    exported beside the UNet with a controlled UNet (:mod:`.controlnet`).
     """
     opts = options or ExportOptions()
     opts.check()
     check_host_code(opts.hosting.host)
+    check_controlnets(controlnets or {}, opts)
     if overwrite and opts.naming.new_version:
         raise ExportError("--overwrite replaces the models, --new-version adds one: choose one")
     src, out = Path(src), Path(out)
@@ -278,6 +283,7 @@ def export_repository(
     try:
         # The refiner's precision follows its own VAE: it starts from the options given.
         base_opts, plan = _export_components(ckpt, opts, out, staging, version)
+        add_controlnets(plan, ckpt, controlnets or {}, base_opts, staging, version)
         extra_assets = {}
         if refiner is not None:
             r_opts, r_plan = _export_components(refiner, opts.for_refiner(), out, staging, version)

@@ -39,11 +39,25 @@ class TextEncoding(NamedTuple):
     text_embeds: torch.Tensor
 
 
-def unet_spec(added: Mapping[str, Any] | None) -> S.ModelSpec:
+def unet_spec(
+    added: Mapping[str, Any] | None, residuals: Sequence[Any] | None = None
+) -> S.ModelSpec:
     """The UNet contract a call with these added inputs (``text_embeds``, ``time_ids``,
-    ``timestep_cond``) speaks."""
+    ``timestep_cond``) speaks; with ControlNet ``residuals``, the controlled UNet's."""
     added = added or {}
-    return S.unet_spec(text_time="time_ids" in added, timestep_cond="timestep_cond" in added)
+    kinds = {"text_time": "time_ids" in added, "timestep_cond": "timestep_cond" in added}
+    if residuals is not None:
+        from .controlnet import controlled_unet_spec
+
+        return controlled_unet_spec(len(residuals), **kinds)
+    return S.unet_spec(**kinds)
+
+
+def controlnet_call_spec(name: str, residuals: int, added: Mapping[str, Any] | None) -> S.ModelSpec:
+    """The contract of ControlNet component ``name`` called with these added inputs."""
+    from .controlnet import controlnet_spec
+
+    return controlnet_spec(name, residuals, text_time="time_ids" in (added or {}))
 
 
 @runtime_checkable
@@ -62,10 +76,29 @@ class Components(Protocol):
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         added: Mapping[str, torch.Tensor] | None = None,
+        *,
+        residuals: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Latents ``[B, C, h, w]``, float32 timestep per sample ``[B]``, text embeddings and the
         UNet's added inputs by name (SDXL's ``text_embeds``, ``time_ids``; LCM's
-        ``timestep_cond``) -> predicted noise."""
+        ``timestep_cond``) -> predicted noise. With ControlNet ``residuals`` (down blocks',
+        then the mid block's), the controlled UNet."""
+        ...
+
+    def controlnet(
+        self,
+        name: str,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: torch.Tensor,
+        guess_mode: torch.Tensor,
+        added: Mapping[str, torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """ControlNet component ``name`` on the UNet's inputs, the control image ``[B, 3, H, W]``
+        in [0, 1], per-sample scale ``[B]`` and guess mode ``[B]`` (bool) -> its scaled
+        residuals (down blocks', then the mid block's)."""
         ...
 
     def vae_encode(self, image: torch.Tensor) -> torch.Tensor:
@@ -158,10 +191,23 @@ class OnnxComponents:
     def encode_text(self, input_ids, skip_layers, *, encoder="text_encoder"):
         return TextEncoding(*self._run(S.COMPONENTS[encoder], input_ids, skip_layers))
 
-    def unet(self, sample, timestep, encoder_hidden_states, added=None):
-        spec = unet_spec(added)
-        extra = [added[t.name] for t in spec.inputs[3:]]
-        return self._run(spec, sample, timestep, encoder_hidden_states, *extra)[0]
+    def unet(self, sample, timestep, encoder_hidden_states, added=None, *, residuals=None):
+        spec = unet_spec(added, residuals)
+        extra = [added[t.name] for t in spec.inputs[3 : len(spec.inputs) - len(residuals or ())]]
+        tensors = (sample, timestep, encoder_hidden_states, *extra, *(residuals or ()))
+        return self._run(spec, *tensors)[0]
+
+    def controlnet(
+        self, name, sample, timestep, encoder_hidden_states, cond, scale, guess, added=None
+    ):
+        spec = controlnet_call_spec(name, self._session_outputs(name), added)
+        extra = [added[t.name] for t in spec.inputs[6:]]
+        tensors = (sample, timestep, encoder_hidden_states, cond, scale, guess, *extra)
+        return self._run(spec, *tensors)
+
+    def _session_outputs(self, name: str) -> int:
+        """The number of residuals ControlNet model ``name`` returns (read from its file)."""
+        return len(self._session(S.ModelSpec(name, (), ())).get_outputs())
 
     def vae_encode(self, image):
         return self._run(S.VAE_ENCODER, image)[0]
@@ -182,8 +228,17 @@ class DiffusersComponents:
     """Components as the torch modules of a diffusers Stable Diffusion (or SDXL) pipeline."""
 
     def __init__(
-        self, *, unet, vae, text_encoder=None, text_encoder_2=None, safety_checker=None
+        self,
+        *,
+        unet,
+        vae,
+        text_encoder=None,
+        text_encoder_2=None,
+        safety_checker=None,
+        controlnets: Mapping[str, Any] | None = None,
     ) -> None:
+        # ControlNet modules by component name (pipeline.json's controlnets values)
+        self.controlnets = dict(controlnets or {})
         self.modules = {
             "text_encoder": text_encoder,
             "text_encoder_2": text_encoder_2,
@@ -220,12 +275,19 @@ class DiffusersComponents:
             pooled = out[0] if out[0].ndim == 2 else out.pooler_output
         return TextEncoding(picked.float(), normed.float(), pooled.float())
 
-    def unet(self, sample, timestep, encoder_hidden_states, added=None):
+    def unet(self, sample, timestep, encoder_hidden_states, added=None, *, residuals=None):
         import torch
 
         dtype = self._dtype("unet")
         added = {k: v.to(dtype) for k, v in (added or {}).items()}
         timestep_cond = added.pop("timestep_cond", None)
+        control = {}
+        if residuals is not None:
+            res = [r.to(dtype) for r in residuals]
+            control = {
+                "down_block_additional_residuals": res[:-1],
+                "mid_block_additional_residual": res[-1],
+            }
         with torch.no_grad():
             out = self.modules["unet"](
                 sample.to(dtype),
@@ -234,8 +296,30 @@ class DiffusersComponents:
                 timestep_cond=timestep_cond,
                 added_cond_kwargs=added or None,
                 return_dict=False,
+                **control,
             )[0]
         return out.float()
+
+    def controlnet(
+        self, name, sample, timestep, encoder_hidden_states, cond, scale, guess, added=None
+    ):
+        """The module with one float scale and guess mode: the batch's first (one request's)."""
+        import torch
+
+        module = self.controlnets[name]
+        dtype = next(module.parameters()).dtype
+        with torch.no_grad():
+            down, mid = module(
+                sample.to(dtype),
+                timestep,
+                encoder_hidden_states=encoder_hidden_states.to(dtype),
+                controlnet_cond=cond.to(dtype),
+                conditioning_scale=float(scale[0]),
+                guess_mode=bool(guess[0]),
+                added_cond_kwargs={k: v.to(dtype) for k, v in added.items()} if added else None,
+                return_dict=False,
+            )
+        return [r.float() for r in (*down, mid)]
 
     def vae_encode(self, image):
         import torch

@@ -77,6 +77,10 @@ class PipelineConfig:
     # names, weights, trigger tokens; see lora_tags.py)
     loras: tuple[Mapping[str, Any], ...] = ()
     embeddings: tuple[Mapping[str, Any], ...] = ()
+    # ControlNets exported beside the model (--controlnet NAME=PATH): request name ->
+    # component name (a key of component_models), and the residuals each returns
+    controlnets: Mapping[str, str] = field(default_factory=dict)
+    controlnet_residuals: int = 0
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PipelineConfig:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -43,6 +44,7 @@ import torch
 from .components import Components
 from .conditioning import Conditioning, condition, guided
 from .config import Assets, PipelineConfig
+from .controlnet import Control
 from .errors import Cancelled, InvalidRequest
 from .images import decoded_to_numpy, image_to_pixels, mask_to_tensor, to_pil, to_uint8
 from .request import GenerationRequest, img2img_strength, validate
@@ -106,6 +108,8 @@ class Stage:
     scheduler: object
     timesteps: torch.Tensor
     conditioning: Conditioning
+    # The request's ControlNets over these timesteps (.controlnet); None without.
+    control: Control | None = None
 
     @classmethod
     def make(
@@ -127,7 +131,9 @@ class Stage:
                 f"{'refiner' if start else 'base'} no step of {request.num_inference_steps}: "
                 "move it, or raise num_inference_steps"
             )
-        return cls(request, components, assets, scheduler, timesteps, conditioning)
+        cfg = guided(request, assets.config)
+        control = Control.make(request, components, assets.config, len(timesteps), cfg, device)
+        return cls(request, components, assets, scheduler, timesteps, conditioning, control)
 
     def denoise(
         self,
@@ -143,9 +149,10 @@ class Stage:
         for i, t in enumerate(self.timesteps):
             if stop():
                 raise Cancelled(f"cancelled at step {i} of {len(self.timesteps)}")
+            control = None if self.control is None else partial(self.control.residuals, i)
             latents = denoise_step(
                 self.request, self.components, config, self.scheduler, latents, t,
-                self.conditioning, extra, inpainting,
+                self.conditioning, extra, inpainting, control,
             )  # fmt: skip
             if inpainting is not None and inpainting.image_latents is not None:
                 next_t = self.timesteps[i + 1 : i + 2] if i + 1 < len(self.timesteps) else None
@@ -432,8 +439,10 @@ def predict_noise(
     sample: torch.Tensor,
     t: torch.Tensor,
     conditioning: Conditioning,
+    residuals: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The UNet on ``sample``, in chunks of at most ``unet_max_batch_size``; timestep per sample."""
+    """The UNet on ``sample``, in chunks of at most ``unet_max_batch_size``; timestep per sample.
+    With ControlNet ``residuals``, the controlled UNet."""
     timestep = torch.full((sample.shape[0],), float(t), dtype=torch.float32, device=sample.device)
     size = config.unet_max_batch_size
     embeddings, added = conditioning.embeddings, conditioning.added
@@ -443,6 +452,7 @@ def predict_noise(
             timestep[i : i + size],
             embeddings[i : i + size],
             {k: v[i : i + size] for k, v in added.items()},
+            **({} if residuals is None else {"residuals": [r[i : i + size] for r in residuals]}),
         )
         for i in range(0, sample.shape[0], size)
     ]
@@ -459,15 +469,19 @@ def denoise_step(
     conditioning: Conditioning,
     extra: dict,
     inpainting: Inpainting | None = None,
+    control: Callable[[torch.Tensor, torch.Tensor, Conditioning], list | None] | None = None,
 ) -> torch.Tensor:
-    """One step: duplicate for guidance, scale, (9-channel UNet: add mask), UNet, combine,
-    (rescale), step."""
+    """One step: duplicate for guidance, scale, (ControlNets), (9-channel UNet: add mask),
+    UNet, combine, (rescale), step. ``control(model_input, t, conditioning)``: the step's
+    ControlNet residuals (:meth:`.controlnet.Control.residuals`)."""
     cfg = guided(request, config)
     model_input = torch.cat([latents] * 2) if cfg else latents
     model_input = scheduler.scale_model_input(model_input, t)
+    # The ControlNets see the latents without the inpainting channels, as diffusers'.
+    residuals = None if control is None else control(model_input, t, conditioning)
     if inpainting is not None:
         model_input = inpainting.unet_input(model_input)
-    noise_pred = predict_noise(components, config, model_input, t, conditioning)
+    noise_pred = predict_noise(components, config, model_input, t, conditioning, residuals)
     if cfg:
         noise_uncond, noise_text = noise_pred.chunk(2)
         noise_pred = noise_uncond + request.guidance_scale * (noise_text - noise_uncond)

@@ -35,6 +35,7 @@ import numpy as np
 
 from . import spec as S
 from .config import Limits, PipelineConfig
+from .controlnet import check_controlnet
 from .errors import InvalidRequest
 from .lora_tags import adapted_prompt
 from .schedulers import check_name
@@ -127,6 +128,14 @@ class GenerationRequest:
     hr_upscaler: str | None = None
     hr_denoising_strength: float | None = None
     hr_second_pass_steps: int | None = None
+    # ControlNet (.controlnet): K control images [K, H, W, 3], the K ControlNets' names,
+    # per-ControlNet scales and guidance windows (None: absent, the contract's defaults).
+    control_image: np.ndarray | None = None
+    controlnet: tuple[str, ...] | None = None
+    controlnet_conditioning_scale: np.ndarray | None = None
+    control_guidance_start: np.ndarray | None = None
+    control_guidance_end: np.ndarray | None = None
+    guess_mode: bool = _DEFAULTS["guess_mode"]
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -222,6 +231,8 @@ def decimal_value(value: np.floating) -> float:
 def _value(tensor: S.TensorSpec, array: np.ndarray) -> Any:
     """The Python value of a checked input; arrays are copied (Triton frees request memory)."""
     if tensor.dtype == "bytes":
+        if tensor.dims != (1,):  # one string per entry (controlnet)
+            return tuple(_text(tensor.name, a) for a in array.reshape(-1, 1))
         return _text(tensor.name, array)
     if tensor.dims == (2,):
         return tuple(int(v) for v in array)
@@ -588,3 +599,4 @@ def validate(
     from .hires import check_hires  # hires builds on the loop, which imports this module
 
     check_hires(request, config, limits)
+    check_controlnet(request, config)

@@ -404,6 +404,55 @@ STABLE_DIFFUSION = ModelSpec(
             description="hires fix: the second pass's num_inference_steps (it runs "
             "int(steps x hr_denoising_strength) of them); 0: num_inference_steps",
         ),
+        # ControlNet (sd_pipeline.controlnet): K ControlNets exported with the model.
+        TensorSpec(
+            "control_image",
+            "uint8",
+            ("K", "height", "width", 3),
+            optional=True,
+            description="ControlNet: one RGB control image per ControlNet, at the output size",
+        ),
+        TensorSpec(
+            "controlnet",
+            "bytes",
+            ("K",),
+            optional=True,
+            description="ControlNet: the names of the K ControlNets (the exporter's --controlnet "
+            "NAME=PATH), in control_image's order",
+        ),
+        TensorSpec(
+            "controlnet_conditioning_scale",
+            "float32",
+            ("K",),
+            optional=True,
+            default=1.0,
+            description="ControlNet: each ControlNet's residuals are multiplied by this",
+        ),
+        TensorSpec(
+            "control_guidance_start",
+            "float32",
+            ("K",),
+            optional=True,
+            default=0.0,
+            description="ControlNet: the fraction of the steps after which each ControlNet starts",
+        ),
+        TensorSpec(
+            "control_guidance_end",
+            "float32",
+            ("K",),
+            optional=True,
+            default=1.0,
+            description="ControlNet: the fraction of the steps after which each ControlNet stops",
+        ),
+        TensorSpec(
+            "guess_mode",
+            "bool",
+            (1,),
+            optional=True,
+            default=False,
+            description="ControlNet: the ControlNets see the conditional half only (diffusers' "
+            "guess_mode), their residuals ramped from 0.1 to 1",
+        ),
     ),
     outputs=(
         TensorSpec("images", "uint8", ("num_images", "height", "width", 3)),

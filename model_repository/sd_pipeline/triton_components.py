@@ -36,7 +36,7 @@ from collections.abc import Mapping
 import torch
 
 from . import spec as S
-from .components import TextEncoding, unet_spec
+from .components import TextEncoding, controlnet_call_spec, unet_spec
 from .config import PipelineConfig
 from .errors import ComponentError
 
@@ -123,10 +123,19 @@ class TritonComponents:
     def encode_text(self, input_ids, skip_layers, *, encoder="text_encoder"):
         return TextEncoding(*self._call(S.COMPONENTS[encoder], input_ids, skip_layers))
 
-    def unet(self, sample, timestep, encoder_hidden_states, added=None):
-        spec = unet_spec(added)
-        extra = [added[t.name] for t in spec.inputs[3:]]
-        return self._call(spec, sample, timestep, encoder_hidden_states, *extra)[0]
+    def unet(self, sample, timestep, encoder_hidden_states, added=None, *, residuals=None):
+        spec = unet_spec(added, residuals)
+        extra = [added[t.name] for t in spec.inputs[3 : len(spec.inputs) - len(residuals or ())]]
+        tensors = (sample, timestep, encoder_hidden_states, *extra, *(residuals or ()))
+        return self._call(spec, *tensors)[0]
+
+    def controlnet(
+        self, name, sample, timestep, encoder_hidden_states, cond, scale, guess, added=None
+    ):
+        spec = controlnet_call_spec(name, self.config.controlnet_residuals, added)
+        extra = [added[t.name] for t in spec.inputs[6:]]
+        tensors = (sample, timestep, encoder_hidden_states, cond, scale, guess, *extra)
+        return self._call(spec, *tensors)
 
     def vae_encode(self, image):
         return self._call(S.VAE_ENCODER, image)[0]

@@ -1,0 +1,255 @@
+"""ControlNet served end to end (issue 16 items 1-2-3) == diffusers' StableDiffusionControlNetPipeline.
+
+Two tiny ControlNets are made from the tiny SD 1.x UNet with
+``ControlNetModel.from_unet`` (their zero-initialised output convolutions get
+random weights, or every residual would be 0 and nothing here could fail),
+saved as diffusers folders and exported beside the tiny model with
+``export_repository(..., controlnets=...)`` (what ``sd-triton-export
+--controlnet NAME=DIR`` calls) into a private repository served by its own
+tritonserver. Served images equal diffusers' within one uint8 level: one and
+two ControlNets, conditioning scales, guidance start/end, guess mode, two
+samplers; requests with and without ControlNet sent together equal
+themselves sent alone; bad inputs are INVALID_ARG with a sentence.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import PIL.Image
+import pytest
+from helpers import bad_request_error, max_diff, reference, served_generate
+
+from sd_triton.export import ExportOptions, export_repository
+from sd_triton.export import controlnet as CN
+from sd_triton.export import triton_config as T
+from sd_triton.export.checkpoint import ExportError
+from sd_triton.export.options import Contents
+from sd_triton.server import TritonServer
+
+NAMES = ("canny", "depth")
+# The tiny VAE's images are 2x its latents: one downsampling in the control image embedding.
+EMBEDDING_CHANNELS = (16, 32)
+HEIGHT, WIDTH = 32, 48
+BASE = {"prompt": "a house by a lake", "negative_prompt": "blurry", "guidance_scale": 7.5}
+
+
+def control_image(seed: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
+    """A control map: blocks of random grey levels (edges at several scales)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)
+    return np.repeat(np.repeat(blocks, 4, axis=0), 4, axis=1)
+
+
+@pytest.fixture(scope="module")
+def controlnet_dirs(tmp_path_factory, tiny_checkpoint) -> dict[str, object]:
+    """Two tiny ControlNets (diffusers folders) made from the tiny UNet."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("controlnets")
+    unet = UNet2DConditionModel.from_pretrained(tiny_checkpoint / "unet")
+    dirs = {}
+    for seed, name in enumerate(NAMES):
+        torch.manual_seed(seed)
+        model = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=EMBEDDING_CHANNELS
+        )
+        gen = torch.Generator().manual_seed(10 + seed)
+        convs = [*model.controlnet_down_blocks, model.controlnet_mid_block]
+        with torch.no_grad():
+            for p in (p for conv in convs for p in conv.parameters()):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        dirs[name] = root / name
+        model.save_pretrained(dirs[name])
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory, tiny_checkpoint, controlnet_dirs):
+    root = tmp_path_factory.mktemp("controlnet-repo") / "repo"
+    options = ExportOptions(Contents(stream_model=False, safety_checker=False))
+    export_repository(tiny_checkpoint, root, options, controlnets=controlnet_dirs)
+    return root
+
+
+@pytest.fixture(scope="module")
+def url(repository):
+    with TritonServer(repository).start(timeout_s=300) as server:
+        yield server.grpc_url
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_checkpoint, controlnet_dirs):
+    """``pipes(names)``: diffusers' ControlNet pipeline with those ControlNets."""
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionPipeline,
+    )
+
+    base = StableDiffusionPipeline.from_pretrained(
+        tiny_checkpoint, safety_checker=None, requires_safety_checker=False
+    )
+    models = {n: ControlNetModel.from_pretrained(d) for n, d in controlnet_dirs.items()}
+
+    def make(names: tuple[str, ...]):
+        nets = [models[n] for n in names]
+        components = {k: v for k, v in base.components.items() if k != "image_encoder"}
+        pipe = StableDiffusionControlNetPipeline(
+            **components, controlnet=nets[0] if len(nets) == 1 else nets
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return make
+
+
+def served(url: str, names, images, seed: int, **settings):
+    """(images, flags) of the served pipeline with ControlNets ``names`` on ``images``."""
+    extra = {}
+    if names:
+        extra["controlnet"] = np.array([n.encode() for n in names], dtype=object)
+        extra["control_image"] = np.stack(images)
+    for key in ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"):
+        if key in settings:
+            settings[key] = np.asarray(settings[key], np.float32)
+    settings = {k: v for k, v in settings.items() if v is not None}
+    out, flags, _ = served_generate(url, seed=seed, **extra, **settings)
+    return out, flags
+
+
+def expected(pipes, names, images, seed: int, scheduler=None, **settings):
+    """diffusers' images with the same settings (lists when several ControlNets)."""
+    pils = [PIL.Image.fromarray(i) for i in images]
+    for key in ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end"):
+        if key in settings and len(names) == 1:
+            settings[key] = settings[key][0]
+    image = pils[0] if len(names) == 1 else pils
+    return reference(pipes(tuple(names)), scheduler, seed, image=image, **settings)
+
+
+# (ControlNets, scheduler, settings)
+CASES = {
+    "one": (("canny",), None, {"num_images_per_prompt": 2, "num_inference_steps": 3}),
+    "two_scales_windows_euler_a": (
+        ("canny", "depth"),
+        "euler_a",
+        {
+            "num_inference_steps": 5,
+            "controlnet_conditioning_scale": [0.7, 1.3],
+            "control_guidance_start": [0.0, 0.4],
+            "control_guidance_end": [0.6, 1.0],
+        },
+    ),
+    "guess_mode": (
+        ("depth",),
+        "euler_a",
+        {"num_inference_steps": 3, "guess_mode": True, "controlnet_conditioning_scale": [0.8]},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_served_equals_diffusers(url, pipes, case):
+    names, scheduler, settings = CASES[case]
+    images = [control_image(5 + i) for i in range(len(names))]
+    common = {**BASE, "height": HEIGHT, "width": WIDTH}
+    got, _ = served(url, names, images, 7, scheduler=scheduler, **common, **dict(settings))
+    want, _ = expected(pipes, names, images, 7, scheduler, **common, **dict(settings))
+    assert got.shape == want.shape
+    assert max_diff(got, want) <= 1
+    # Not vacuous: the ControlNets change the image.
+    steps = {
+        k: v for k, v in settings.items() if k in ("num_inference_steps", "num_images_per_prompt")
+    }
+    plain, _ = served(url, (), [], 7, scheduler=scheduler, **common, **steps)
+    assert max_diff(plain, got) > 8
+
+
+def test_controlnets_kept_off_change_nothing(url):
+    """A window that never covers a step and a zero scale: the plain UNet's image."""
+    common = {**BASE, "height": HEIGHT, "width": WIDTH, "num_inference_steps": 3}
+    plain, _ = served(url, (), [], 3, **common)
+    images = [control_image(1), control_image(2)]
+    off = {"controlnet_conditioning_scale": [0.0, 1.0], "control_guidance_start": [0.0, 0.99]}
+    got, _ = served(url, NAMES, images, 3, **common, **off)
+    assert max_diff(plain, got) == 0
+
+
+def test_concurrent_requests_equal_themselves_alone(url):
+    """Requests with and without ControlNet at once (their UNet calls batch where they can)."""
+    common = {**BASE, "height": HEIGHT, "width": WIDTH, "num_inference_steps": 3}
+    requests = [
+        ((), [], 11),
+        (("canny",), [control_image(8)], 12),
+        (NAMES, [control_image(9), control_image(10)], 13),
+        ((), [], 14),
+    ]
+    alone = [served(url, n, i, s, **common)[0] for n, i, s in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        futures = [pool.submit(served, url, n, i, s, **common) for n, i, s in requests]
+        together = [f.result()[0] for f in futures]
+    for a, b in zip(alone, together, strict=True):
+        assert max_diff(a, b) == 0
+
+
+def test_pipeline_json_and_models(repository):
+    import json
+
+    record = json.loads(
+        next(repository.glob("stable_diffusion/1/assets/pipeline.json")).read_text()
+    )
+    assert record["controlnets"] == {n: f"controlnet_{n}" for n in NAMES}
+    assert record["controlnet_residuals"] == 7  # conv_in, 2 resnets, downsampler, 2; mid
+    for model in ("controlnet_canny", "controlnet_depth", "unet_controlled", "unet"):
+        config = T.read_config(repository / model / T.CONFIG_NAME)
+        assert config.name == model and config.HasField("dynamic_batching")
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+
+
+def _bad(url: str, **inputs) -> str:
+    return str(bad_request_error(url, {"height": HEIGHT, "width": WIDTH, **inputs}))
+
+
+def _names(*names: str) -> np.ndarray:
+    return np.array([n.encode() for n in names], dtype=object)
+
+
+def test_bad_inputs_are_invalid_arg(url):
+    one = control_image(0)[None]
+    error = _bad(url, controlnet=_names("pose"), control_image=one)
+    assert "INVALID_ARG" in error or "StatusCode.INVALID_ARGUMENT" in error
+    assert "no ControlNet 'pose' in this repository; it has canny, depth" in error
+    error = _bad(url, controlnet=_names("canny"), control_image=control_image(0, 32, 32)[None])
+    assert "control_image is 32x32 (height x width), the output 32x48" in error
+    error = _bad(url, controlnet=_names("canny", "depth"), control_image=one)
+    assert "controlnet names 2 ControlNet(s) but control_image has 1" in error
+    error = _bad(
+        url,
+        controlnet=_names("canny"),
+        control_image=one,
+        control_guidance_start=np.array([0.5], np.float32),
+        control_guidance_end=np.array([0.5], np.float32),
+    )
+    assert "need 0 <= start < end <= 1" in error
+    error = _bad(url, control_image=one)
+    assert "control_image given without controlnet" in error
+    error = _bad(url, guess_mode=True)
+    assert "guess_mode given without controlnet" in error
+
+
+def test_export_refuses_what_it_cannot_do(tmp_path, tiny_checkpoint, controlnet_dirs):
+    with pytest.raises(ExportError, match="--controlnet name 'Canny!'"):
+        export_repository(tiny_checkpoint, tmp_path / "a", controlnets={"Canny!": tmp_path})
+    with pytest.raises(ExportError, match="not a diffusers ControlNet folder"):
+        export_repository(tiny_checkpoint, tmp_path / "b", controlnets={"canny": tmp_path})
+    fp16 = ExportOptions(Contents(precision="fp16"))
+    with pytest.raises(ExportError, match="fp32 only"):
+        export_repository(tiny_checkpoint, tmp_path / "c", fp16, controlnets=controlnet_dirs)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+    assert CN.check_request({}, fp16) is None  # no ControlNet: every option goes
