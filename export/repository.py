@@ -120,6 +120,7 @@ def _pipeline_json(
         **pipeline_settings(ckpt.index, plan.constants["family"]),
         "refiner": bool(opts.contents.refiner),
         "unet_max_batch_size": opts.hosting.unet_max_batch_size,
+        "text_encoder_max_batch_size": opts.hosting.max_batch_size,
         "dtype": opts.component_dtype("unet"),
         "component_dtypes": {n: opts.component_dtype(n) for n in names},
         "tensor_dtypes": {n: plan.tensor_dtypes[n] for n in names},

@@ -10,7 +10,7 @@ import pytest
 from sd_pipeline import spec as S
 from sd_pipeline.config import Limits, PipelineConfig
 from sd_pipeline.errors import InvalidRequest
-from sd_pipeline.request import make_request, parse_request
+from sd_pipeline.request import img2img_strength, make_request, parse_request
 from sd_pipeline.schedulers import SCHEDULERS, make_scheduler
 
 CONFIG = PipelineConfig.from_dict(
@@ -52,7 +52,8 @@ def parse(**inputs):
 
 def test_defaults_follow_the_contract():
     r = parse()
-    assert (r.prompt, r.negative_prompt) == ("a cat", "")
+    # Absent negative prompt: None (SD encodes "", SDXL base uses zeros), not "".
+    assert (r.prompt, r.negative_prompt) == ("a cat", None)
     assert (r.height, r.width) == (CONFIG.native_height, CONFIG.native_width)
     assert r.num_inference_steps == S.STABLE_DIFFUSION.input("num_inference_steps").default == 50
     assert r.guidance_scale == 7.5 and r.do_classifier_free_guidance
@@ -81,9 +82,9 @@ def test_all_options_parse():
 
 def test_img2img_takes_its_size_from_the_image():
     r = parse(image=IMAGE, num_inference_steps=i32(4))
-    assert (r.height, r.width, r.strength, r.img2img_strength) == (8, 12, None, 0.8)
+    assert (r.height, r.width, r.strength, img2img_strength(r, CONFIG)) == (8, 12, None, 0.8)
     r = parse(image=IMAGE, strength=f32(0.5), height=i32(8), width=i32(12))
-    assert r.img2img_strength == 0.5
+    assert img2img_strength(r, CONFIG) == 0.5
 
 
 def test_random_seeds_differ():

@@ -365,7 +365,7 @@ def _check_prompt(
 ) -> None:
     if not isinstance(request.prompt, str) or not request.prompt.strip():
         raise InvalidRequest("prompt is empty: send a non-empty UTF-8 string")
-    for name in _TEXTS[1:]:
+    for name in _TEXTS:
         text = getattr(request, name)
         if text is not None and not isinstance(text, str):
             raise InvalidRequest(f"{name} must be a string")
