@@ -46,6 +46,7 @@ from ._infotext import output_paths
 from ._request import IMAGE_INPUTS, GenerationRequest
 from ._sync import Client, PendingGeneration
 from ._types import GenerationResult, ProgressEvent
+from .control import add_control_options
 
 __all__ = ["EXIT_CODES", "main"]
 
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream-model", help="streaming model for --progress (default: MODEL_stream)"
     )
     _add_hires_options(gen)
+    add_control_options(gen)
     gen.set_defaults(func=cmd_generate)
     _add_edit_commands(sub, [common, options])
 

@@ -21,6 +21,7 @@ import PIL.Image
 import pytest
 from helpers import bad_request_error, max_diff, reference, served_generate
 
+from sd_triton.client.control import canny
 from sd_triton.export import ExportOptions, export_repository
 from sd_triton.export import controlnet as CN
 from sd_triton.export import triton_config as T
@@ -253,3 +254,51 @@ def test_export_refuses_what_it_cannot_do(tmp_path, tiny_checkpoint, controlnet_
         export_repository(tiny_checkpoint, tmp_path / "c", fp16, controlnets=controlnet_dirs)
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
     assert CN.check_request({}, fp16) is None  # no ControlNet: every option goes
+
+
+# ---------------------------------------------------------------------------
+# The client: canny, and sd-triton generate --control
+
+
+def photo() -> np.ndarray:
+    """A grey image with a white rectangle: edges on its border only."""
+    image = np.full((HEIGHT, WIDTH, 3), 60, np.uint8)
+    image[8:24, 12:36] = 230
+    return image
+
+
+def test_canny_finds_the_edges():
+    edges = canny(photo())
+    assert edges.shape == (HEIGHT, WIDTH, 3) and edges.dtype == np.uint8
+    assert set(np.unique(edges)) == {0, 255}
+    assert (edges[..., 0] == edges[..., 2]).all()  # one channel, repeated to RGB
+    on = edges[..., 0] > 0
+    assert on[8:24, 11:13].any() and on[8:24, 35:37].any() and on[7:9, 12:36].any()
+    assert not on[12:20, 16:32].any() and not on[:4].any()  # flat regions: no edges
+    # The thresholds count: a faint step is an edge at 10/20, not at 100/200.
+    faint = np.full((HEIGHT, WIDTH, 3), 100, np.uint8)
+    faint[:, WIDTH // 2 :] = 112
+    assert canny(faint, 10, 20).any() and not canny(faint).any()
+
+
+def test_cli_control_reaches_the_server(url, tmp_path):
+    from sd_triton.client import cli
+
+    PIL.Image.fromarray(photo()).save(tmp_path / "photo.png")
+    PIL.Image.fromarray(control_image(4)).save(tmp_path / "map.png")
+    out = tmp_path / "out.png"
+    argv = ["generate", BASE["prompt"], "-o", str(out), "--url", url, "--no-progress"]
+    argv += ["--size", f"{WIDTH}x{HEIGHT}", "--steps", "3", "--seed", "21"]
+    argv += ["--control", f"canny:canny:{tmp_path / 'photo.png'}", "--control-scale", "0.9"]
+    argv += ["--control", f"depth:{tmp_path / 'map.png'}", "--control-scale", "1.1"]
+    assert cli.main(argv) == cli.EXIT_OK
+    got = np.asarray(PIL.Image.open(out).convert("RGB"))
+    images = [canny(photo()), control_image(4)]
+    want, _ = served(
+        url, NAMES, images, 21, prompt=BASE["prompt"], height=HEIGHT, width=WIDTH,
+        num_inference_steps=3, controlnet_conditioning_scale=[0.9, 1.1],
+    )  # fmt: skip
+    assert max_diff(got, want[0]) == 0
+    with pytest.raises(SystemExit) as e:  # argparse's usage error, exit 2
+        cli.main([*argv, "--control", "pose"])
+    assert e.value.code == 2
