@@ -305,6 +305,30 @@ def test_clip_skip_and_guidance_rescale_reach_the_server_and_round_trip_through_
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[0]))
 
 
+def test_prompt_syntax_and_the_hires_fix_reach_the_server_and_round_trip_through_the_png(
+    client, tmp_path
+):
+    options = dict(num_inference_steps=2, seed=9, height=32, width=64, scheduler="euler")
+    hires = dict(enable_hr=True, hr_scale=2.0, hr_second_pass_steps=2)
+    prompt = "a (photo:1.6) of a cat"
+    result = client.generate(prompt, prompt_syntax="diffusers", **options, **hires)
+    weighted = client.generate(prompt, **options, **hires)  # the model's syntax: a1111
+    assert result.images[0].size == (128, 64)  # the second pass: hr_scale x the size sent
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(weighted.images[0]))
+    s = result.settings
+    assert (s.height, s.width, s.enable_hr, s.hr_upscaler) == (32, 64, True, "latent")
+    (path,) = result.save(tmp_path / "hires.png")
+    text = read_infotext(path)
+    assert "Size: 64x32" in text and "Prompt syntax: diffusers" in text
+    assert (
+        "Hires upscale: 2.0, Hires steps: 2, Hires upscaler: Latent, Denoising strength: 0.7"
+        in text
+    )
+    again = client.generate(**infotext_options(parse_infotext(text)))
+    assert again.settings == result.settings
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(result.images[0]))
+
+
 # --------------------------------------------------------------------------- streaming
 
 
