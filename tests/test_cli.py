@@ -49,10 +49,10 @@ def test_every_contract_option_has_a_flag():
     gen = cli.build_parser()._subparsers._group_actions[0].choices["generate"]
     dests = {a.dest for a in gen._actions}
     covered = dests | ({"height", "width"} if "size" in dests else set())
-    # The image inputs have img2img's and inpaint's --image, --mask and --strength; the
-    # ControlNet inputs are not the command line's yet.
-    controlnet = {t.name for t in S.STABLE_DIFFUSION.inputs if t.dims[0] == "K"} | {"guess_mode"}
-    assert {t.name for t in S.STABLE_DIFFUSION.inputs} - covered - controlnet == {
+    # --control NAME:MAP gives controlnet and control_image; the image inputs are
+    # img2img's and inpaint's --image, --mask and --strength.
+    covered |= {"control_image"} if "controlnet" in dests else set()
+    assert {t.name for t in S.STABLE_DIFFUSION.inputs} - covered == {
         "image",
         "mask_image",
         "strength",
