@@ -127,10 +127,13 @@ def xl_pipes(family_checkpoints):
 
 @pytest.fixture(scope="session")
 def lcm_pipe(family_checkpoints):
-    """diffusers' StableDiffusionPipeline on the tiny LCM-style checkpoint."""
+    """diffusers' StableDiffusionPipeline on the tiny LCM-style checkpoint, without a checker."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(family_checkpoints["tiny-sd-lcm"])
+    # Exported without its safety checker (one model fewer to serve).
+    pipe = StableDiffusionPipeline.from_pretrained(
+        family_checkpoints["tiny-sd-lcm"], safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
