@@ -302,3 +302,74 @@ def test_cli_control_reaches_the_server(url, tmp_path):
     with pytest.raises(SystemExit) as e:  # argparse's usage error, exit 2
         cli.main([*argv, "--control", "pose"])
     assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------------
+# img2img and inpainting with ControlNet (diffusers' ControlNet img2img / inpaint pipelines)
+
+EDIT_CASES = {
+    "img2img": (None, {"strength": 0.7, "num_inference_steps": 4}),
+    "inpaint_euler_a": ("euler_a", {"strength": 1.0, "num_inference_steps": 3}),
+}
+
+
+@pytest.mark.parametrize("case", EDIT_CASES)
+def test_edits_with_controlnet_equal_diffusers(url, pipes, case):
+    from diffusers import (
+        StableDiffusionControlNetImg2ImgPipeline,
+        StableDiffusionControlNetInpaintPipeline,
+    )
+    from helpers import source_image, source_mask
+
+    scheduler, settings = EDIT_CASES[case]
+    image, control = source_image(HEIGHT, WIDTH), control_image(6)
+    inputs = {"image": image}
+    cls = StableDiffusionControlNetImg2ImgPipeline
+    if case.startswith("inpaint"):
+        inputs["mask_image"] = source_mask(HEIGHT, WIDTH)
+        cls = StableDiffusionControlNetInpaintPipeline
+    got, _ = served(
+        url, ("canny",), [control], 9, scheduler=scheduler, **BASE, **inputs, **settings
+    )
+    pipe = cls(**pipes(("canny",)).components)
+    pipe.set_progress_bar_config(disable=True)
+    pils = {k: PIL.Image.fromarray(v) for k, v in inputs.items()}
+    # The contract's default scale is 1.0 in every mode (diffusers' img2img and inpaint
+    # ControlNet pipelines default to 0.8 and 0.5).
+    want, _ = reference(
+        pipe, scheduler, 9, **pils, control_image=PIL.Image.fromarray(control),
+        controlnet_conditioning_scale=1.0, height=HEIGHT, width=WIDTH, **BASE, **settings,
+    )  # fmt: skip
+    assert max_diff(got, want) <= 1
+    plain, _ = served(url, (), [], 9, scheduler=scheduler, **BASE, **inputs, **settings)
+    assert max_diff(plain, got) > 8
+
+
+def test_in_process_over_diffusers_modules_is_bit_exact(repository, pipes):
+    """The loop over DiffusersComponents (the ControlNet modules themselves) == diffusers."""
+    import torch
+
+    from sd_pipeline import Assets, DiffusersComponents, generate, make_request
+
+    assets = Assets.load(repository / "stable_diffusion" / "1" / "assets")
+    pipe = pipes(NAMES)
+    nets = dict(zip(("controlnet_canny", "controlnet_depth"), pipe.controlnet.nets, strict=True))
+    components = DiffusersComponents.from_pipeline(pipe)
+    components.controlnets = nets
+    images = [control_image(3), control_image(4)]
+    settings = {
+        "num_inference_steps": 3,
+        "controlnet_conditioning_scale": [0.5, 1.5],
+        "control_guidance_end": [1.0, 0.5],
+    }
+    request = make_request(
+        assets.config, BASE["prompt"], negative_prompt=BASE["negative_prompt"],
+        guidance_scale=BASE["guidance_scale"], height=HEIGHT, width=WIDTH, seed=4,
+        num_inference_steps=3, controlnet=NAMES, control_image=np.stack(images),
+        controlnet_conditioning_scale=np.array([0.5, 1.5], np.float32),
+        control_guidance_end=np.array([1.0, 0.5], np.float32),
+    )  # fmt: skip
+    with torch.no_grad():
+        got = generate(request, components, assets).images
+    want, _ = expected(pipes, NAMES, images, 4, **BASE, height=HEIGHT, width=WIDTH, **settings)
+    assert max_diff(got, want) == 0
