@@ -130,9 +130,13 @@ def pipeline_parameters(
     opts: ExportOptions, limits: Limits, constants: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The pipeline models' config parameters: admission, the preset's request defaults,
-    anything else given, then the limits."""
+    what the model is (its family, the refiner beside it: clients report them), anything
+    else given, then the limits."""
     preset = preset_parameters(opts.contents.preset, constants)
-    return {**ADMISSION_DEFAULTS, **preset, **opts.parameters, **limits.parameters()}
+    identity = {"family": constants["family"]}
+    if opts.contents.refiner:
+        identity["refiner_model_name"] = Path(opts.contents.refiner).name
+    return {**ADMISSION_DEFAULTS, **preset, **identity, **opts.parameters, **limits.parameters()}
 
 
 def write_assets(ckpt: Checkpoint, assets: Path, pipeline_json: Mapping[str, Any]) -> None:

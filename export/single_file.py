@@ -357,7 +357,11 @@ def refiner_folder(opts: ExportOptions) -> Iterator[ExportOptions]:
         yield opts
         return
     with diffusers_folder(refiner) as converted:
-        yield replace(opts, contents=replace(opts.contents, refiner=converted.path))
+        # The refiner's name and hash, as the web UI reports them (Refiner: name [hash]).
+        facts = {f"refiner_{k}": v for k, v in converted.facts.items()}
+        parameters = {**facts, **opts.parameters}
+        contents = replace(opts.contents, refiner=converted.path)
+        yield replace(opts, contents=contents, parameters=parameters)
 
 
 def export_single_file(

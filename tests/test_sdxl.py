@@ -346,3 +346,18 @@ def test_size_off_the_size_step_is_refused(families_url, families_repository):
     error = served_error(families_url, XL_MODEL, height=10 * step + 2, width=8 * step)
     assert error.status() == "StatusCode.INVALID_ARGUMENT"
     assert f"height must be a positive multiple of {step} pixels" in error.message()
+
+
+def test_pipelines_publish_their_family_and_refiner(families_repository):
+    """Clients read them from the model config (the infotext's Refiner, SDXL's default strength)."""
+    from sd_triton.export.triton_config import read_config
+
+    def parameters(model):
+        config = read_config(families_repository / model)
+        return {k: v.string_value for k, v in config.parameters.items()}
+
+    assert parameters(XL_MODEL)["family"] == "sdxl"
+    assert parameters(XL_MODEL)["refiner_model_name"] == "tiny-sdxl-refiner"
+    assert parameters(REFINER_MODEL)["family"] == "sdxl-refiner"
+    assert "refiner_model_name" not in parameters(TURBO_MODEL)
+    assert parameters(LCM_MODEL)["family"] == "sd"
