@@ -51,6 +51,10 @@ CASES = {
     "lanczos_1.7_euler_a": ("lanczos", "euler_a", 1.7, 24, 40, 1, 4, 0.6),
 }
 
+# A seed whose images the tiny safety checker flags in neither case (it flags about
+# half of them): black images would make the comparisons vacuous.
+SEED = 14
+
 
 def hires_settings(case: str) -> dict:
     upscaler, scheduler, scale, height, width, n, steps, strength = CASES[case]
@@ -132,9 +136,10 @@ def img2img_pipe(reference_pipe):
 @pytest.mark.parametrize("case", list(CASES))
 def test_in_process_is_the_composition_bit_for_bit(reference_pipe, img2img_pipe, assets, case):
     settings = hires_settings(case)
-    request = make_request(assets.config, seed=21, **settings)
+    request = make_request(assets.config, seed=SEED, **settings)
     result = generate(request, DiffusersComponents.from_pipeline(reference_pipe), assets)
-    images, flags = hires_reference(reference_pipe, img2img_pipe, 21, settings)
+    images, flags = hires_reference(reference_pipe, img2img_pipe, SEED, settings)
+    assert not any(flags), "choose a SEED whose images the tiny safety checker keeps"
     height, width = (
         int(settings["height"] * settings["hr_scale"]),
         int(settings["width"] * settings["hr_scale"]),
@@ -270,12 +275,13 @@ def test_web_ui_upscaler_names_are_accepted(assets):
 def test_served_equals_the_composition(triton_url, reference_pipe, img2img_pipe, case):
     settings = hires_settings(case)
     options = {k: v for k, v in settings.items() if v is not None}
-    images, flags, seeds = served_generate(triton_url, seed=12, **options)
-    expected, expected_flags = hires_reference(reference_pipe, img2img_pipe, 12, settings)
+    images, flags, seeds = served_generate(triton_url, seed=SEED, **options)
+    expected, expected_flags = hires_reference(reference_pipe, img2img_pipe, SEED, settings)
+    assert not any(expected_flags), "choose a SEED whose images the tiny safety checker keeps"
     assert images.shape == expected.shape
     assert max_diff(images, expected) <= 1
     np.testing.assert_array_equal(flags, expected_flags)
-    assert set(seeds) == {12}
+    assert set(seeds) == {SEED}
 
 
 @pytest.mark.server
