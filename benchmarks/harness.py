@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -68,12 +67,15 @@ class Setting:
     requests_per_worker: int = 2  # served images per level = c x this, per round
     inprocess_images: int = 2  # in-process images per level, per round
     family: str = "sd"  # pipeline.json's: picks the in-process diffusers pipeline
+    pipeline_model: str = "stable_diffusion"  # --model-prefix + stable_diffusion
+    unet_model: str = "unet"  # pipeline.json's component_models["unet"]
 
     def describe(self) -> dict:
         r = self.request
         return {
             "name": self.name,
             "family": self.family,
+            "pipeline_model": self.pipeline_model,
             "inprocess_pipeline": pipeline_class(self.family),
             "checkpoint": _shown(self.checkpoint),
             "repository": _shown(self.repository),
@@ -182,7 +184,7 @@ def measure(setting: Setting, opts: Options, progress: Progress) -> dict:
             progress,
             client,
             pid,
-            Served(url, setting.request),
+            Served(url, setting.request, model=setting.pipeline_model),
             InProcess(
                 setting.checkpoint,
                 setting.request,
@@ -245,7 +247,9 @@ class Sides:
         once. The image check proves both sides run the same weights and settings.
         """
         self.progress.phase(f"{self.setting.name}: warm-up")
-        n = self.opts.warmup if self.opts.warmup is not None else pipeline_instances(self.client)
+        n = self.opts.warmup
+        if n is None:
+            n = pipeline_instances(self.client, self.setting.pipeline_model)
         self.progress.expect(n)
         if n:
             self.served.run(n, n, seed0=10**6, on_image=self.progress.step)
@@ -270,22 +274,35 @@ class Sides:
                         before = stats.snapshot(self.client)
                         n = c * self.setting.requests_per_worker
                         timing = self.served.run(c, n, seed0=seed0, on_image=self.progress.step)
-                        after = stats.settled(self.client, before, "stable_diffusion", n)
+                        model = self.setting.pipeline_model
+                        after = stats.settled(self.client, before, model, n)
                         server_stats = stats.total(server_stats, stats.delta(after, before))
                     else:
                         n = self.setting.inprocess_images
                         timing = self.baseline.run(n, seed0=seed0, on_image=self.progress.step)
                 timings[side].append(timing)
                 cpu[side].append(account.result)
-        level = _level(c, _merge(timings["served"]), _merge(timings["inprocess"]), server_stats)
+        level = _level(
+            c,
+            _merge(timings["served"]),
+            _merge(timings["inprocess"]),
+            server_stats,
+            (self.setting.pipeline_model, self.setting.unet_model),
+        )
         level["cpu"] = {side: system.sum_accounts(runs) for side, runs in cpu.items()}
         return level
 
 
 def _level(
-    c: int, served: Timing, inproc: Timing, server_stats: dict[str, stats.ModelStats]
+    c: int,
+    served: Timing,
+    inproc: Timing,
+    server_stats: dict[str, stats.ModelStats],
+    models: tuple[str, str] = ("stable_diffusion", "unet"),
 ) -> dict:
-    unet = server_stats.get("unet", stats.ModelStats())
+    """One level's numbers; ``models``: the pipeline and UNet model names."""
+    pipeline, unet_model = models
+    unet = server_stats.get(unet_model, stats.ModelStats())
     s_per_img = 1 / served.images_per_s if served.images_per_s else float("nan")
     i_per_img = 1 / inproc.images_per_s if inproc.images_per_s else float("nan")
     return {
@@ -299,7 +316,7 @@ def _level(
             **unet.to_dict(),
             "executions_per_image": round(unet.execution_count / max(served.images, 1), 3),
         },
-        "server_ms_per_image": stats.time_per_image(server_stats, served.images),
+        "server_ms_per_image": stats.time_per_image(server_stats, served.images, pipeline),
         "server_stats": {k: v.to_dict() for k, v in server_stats.items()},
     }
 
@@ -365,12 +382,11 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
-def _source_checkpoint(repository: Path) -> Path | None:
+def _source_checkpoint(repository: Path, model: str) -> Path | None:
+    from .perf_analyzer import pipeline_constants
+
     with contextlib.suppress(OSError, ValueError, KeyError):
-        constants = json.loads(
-            (repository / "stable_diffusion" / "1" / "assets" / "pipeline.json").read_text()
-        )
-        source = Path(constants["source"])
+        source = Path(pipeline_constants(repository, model)["source"])
         if (source / "model_index.json").exists():
             return source
     return None
@@ -392,6 +408,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="diffusers folder it was exported from (default: pipeline.json's source, else build/tiny-sd)",
     )
     p.add_argument("--name", default="tiny", help="label of the --repository setting")
+    p.add_argument(
+        "--model-prefix",
+        default="",
+        help="the --repository setting's pipeline is <prefix>stable_diffusion (a repository "
+        "exported with --model-prefix; the 'overhead' part needs no prefix)",
+    )
     p.add_argument(
         "--size", type=int, help="height = width in px (default: the model's native size)"
     )
@@ -473,8 +495,11 @@ def settings_from_args(args: argparse.Namespace) -> list[Setting]:
         )
     settings = []
     if "repository" in args.models:
+        model = f"{args.model_prefix}stable_diffusion"
         checkpoint = (
-            args.checkpoint or _source_checkpoint(args.repository) or args.build_dir / "tiny-sd"
+            args.checkpoint
+            or _source_checkpoint(args.repository, model)
+            or args.build_dir / "tiny-sd"
         )
         settings.append(
             _setting(
@@ -486,6 +511,7 @@ def settings_from_args(args: argparse.Namespace) -> list[Setting]:
                 args.guidance_scale,
                 args.requests_per_worker,
                 args.inprocess_images,
+                model=model,
             )
         )
     full_size = {  # --models name: (setting name, build)
@@ -523,11 +549,13 @@ def _setting(
     guidance_scale: float,
     requests_per_worker: int,
     inprocess_images: int,
+    model: str = "stable_diffusion",
 ) -> Setting:
-    """A setting on ``repository``: its family and native size from its ``pipeline.json``."""
+    """A setting on pipeline ``model`` of ``repository``: its family, native size and UNet
+    model from its ``pipeline.json``."""
     from .perf_analyzer import pipeline_constants
 
-    constants = pipeline_constants(repository)
+    constants = pipeline_constants(repository, model)
     request = Request(
         size or constants["native_height"],
         size or constants["native_width"],
@@ -542,6 +570,8 @@ def _setting(
         requests_per_worker,
         inprocess_images,
         family=constants["family"],
+        pipeline_model=model,
+        unet_model=constants["component_models"]["unet"],
     )
 
 

@@ -178,7 +178,7 @@ class NullUnetComponents:
     def __getattr__(self, name: str):
         return getattr(self._inner, name)
 
-    def unet(self, sample, timestep, encoder_hidden_states):
+    def unet(self, sample, timestep, encoder_hidden_states, added=None, *, residuals=None):
         return sample
 
 

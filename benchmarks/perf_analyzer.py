@@ -164,9 +164,9 @@ def _b64(array: np.ndarray) -> dict:
     }
 
 
-def pipeline_constants(repository: str | os.PathLike) -> dict:
-    """The exported repository's ``pipeline.json`` (sizes, text width, dtype...)."""
-    path = Path(repository) / "stable_diffusion" / "1" / "assets" / "pipeline.json"
+def pipeline_constants(repository: str | os.PathLike, model: str = "stable_diffusion") -> dict:
+    """The ``pipeline.json`` of pipeline model ``model`` (sizes, text width, dtype...)."""
+    path = Path(repository) / model / "1" / "assets" / "pipeline.json"
     return json.loads(path.read_text())
 
 

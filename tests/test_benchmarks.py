@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,7 +224,7 @@ def test_report_writes_table_plot_and_raw(tmp_path):
 
 
 # ------------------------------------------------------ against a server
-def _check_results(out, label, concurrency):
+def _check_results(out, label, concurrency, server_pid=True):
     text = (out / f"{label}.md").read_text()
     table = text.split("| c | served p50 s |")[1].split("\n\n")[0]
     rows = [
@@ -241,7 +242,8 @@ def _check_results(out, label, concurrency):
         assert np.isfinite(level["overhead"]) and level["overhead"] > 0
         assert level["unet"]["execution_count"] > 0
         assert level["unet"]["samples_per_execution"] >= 2  # guidance: 2 samples per call
-    assert setting["memory"]["server_peak_bytes"] > 0
+    if server_pid:  # the server's memory is read from its process tree
+        assert setting["memory"]["server_peak_bytes"] > 0
     assert setting["max_pixel_diff_served_vs_inprocess"] <= 1  # same weights, same image
     assert raw["versions"]["tritonserver"]
     return raw
@@ -344,36 +346,27 @@ def test_sdxl_architecture_reads_the_shipped_configs():
         random_models.xl_architecture(0.75)
 
 
-@pytest.fixture(scope="module")
-def tiny_xl_repository(tmp_path_factory, family_checkpoints):
-    """The tiny SDXL base exported alone: one pipeline instance, no stream model."""
-    from sd_triton.export import Contents, ExportOptions, Hosting, export_repository
-
-    path = tmp_path_factory.mktemp("bench-xl") / "repository"
-    options = ExportOptions(
-        contents=Contents(stream_model=False), hosting=Hosting(pipeline_instances=1)
-    )
-    export_repository(family_checkpoints["tiny-sdxl"], path, options)
-    return path
-
-
 @pytest.mark.server
-def test_harness_sdxl_row(tmp_path, tiny_xl_repository, family_checkpoints):
-    """An SDXL repository is measured against diffusers' StableDiffusionXLPipeline (chosen by
-    pipeline.json's family) on the same weights: same image, counted work, the report."""
+def test_harness_sdxl_row(tmp_path, families_url, families_repository, family_checkpoints):
+    """An SDXL pipeline (the tiny base under ``xl_`` in the families' server, shared with
+    test_sdxl.py) is measured against diffusers' StableDiffusionXLPipeline, chosen by its
+    pipeline.json's family, on the same weights: same image, its UNet's statistics, the report."""
     from sd_triton.benchmarks import harness
 
-    args = ["--repository", str(tiny_xl_repository), "--name", "tiny-sdxl"]
+    args = ["--repository", str(families_repository), "--model-prefix", "xl_"]
+    args += ["--url", families_url, "--name", "tiny-sdxl", "--warmup", "1"]
     args += ["--concurrency", "1,2", "--steps", "2", "--requests-per-worker", "1"]
     args += ["--inprocess-images", "1", "--models", "repository", "--no-progress"]
     args += ["--output-dir", str(tmp_path), "--label", "xl", "--build-dir", str(tmp_path / "b")]
     assert harness.main(args) == 0
-    raw = _check_results(tmp_path, "xl", (1, 2))
+    raw = _check_results(tmp_path, "xl", (1, 2), server_pid=False)
     (setting,) = raw["settings"]
     assert setting["setting"]["family"] == "sdxl"
     assert setting["setting"]["inprocess_pipeline"] == "StableDiffusionXLPipeline"
-    assert setting["setting"]["checkpoint"].endswith("tiny-sdxl")  # pipeline.json's source
-    # The text_time UNet's work, counted with its added conditioning.
+    # pipeline.json's source: the checkpoint the base was exported from
+    assert Path(setting["setting"]["checkpoint"]).resolve() == family_checkpoints["tiny-sdxl"]
+    # the prefixed UNet's statistics, and its work counted with the added conditioning
+    assert raw["settings"][0]["levels"][0]["server_stats"]["xl_unet"]["execution_count"] > 0
     assert setting["work"]["unet_gflop"] > 0 and setting["work"]["guidance"]
     assert "in-process `StableDiffusionXLPipeline`" in (tmp_path / "xl.md").read_text()
 
