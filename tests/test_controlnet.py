@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import PIL.Image
 import pytest
+import tritonclient.grpc as grpcclient
 from helpers import bad_request_error, max_diff, reference, served_generate
 
 from sd_triton.client.control import canny
@@ -26,7 +27,7 @@ from sd_triton.export import ExportOptions, export_repository
 from sd_triton.export import controlnet as CN
 from sd_triton.export import triton_config as T
 from sd_triton.export.checkpoint import ExportError
-from sd_triton.export.options import Contents
+from sd_triton.export.options import Contents, Naming
 from sd_triton.server import TritonServer
 
 NAMES = ("canny", "depth")
@@ -46,32 +47,55 @@ def control_image(seed: int, height: int = HEIGHT, width: int = WIDTH) -> np.nda
 @pytest.fixture(scope="module")
 def controlnet_dirs(tmp_path_factory, tiny_checkpoint) -> dict[str, object]:
     """Two tiny ControlNets (diffusers folders) made from the tiny UNet."""
-    import torch
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     root = tmp_path_factory.mktemp("controlnets")
     unet = UNet2DConditionModel.from_pretrained(tiny_checkpoint / "unet")
-    dirs = {}
     for seed, name in enumerate(NAMES):
-        torch.manual_seed(seed)
-        model = ControlNetModel.from_unet(
-            unet, conditioning_embedding_out_channels=EMBEDDING_CHANNELS
-        )
-        gen = torch.Generator().manual_seed(10 + seed)
-        convs = [*model.controlnet_down_blocks, model.controlnet_mid_block]
-        with torch.no_grad():
-            for p in (p for conv in convs for p in conv.parameters()):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        dirs[name] = root / name
-        model.save_pretrained(dirs[name])
-    return dirs
+        make_controlnet(unet, seed, root / name)
+    return {name: root / name for name in NAMES}
+
+
+def make_controlnet(unet, seed: int, path) -> None:
+    """A ControlNet from ``unet`` with random output convolutions, saved to ``path``."""
+    import torch
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBEDDING_CHANNELS)
+    gen = torch.Generator().manual_seed(10 + seed)
+    convs = [*model.controlnet_down_blocks, model.controlnet_mid_block]
+    with torch.no_grad():
+        for p in (p for conv in convs for p in conv.parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.save_pretrained(path)
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory, tiny_checkpoint, controlnet_dirs):
+def tiny_sdxl(build_dir, tmp_path_factory):
+    """The tiny SDXL base and a ControlNet made from its UNet."""
+    import subprocess
+    import sys
+
+    from diffusers import UNet2DConditionModel
+
+    path = build_dir / "tiny-sdxl"
+    if not (path / "model_index.json").exists():
+        tiny = [sys.executable, "-m", "sd_triton.export.tiny", str(path), "--family", "sdxl"]
+        subprocess.run(tiny, check=True)
+    controlnet = tmp_path_factory.mktemp("controlnet-xl") / "canny"
+    make_controlnet(UNet2DConditionModel.from_pretrained(path / "unet"), 7, controlnet)
+    return path, controlnet
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory, tiny_checkpoint, controlnet_dirs, tiny_sdxl):
+    """The tiny SD 1.x with two ControlNets, and the tiny SDXL (``xl_``) with one."""
     root = tmp_path_factory.mktemp("controlnet-repo") / "repo"
     options = ExportOptions(Contents(stream_model=False, safety_checker=False))
     export_repository(tiny_checkpoint, root, options, controlnets=controlnet_dirs)
+    xl = ExportOptions(Contents(stream_model=False), naming=Naming(model_prefix="xl_"))
+    export_repository(tiny_sdxl[0], root, xl, controlnets={"canny": tiny_sdxl[1]})
     return root
 
 
@@ -373,3 +397,54 @@ def test_in_process_over_diffusers_modules_is_bit_exact(repository, pipes):
         got = generate(request, components, assets).images
     want, _ = expected(pipes, NAMES, images, 4, **BASE, height=HEIGHT, width=WIDTH, **settings)
     assert max_diff(got, want) == 0
+
+
+# ---------------------------------------------------------------------------
+# SDXL
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_sdxl_served_equals_diffusers(url, tiny_sdxl, guess_mode):
+    import torch
+    from diffusers import (
+        ControlNetModel,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionXLControlNetPipeline,
+    )
+    from helpers import REFERENCE_SCHEDULERS, infer_inputs
+
+    assert REFERENCE_SCHEDULERS["euler_a"][0] == "EulerAncestralDiscreteScheduler"
+
+    path, controlnet_dir = tiny_sdxl
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
+        path, controlnet=ControlNetModel.from_pretrained(controlnet_dir)
+    )
+    pipe.set_progress_bar_config(disable=True)
+    control = control_image(12)
+    settings = {**BASE, "height": HEIGHT, "width": WIDTH, "num_inference_steps": 3}
+    settings["guess_mode"] = guess_mode
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    out = pipe(
+        generator=torch.Generator().manual_seed(5), output_type="np",
+        image=PIL.Image.fromarray(control), controlnet_conditioning_scale=0.9, **settings,
+    )  # fmt: skip
+    want = (out.images * 255).round().astype(np.uint8)
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        inputs = {**settings, "scheduler": "euler_a", "seed": 5}
+        for controlled in (True, False):
+            extra = {
+                "controlnet": np.array([b"canny"], dtype=object),
+                "control_image": control[None],
+                "controlnet_conditioning_scale": np.array([0.9], np.float32),
+            }
+            options = {**inputs, **extra} if controlled else {**inputs, "guess_mode": False}
+            result = client.infer("xl_stable_diffusion", infer_inputs(**options))
+            if controlled:
+                got = result.as_numpy("images")
+            else:
+                plain = result.as_numpy("images")
+    finally:
+        client.close()
+    assert max_diff(got, want) <= 1
+    assert max_diff(plain, got) > 8
