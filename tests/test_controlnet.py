@@ -280,6 +280,20 @@ def test_export_refuses_what_it_cannot_do(tmp_path, tiny_checkpoint, controlnet_
     assert CN.check_request({}, fp16) is None  # no ControlNet: every option goes
 
 
+def test_export_command_line_takes_controlnet(tmp_path, tiny_checkpoint, capsys):
+    from sd_triton.export import cli as export_cli
+
+    argv = [str(tiny_checkpoint), str(tmp_path / "out"), "--controlnet", f"Edges={tmp_path}"]
+    assert export_cli.main(argv) == 2
+    assert "--controlnet name 'Edges'" in capsys.readouterr().err
+    argv[-1] = f"edges={tmp_path}"
+    assert export_cli.main(argv) == 2
+    assert f"--controlnet edges={tmp_path}: not a diffusers ControlNet folder" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------
 # The client: canny, and sd-triton generate --control
 
