@@ -30,6 +30,7 @@ from helpers import (
 )
 
 from sd_pipeline import Assets, OnnxComponents, generate, make_request
+from sd_pipeline.request import img2img_strength
 
 SETTINGS = {
     "prompt": "a red armchair in a garden",
@@ -85,7 +86,7 @@ def test_inpaint_parity_4_channel_unet(
 def test_inpaint_default_strength_is_diffusers_one(reference_pipe, assets, tiny_repository):
     image, mask = source_image(), source_mask()
     request = make_request(assets.config, seed=5, image=image, mask_image=mask, **SETTINGS)
-    assert request.strength is None and request.img2img_strength == 1.0
+    assert request.strength is None and img2img_strength(request, assets.config) == 1.0
     result = generate(request, OnnxComponents(tiny_repository), assets)
     # diffusers' default strength is 1.0
     expected, flags = inpaint_reference(reference_pipe, None, 5, image, mask, **SETTINGS)

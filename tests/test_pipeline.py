@@ -73,10 +73,10 @@ class CountingUnet:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def unet(self, sample, timestep, encoder_hidden_states):
+    def unet(self, sample, timestep, encoder_hidden_states, added=None, **kwargs):
         assert timestep.shape == (sample.shape[0],) and timestep.dtype == torch.float32
         self.unet_batches.append(sample.shape[0])
-        return self.inner.unet(sample, timestep, encoder_hidden_states)
+        return self.inner.unet(sample, timestep, encoder_hidden_states, added, **kwargs)
 
 
 def test_guidance_off_halves_the_unet_batch(reference_pipe, assets, onnx):

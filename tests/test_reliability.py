@@ -66,9 +66,15 @@ def test_megabyte_prompt_is_refused_before_tokenizing(triton_url):
 
 
 def test_long_prompt_within_the_limit_is_truncated_and_served(triton_url):
+    """diffusers' syntax truncates at 77 tokens; the web UI's (the default) chunks up to
+    max_prompt_chunks and refuses more with a sentence."""
+    text = "a cat " * 2000  # 12 kB, ~4000 tokens
     with Client(triton_url) as client:
-        result = client.generate("a cat " * 2000, seed=1, **SMALL)  # 12 kB, ~4000 tokens
-    assert len(result.images) == 1
+        result = client.generate(text, seed=1, prompt_syntax="diffusers", **SMALL)
+        assert len(result.images) == 1
+        with pytest.raises(InvalidRequestError, match="chunks of 75 tokens, over this model"):
+            client.generate(text, seed=1, **SMALL)
+        assert len(client.generate("a cat " * 60, seed=1, **SMALL).images) == 1  # 2 chunks
 
 
 def test_work_budget_refuses_what_each_single_limit_allows(triton_url):
