@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import adapters, single_file
 from .checkpoint import ExportError
+from .controlnet import controlnet_sources
 from .options import (
     HOSTS,
     PRECISIONS,
@@ -198,10 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=_parameter,
         action="append",
         default=[],
-        metavar="NAME=DIR",
-        help="export the diffusers ControlNet folder DIR beside the UNet as model "
+        metavar="NAME=PATH",
+        help="export the ControlNet PATH (a diffusers folder, or a single .safetensors/.ckpt/"
+        ".pth file in lllyasviel's or diffusers' layout) beside the UNet as model "
         "controlnet_NAME (and the controlled UNet unet_controlled); requests name it NAME; "
         "repeatable (fp32, ONNX hosts)",
+    )
+    p.add_argument(
+        "--controlnet-config",
+        type=_parameter,
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a diffusers ControlNet folder whose config.json describes the single-file "
+        "--controlnet NAME (default: the shipped config of its family, SD 1.x or SDXL)",
     )
     single_file.add_arguments(p)
     adapters.add_arguments(p)
@@ -280,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out,
                 options,
                 overwrite=args.overwrite,
-                controlnets={name: Path(path) for name, path in args.controlnet},
+                controlnets=controlnet_sources(args.controlnet, args.controlnet_config),
             )
     except ExportError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -27,8 +27,10 @@ files, since TensorRT takes inputs that share a dimension name to be equal.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,23 +44,28 @@ from sd_pipeline.controlnet import CONTROLLED_UNET, CONTROLNET_INPUTS
 from . import components as C
 from . import triton_config as T
 from . import wrappers as W
-from .checkpoint import ExportError
+from .checkpoint import ExportError, load_state_dict
 from .options import ExportOptions
 
 if TYPE_CHECKING:
     from tritonclient.grpc import model_config_pb2
 
 __all__ = [
+    "CONTROLNET_CONFIGS",
     "CONTROLNET_INPUTS",
+    "ControlNetSource",
     "Residual",
     "add_controlnets",
     "check_compatible",
+    "check_fit",
     "check_request",
     "controlled_unet_component",
     "controlnet_component",
+    "controlnet_sources",
     "export_onnx",
     "residual_sizes",
     "residuals",
+    "single_file_family",
     "triton_config",
 ]
 
@@ -355,8 +362,9 @@ def triton_config(
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
 
 
-def check_request(controlnets: Mapping[str, Path], opts: ExportOptions) -> None:
-    """Raise ``ExportError`` unless ``controlnets`` (NAME -> folder) can be exported with ``opts``."""
+def check_request(controlnets: Mapping[str, Path | ControlNetSource], opts: ExportOptions) -> None:
+    """Raise ``ExportError`` unless ``controlnets`` (NAME -> folder, single file or
+    :class:`ControlNetSource`) can be exported with ``opts``."""
     bad = [n for n in controlnets if not _NAME.fullmatch(n)]
     if bad:
         raise ExportError(
@@ -369,21 +377,176 @@ def check_request(controlnets: Mapping[str, Path], opts: ExportOptions) -> None:
         raise ExportError("--controlnet is exported for the ONNX hosts (python, onnxruntime) only")
     if opts.contents.precision != "fp32":
         raise ExportError("--controlnet is exported in fp32 only (fp16 is not supported yet)")
-    for name, path in controlnets.items():
-        if not (Path(path) / "config.json").is_file():
+    for name, value in controlnets.items():
+        _check_source(name, _source(value))
+
+
+# --------------------------------------------------------------------------
+# Where a ControlNet comes from: a diffusers folder, or a single file
+
+# The shipped weightless config (export/configs/) of each family's single files.
+CONTROLNET_CONFIGS = {"sd1": "controlnet-sd1", "sdxl": "controlnet-sdxl"}
+# lllyasviel's (ControlNet v1.0 / v1.1) layout: LDM's UNet encoder names, the control
+# image's input_hint_block and the zero_convs, with or without control_model.
+ORIGINAL_PREFIX = "control_model."
+ORIGINAL_MARKER = "input_hint_block.0.weight"
+# diffusers' layout: ControlNetModel.state_dict() in one file.
+DIFFUSERS_MARKER = "controlnet_cond_embedding.conv_in.weight"
+
+
+@dataclass(frozen=True)
+class ControlNetSource:
+    """A ControlNet to export: a diffusers folder, or a single file (``.safetensors``,
+    ``.ckpt``, ``.pth``) and, for sizes its keys cannot tell, ``config``: a diffusers
+    ControlNet folder whose ``config.json`` describes it (default: the shipped config of
+    the family its layout says)."""
+
+    path: Path
+    config: Path | None = None
+
+
+def controlnet_sources(
+    pairs: Iterable[tuple[str, str | Path]], configs: Iterable[tuple[str, str | Path]] = ()
+) -> dict[str, ControlNetSource]:
+    """``--controlnet NAME=PATH`` and ``--controlnet-config NAME=DIR`` pairs, as sources."""
+    sources = {name: ControlNetSource(Path(path)) for name, path in pairs}
+    for name, config in configs:
+        if name not in sources:
+            raise ExportError(f"--controlnet-config {name}={config}: no --controlnet {name}=...")
+        sources[name] = replace(sources[name], config=Path(config))
+    return sources
+
+
+def _source(value: str | Path | ControlNetSource) -> ControlNetSource:
+    return value if isinstance(value, ControlNetSource) else ControlNetSource(Path(value))
+
+
+def _check_source(name: str, source: ControlNetSource) -> None:
+    from .single_file import is_single_file
+
+    where = f"--controlnet {name}={source.path}"
+    if is_single_file(source.path):
+        if not source.path.is_file():
+            raise ExportError(f"{where}: no such file")
+        if source.config is not None and not (source.config / "config.json").is_file():
+            raise ExportError(f"--controlnet-config {name}={source.config}: no config.json there")
+    elif source.config is not None:
+        raise ExportError(f"--controlnet-config {name}=...: it is for single files, not folders")
+    elif not (source.path / "config.json").is_file():
+        raise ExportError(
+            f"{where}: not a diffusers ControlNet folder (no config.json) nor a ControlNet "
+            "file (.safetensors, .ckpt, .pth)"
+        )
+
+
+def single_file_family(keys: Collection[str]) -> str:
+    """``sd1`` or ``sdxl`` (a key of :data:`CONTROLNET_CONFIGS`): the family of a single-file
+    ControlNet whose tensors are named ``keys``, from its layout (lllyasviel's or
+    diffusers') and SDXL's added embedding."""
+    from .single_file import _prefixes
+
+    if ORIGINAL_MARKER in keys or ORIGINAL_PREFIX + ORIGINAL_MARKER in keys:
+        if any(k.removeprefix(ORIGINAL_PREFIX).startswith("label_emb.") for k in keys):
             raise ExportError(
-                f"--controlnet {name}={path}: not a diffusers ControlNet folder (no config.json)"
+                "an SDXL ControlNet in the original layout, which diffusers does not convert: "
+                "use its diffusers-layout file or folder"
             )
+        return "sd1"
+    if DIFFUSERS_MARKER in keys:
+        return "sdxl" if "add_embedding.linear_1.weight" in keys else "sd1"
+    raise ExportError(
+        f"not a ControlNet (no {ORIGINAL_MARKER} nor {DIFFUSERS_MARKER}); "
+        f"found {_prefixes(list(keys))}"
+    )
 
 
-def _load_controlnet(name: str, path: Path):
+def _keys(path: Path) -> set[str]:
+    """The tensor names of a weights file (of a ``.safetensors``, its header alone)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        with contextlib.suppress(Exception), safe_open(path, "pt") as f:
+            return set(f.keys())
+    return set(load_state_dict(path))  # says what is wrong with the file
+
+
+def _config(source: ControlNetSource) -> dict[str, Any]:
+    """The ControlNet config of ``source``: its folder's, its ``config``, or the shipped
+    config of the family a single file's layout says."""
+    from .single_file import config_folder, is_single_file
+
+    folder = source.path
+    if is_single_file(source.path):
+        family = single_file_family(_keys(source.path))
+        folder = source.config or config_folder(CONTROLNET_CONFIGS[family])
+    return json.loads((folder / "config.json").read_text())
+
+
+def check_fit(
+    controlnets: Mapping[str, Path | ControlNetSource],
+    unet_config: Mapping[str, Any],
+    vae_scale_factor: int,
+) -> None:
+    """Raise ``ExportError`` for a ControlNet that is none or does not fit the UNet
+    (:func:`check_compatible`), read from configs and file headers: before the export."""
+    from .single_file import is_single_file
+
+    for name, value in controlnets.items():
+        source = _source(value)
+        try:
+            check_compatible(_config(source), unet_config, vae_scale_factor)
+        except ExportError as e:
+            shipped = is_single_file(source.path) and source.config is None
+            hint = f" (the shipped config; other sizes: --controlnet-config {name}=DIR)"
+            message = f"--controlnet {name}={source.path}: {e}{hint if shipped else ''}"
+            raise ExportError(message) from None
+
+
+def _from_single_file(source: ControlNetSource):
+    """The ControlNet of a single file, converted by diffusers against its config."""
     from diffusers import ControlNetModel
 
+    from .single_file import _check_loaded, config_folder
+
+    state_dict = load_state_dict(source.path)
+    family = single_file_family(state_dict.keys())
+    config = source.config or config_folder(CONTROLNET_CONFIGS[family])
     try:
-        return ControlNetModel.from_pretrained(path).float().eval()
+        model = ControlNetModel.from_single_file(
+            state_dict, config=str(config), local_files_only=True
+        )
+    except Exception as e:  # diffusers raises many kinds
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        hint = "" if source.config else f" (with the shipped {CONTROLNET_CONFIGS[family]} config)"
+        raise ExportError(f"cannot be converted{hint}: {first}") from e
+    _check_loaded("controlnet", model)
+    return model
+
+
+def _load_controlnet(name: str, source: ControlNetSource):
+    """The ControlNet of ``source`` (a folder or a single file), float32, eval mode."""
+    from diffusers import ControlNetModel
+
+    from .single_file import is_single_file
+
+    where = f"--controlnet {name}={source.path}"
+    try:
+        if is_single_file(source.path):
+            return _from_single_file(source).float().eval()
+        return ControlNetModel.from_pretrained(source.path).float().eval()
+    except ExportError as e:
+        raise ExportError(f"{where}: {e}") from None
     except Exception as e:  # diffusers raises many kinds
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"--controlnet {name}={path} cannot be loaded: {first}") from e
+        raise ExportError(f"{where} cannot be loaded: {first}") from e
+
+
+def _hashes(controlnets: Mapping[str, Path | ControlNetSource]) -> dict[str, str]:
+    """The web UI's hash (:func:`.single_file.model_hash`) of each single-file ControlNet."""
+    from .single_file import is_single_file, model_hash
+
+    paths = {name: _source(value).path for name, value in controlnets.items()}
+    return {name: model_hash(path) for name, path in paths.items() if is_single_file(path)}
 
 
 def _write(
@@ -424,17 +587,20 @@ def _write(
 def add_controlnets(
     plan: Any,
     ckpt: Any,
-    controlnets: Mapping[str, Path],
+    controlnets: Mapping[str, Path | ControlNetSource],
     opts: ExportOptions,
     staging: Path,
     version: str,
 ) -> None:
-    """Export each ControlNet (NAME -> diffusers folder) as ``{prefix}controlnet_{NAME}`` and
-    the controlled UNet as ``{prefix}unet_controlled`` into ``staging``.
+    """Export each ControlNet (NAME -> diffusers folder or :class:`ControlNetSource`) as
+    ``{prefix}controlnet_{NAME}`` and the controlled UNet as ``{prefix}unet_controlled``
+    into ``staging``.
 
     ``plan`` (the repository's export plan) gains their components, configs and tensor
     dtypes, so pipeline.json names and versions them as every component, and
-    pipeline.json's ``controlnets`` / ``controlnet_residuals`` (:mod:`sd_pipeline.controlnet`).
+    pipeline.json's ``controlnets`` / ``controlnet_residuals`` (:mod:`sd_pipeline.controlnet`)
+    and ``controlnet_hashes`` (the web UI's hash of each single file, also a config
+    parameter of the pipeline models).
     """
     if not controlnets:
         return
@@ -443,14 +609,18 @@ def add_controlnets(
 
     unet = load_module("unet", ckpt.folder("unet")).float().eval()
     names = {}
-    for name, path in controlnets.items():
-        model = _load_controlnet(name, Path(path))
+    for name, value in controlnets.items():
+        source = _source(value)
+        model = _load_controlnet(name, source)
         try:
             check_compatible(model.config, unet.config, plan.constants["vae_scale_factor"])
         except ExportError as e:
-            raise ExportError(f"--controlnet {name}={path}: {e}") from None
+            raise ExportError(f"--controlnet {name}={source.path}: {e}") from None
         names[name] = f"controlnet_{name}"
         component = controlnet_component(model.config, names[name])
         _write(component, {"controlnet": model}, plan, opts, staging, version)
     _write(controlled_unet_component(unet.config), {"unet": unet}, plan, opts, staging, version)
     plan.constants.update(P.controlnet_record(names, len(residuals(unet.config))))
+    hashes = _hashes(controlnets)
+    if hashes:
+        plan.constants["controlnet_hashes"] = hashes

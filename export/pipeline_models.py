@@ -136,6 +136,9 @@ def pipeline_parameters(
     identity = {"family": constants["family"]}
     if opts.contents.refiner:
         identity["refiner_model_name"] = Path(opts.contents.refiner).name
+    if constants.get("controlnet_hashes"):  # single-file ControlNets: "name: hash, ..."
+        hashes = constants["controlnet_hashes"].items()
+        identity["controlnet_hashes"] = ", ".join(f"{n}: {h}" for n, h in hashes)
     return {**ADMISSION_DEFAULTS, **preset, **identity, **opts.parameters, **limits.parameters()}
 
 

@@ -48,7 +48,8 @@ from .checkpoint import (
     load_modules,
 )
 from .component_models import check_host_code, component_config, write_component
-from .controlnet import add_controlnets
+from .controlnet import ControlNetSource, add_controlnets
+from .controlnet import check_fit as check_controlnet_fit
 from .controlnet import check_request as check_controlnets
 from .options import PIPELINE_MODELS, REFINER_PREFIX, ExportOptions
 from .pipeline_models import (
@@ -253,7 +254,7 @@ def export_repository(
     options: ExportOptions | None = None,
     *,
     overwrite: bool = False,
-    controlnets: Mapping[str, Path] | None = None,
+    controlnets: Mapping[str, Path | ControlNetSource] | None = None,
 ) -> Path:
     """Export the diffusers SD folder ``src`` to the Triton model repository ``out``.
 
@@ -261,8 +262,9 @@ def export_repository(
     ONNX host, on the CPU). The models are written to a hidden staging folder
     inside ``out`` and moved into place at the end, so a failed export leaves
     ``out`` as it was. Raises :class:`ExportError` for a bad checkpoint,
-    output folder or option. ``controlnets``: NAME -> diffusers ControlNet folder, each
-    exported beside the UNet with a controlled UNet (:mod:`.controlnet`).
+    output folder or option. ``controlnets``: NAME -> diffusers ControlNet folder or single
+    file (:class:`~.controlnet.ControlNetSource`), each exported beside the UNet with a
+    controlled UNet (:mod:`.controlnet`).
     """
     opts = options or ExportOptions()
     opts.check()
@@ -274,6 +276,8 @@ def export_repository(
     start = time.perf_counter()
     ckpt = _inspect(src, opts)
     refiner = _inspect_refiner(ckpt, opts)
+    scale = pipeline_constants(ckpt.configs)["vae_scale_factor"]
+    check_controlnet_fit(controlnets or {}, ckpt.configs["unet"], scale)
     P.check_output(out, opts, overwrite)
     version = P.next_version(out, opts)
     _warn_stale_stream_model(out, opts)

@@ -27,7 +27,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["MODELS", "original_layout", "original_state_dict", "write_original"]
+__all__ = [
+    "MODELS",
+    "controlnet_original_layout",
+    "original_layout",
+    "original_state_dict",
+    "write_original",
+]
 
 Tensors = dict[str, torch.Tensor]
 MODELS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -214,6 +220,30 @@ def original_layout(parts: dict[str, Tensors], configs: dict[str, dict[str, Any]
     else:
         out |= _prefixed("cond_stage_model.transformer.", _clip(parts["text_encoder"]))
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def controlnet_original_layout(
+    sd: Tensors, config: dict[str, Any], prefix: str = "control_model."
+) -> Tensors:
+    """A diffusers ``ControlNetModel`` state dict in lllyasviel's (ControlNet v1.x) layout:
+    the UNet encoder as LDM names it, the control image embedding as ``input_hint_block``
+    (convolutions at even indices, SiLUs between), ``zero_convs`` and ``middle_block_out``.
+
+    The embedding's last convolution goes to index 14, where the full-size embedding
+    (8 convolutions) has it and where diffusers' converter reads it for any size.
+    """
+    sd, out = dict(sd), {}
+    _rename(sd, "controlnet_cond_embedding.conv_in.", "input_hint_block.0.", out)
+    blocks = 2 * (len(config["conditioning_embedding_out_channels"]) - 1)
+    for i in range(blocks):
+        old = f"controlnet_cond_embedding.blocks.{i}."
+        _rename(sd, old, f"input_hint_block.{2 * (i + 1)}.", out)
+    _rename(sd, "controlnet_cond_embedding.conv_out.", "input_hint_block.14.", out)
+    for i in range(sum(k.startswith("controlnet_down_blocks.") for k in sd) // 2):
+        _rename(sd, f"controlnet_down_blocks.{i}.", f"zero_convs.{i}.0.", out)
+    _rename(sd, "controlnet_mid_block.", "middle_block_out.0.", out)
+    out |= _unet(sd, config)
+    return {prefix + k: v.contiguous() for k, v in out.items()}
 
 
 def original_state_dict(folder: str | Path) -> Tensors:

@@ -7,11 +7,19 @@ Both components are exported to ONNX (traced at one batch and size, run at
 others), compared with diffusers' modules called as its ControlNet pipelines
 call them, and served by a real tritonserver from the Triton configs written
 for them.
+
+Single files (``sd-triton-export --controlnet NAME=FILE``): the tiny ControlNets
+written in lllyasviel's layout (SD 1.x; ``tests/original_layout.py``) and in
+diffusers' layout in one file export the folder's ONNX byte for byte, with the
+web UI's hash published; files that are not ControlNets or do not fit are refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,6 +29,8 @@ import torch
 import tritonclient.grpc as grpcclient
 from diffusers import ControlNetModel, UNet2DConditionModel
 from helpers import assert_config_matches_onnx
+from original_layout import controlnet_original_layout
+from safetensors.torch import save_file
 from tritonclient.utils import np_to_triton_dtype
 
 from sd_triton.export import component_models as CM
@@ -295,3 +305,157 @@ def test_served_controlnet_and_controlled_unet(models, url, family):
     y.update({r.unet_input: v for r, v in zip(CN.residuals(m.unet.config), residuals, strict=True)})
     (out,) = infer(url, unet.name, y, ["out_sample"])
     assert float(np.abs(out - unet_reference(m, y, residuals)).max()) <= TOLERANCE
+
+
+# ---------------------------------------------------------------------------
+# Single files: sd-triton-export --controlnet NAME=FILE (issue 16.1)
+
+# Lean exports: what is compared is the same either way.
+LEAN = ("-q", "--no-stream-model", "--no-safety-checker", "--pipeline-instances", "1")
+
+
+@pytest.fixture(scope="module")
+def controlnet_files(models, tmp_path_factory) -> dict[str, Path]:
+    """Each family's tiny ControlNet as a diffusers folder (``sd``, ``sdxl``) and as single
+    files: diffusers' layout (``sd-diffusers``, ``sdxl-diffusers``: ``state_dict()`` in one
+    ``.safetensors``) and, SD 1.x, lllyasviel's: ``control_model.*`` in a ``.safetensors``
+    (``sd-original``) and unprefixed in a ``.pth`` pickle (``sd-pth``)."""
+    root = tmp_path_factory.mktemp("controlnet-files")
+    files = {}
+    for family, m in models.items():
+        m.controlnet.save_pretrained(root / family)
+        files[family] = root / family
+        state = {k: v.contiguous() for k, v in m.controlnet.state_dict().items()}
+        files[f"{family}-diffusers"] = root / f"{family}-diffusers.safetensors"
+        save_file(state, files[f"{family}-diffusers"])
+    sd = models["sd"].controlnet
+    original = controlnet_original_layout(sd.state_dict(), dict(sd.config))
+    files["sd-original"] = root / "control_tiny_sd.safetensors"
+    save_file(original, files["sd-original"])
+    files["sd-pth"] = root / "control_tiny_sd.pth"
+    torch.save(
+        {k.removeprefix(CN.ORIGINAL_PREFIX): v for k, v in original.items()}, files["sd-pth"]
+    )
+    return files
+
+
+def export_cli(src: Path, out: Path, *extra: str) -> int:
+    from sd_triton.export import cli
+
+    return cli.main([str(src), str(out), *LEAN, *extra])
+
+
+def single_file_args(files: dict[str, Path], config: Path) -> list[str]:
+    """``--controlnet NAME=FILE --controlnet-config NAME=DIR`` for each of ``files``."""
+    argv = []
+    for name, path in files.items():
+        argv += ["--controlnet", f"{name}={path}", "--controlnet-config", f"{name}={config}"]
+    return argv
+
+
+def assert_same_onnx(repository: Path, names) -> None:
+    """The ControlNets ``names`` were exported byte for byte as the folder's (``folder``)."""
+    folder = (repository / "controlnet_folder" / "1" / CM.ONNX_NAME).read_bytes()
+    for name in names:
+        assert (repository / f"controlnet_{name}" / "1" / CM.ONNX_NAME).read_bytes() == folder, name
+
+
+def assert_hashes(repository: Path, files: dict[str, Path]) -> None:
+    """pipeline.json and the pipeline model's config carry each file's web UI hash
+    (SHA-256 of the file, 10 digits); the folder has none."""
+    expected = {n: hashlib.sha256(p.read_bytes()).hexdigest()[:10] for n, p in files.items()}
+    pipeline = json.loads((repository / "stable_diffusion/1/assets/pipeline.json").read_text())
+    assert pipeline["controlnet_hashes"] == expected
+    config = T.read_config(repository / "stable_diffusion" / T.CONFIG_NAME)
+    published = config.parameters["controlnet_hashes"].string_value
+    assert published == ", ".join(f"{n}: {h}" for n, h in expected.items())
+
+
+def test_sd_single_files_export_as_the_folder(tiny_checkpoint, controlnet_files, tmp_path):
+    """lllyasviel's layout (prefixed .safetensors, unprefixed .pth) and diffusers' layout."""
+    files = {n: controlnet_files[f"sd-{n}"] for n in ("original", "pth", "diffusers")}
+    argv = ["--controlnet", f"folder={controlnet_files['sd']}"]
+    argv += single_file_args(files, controlnet_files["sd"])
+    assert export_cli(tiny_checkpoint, tmp_path / "repo", *argv) == 0
+    assert_same_onnx(tmp_path / "repo", files)
+    assert_hashes(tmp_path / "repo", files)
+
+
+def test_sdxl_single_file_exports_as_the_folder(models, controlnet_files, tmp_path):
+    """diffusers' layout in one file, as SDXL ControlNets ship: the exporter's loader and
+    ONNX export give the folder's file byte for byte (the command line around them is the
+    SD 1.x test's)."""
+    sources = {
+        "folder": CN.ControlNetSource(controlnet_files["sdxl"]),
+        "file": CN.ControlNetSource(controlnet_files["sdxl-diffusers"], controlnet_files["sdxl"]),
+    }
+    onnx_files = []
+    for name, source in sources.items():
+        model = CN._load_controlnet(name, source)
+        component = CN.controlnet_component(model.config, "controlnet_xl")
+        path = tmp_path / name / CM.ONNX_NAME
+        onnx_files.append(
+            CN.export_onnx(component, {"controlnet": model}, path, models["sdxl"].at(TRACE))
+        )
+    assert onnx_files[0].read_bytes() == onnx_files[1].read_bytes()
+
+
+def test_single_files_that_do_not_fit_are_refused(
+    tiny_checkpoint, controlnet_files, tmp_path, capsys
+):
+    """Exit 2 with one sentence, before anything is exported; nothing written."""
+    out = tmp_path / "out"
+    sdxl, sdxl_file = controlnet_files["sdxl"], controlnet_files["sdxl-diffusers"]
+    unet_file = tiny_checkpoint / "unet" / "diffusion_pytorch_model.safetensors"
+    cases = [
+        # Another family (its own config given): the folder path's refusal.
+        (
+            ["--controlnet", f"xl={sdxl_file}", "--controlnet-config", f"xl={sdxl}"],
+            f"--controlnet xl={sdxl_file}: the ControlNet does not fit the UNet: ",
+            "cross_attention_dim",
+        ),
+        # Read with the shipped config, whose sizes are not the tiny model's: the
+        # message says which config was used and what to do.
+        (
+            ["--controlnet", f"sd={controlnet_files['sd-original']}"],
+            "does not fit the UNet: ",
+            "(the shipped config; other sizes: --controlnet-config sd=DIR)",
+        ),
+        # A UNet is not a ControlNet.
+        (
+            ["--controlnet", f"unet={unet_file}"],
+            f"--controlnet unet={unet_file}: not a ControlNet (no input_hint_block.0.weight "
+            "nor controlnet_cond_embedding.conv_in.weight); found ",
+            "down_blocks.",
+        ),
+        (["--controlnet-config", f"canny={sdxl}"], "--controlnet-config canny=", "no --controlnet"),
+    ]
+    for argv, *sentences in cases:
+        assert export_cli(tiny_checkpoint, out, *argv) == 2, argv
+        err = capsys.readouterr().err
+        assert all(s in err for s in sentences) and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
+def test_shipped_controlnet_configs_fit_their_families():
+    """The full-size architectures of the shipped configs (on PyTorch's meta device) fit
+    their families' UNets and VAEs, and their single-file layouts (lllyasviel's for SD 1.x,
+    diffusers' for SDXL) are told apart as we and diffusers tell them."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    from sd_triton.export.single_file import config_folder
+
+    for family, base, diffusers_type in (
+        ("sd1", "sd1", "controlnet"),
+        ("sdxl", "sdxl-base", "controlnet_xl_large"),
+    ):
+        folder = config_folder(CN.CONTROLNET_CONFIGS[family])
+        with torch.device("meta"):
+            model = ControlNetModel.from_config(ControlNetModel.load_config(folder))
+        unet = json.loads((config_folder(base) / "unet" / "config.json").read_text())
+        CN.check_compatible(model.config, unet, 8)
+        state = model.state_dict()
+        if family == "sd1":
+            state = controlnet_original_layout(state, dict(model.config))
+        assert CN.single_file_family(state.keys()) == family
+        assert infer_diffusers_model_type(state) == diffusers_type
