@@ -13,12 +13,16 @@ Command line::
     python -m sd_triton.benchmarks.perf_analyzer setup
     python -m sd_triton.benchmarks.perf_analyzer inputs build/model_repository
     python -m sd_triton.benchmarks.perf_analyzer run build/model_repository \\
-        [--url 127.0.0.1:8001] [--model stable_diffusion|unet] [--concurrency 1,2,4,8]
+        [--url 127.0.0.1:8001] [--model stable_diffusion|unet] [--concurrency 1,2,4,8] \\
+        [--model-prefix xl_] [--chunks 2]
 
 ``run`` starts a server on the repository unless ``--url`` names a running
 one, writes the input data, runs perf_analyzer over gRPC once per concurrency
 level and saves one CSV (perf_analyzer's own columns plus ``Concurrency``
 first) and its console output under ``build/perf_analyzer/results/``.
+Model names, the components the pipeline calls and the UNet's inputs (SDXL's
+``text_embeds`` and ``time_ids`` included) come from the repository: the
+pipeline's ``pipeline.json`` and the UNet's ``config.pbtxt``.
 """
 
 from __future__ import annotations
@@ -49,7 +53,6 @@ LIBRARIES = {
     "libb64.so.0d": "libb64-*.so.0d",
     "libcudart.so.12": "libcudart-*.so.12*",
 }
-COMPOSING_MODELS = ("text_encoder", "unet", "vae_decoder", "safety_checker")
 
 PROMPTS = (
     "a photo of an astronaut riding a horse on the moon",
@@ -170,6 +173,21 @@ def pipeline_constants(repository: str | os.PathLike, model: str = "stable_diffu
     return json.loads(path.read_text())
 
 
+def model_names(constants: dict) -> dict[str, str]:
+    """The Triton model of each role (``stable_diffusion``, ``unet``) and of each component
+    the pipeline calls, as the pipeline's ``pipeline.json`` names them (``--model-prefix``)."""
+    prefix = constants.get("model_prefix") or ""
+    return {"stable_diffusion": f"{prefix}stable_diffusion", **constants["component_models"]}
+
+
+def composing_models(constants: dict) -> tuple[str, ...]:
+    """``--bls-composing-models`` of the pipeline: the component models a text-to-image
+    request calls (all but the VAE encoder)."""
+    names = model_names(constants)
+    skip = ("stable_diffusion", "vae_encoder")
+    return tuple(model for role, model in names.items() if role not in skip)
+
+
 def stable_diffusion_inputs(
     *,
     height: int,
@@ -194,33 +212,65 @@ def stable_diffusion_inputs(
     return {"data": data}
 
 
-def unet_inputs(
-    constants: dict, *, height: int, width: int, entries: int = 2, seed: int = 0
-) -> dict:
-    """perf_analyzer ``--input-data`` for ``unet`` alone: one sample per entry (``-b`` sets the batch)."""
-    dtypes = constants.get("tensor_dtypes", {}).get("unet", {})
-    default = constants.get("dtype", "float32")
-    sample_dtype = np.dtype(dtypes.get("sample", default))
-    text_dtype = np.dtype(dtypes.get("encoder_hidden_states", default))
-    # The timestep stays fp32 in every export (fractional schedules).
-    timestep_dtype = np.dtype(dtypes.get("timestep", "float32"))
+def unet_shapes(
+    config, constants: dict, *, height: int, width: int, chunks: int = 1
+) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """Every input the UNet's ``config.pbtxt`` (a ``ModelConfig``) declares, with its dtype and
+    the shape of one sample: its fixed dims as declared, its dynamic ones (``-1``) named by the
+    tensor contract (``sd_pipeline.spec.unet_spec``) and sized for ``height`` x ``width`` pixels
+    and ``chunks`` prompt chunks of ``tokenizer_max_length`` tokens. SDXL's ``text_embeds`` and
+    ``time_ids`` and LCM's ``timestep_cond`` come with the config that declares them."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    from sd_pipeline import spec
+
     factor = constants["vae_scale_factor"]
+    sizes = {
+        "latent_height": height // factor,
+        "latent_width": width // factor,
+        "text_sequence": constants["tokenizer_max_length"] * chunks,
+    }
+    contract = {t.name: t for t in spec.unet_spec(text_time=True, timestep_cond=True).inputs}
+    dtypes = {triton: name for name, triton in spec.TRITON_DTYPES.items()}
+    shapes = {}
+    for tensor in config.input:
+        dtype = np.dtype(dtypes[pb.DataType.Name(tensor.data_type)])
+        symbols = [None] * len(tensor.dims)
+        if -1 in tensor.dims:
+            if tensor.name not in contract:
+                raise PerfAnalyzerError(
+                    f"{config.name}'s input {tensor.name} has dynamic dims and is not in the "
+                    "UNet's contract: cannot size it"
+                )
+            symbols = list(contract[tensor.name].dims[1:])
+        shape = tuple(sizes[s] if d == -1 else d for d, s in zip(tensor.dims, symbols, strict=True))
+        shapes[tensor.name] = (dtype, shape)
+    return shapes
+
+
+def unet_inputs(
+    config,
+    constants: dict,
+    *,
+    height: int,
+    width: int,
+    chunks: int = 1,
+    entries: int = 2,
+    seed: int = 0,
+) -> dict:
+    """perf_analyzer ``--input-data`` for the UNet alone, one sample per entry (``-b`` sets the
+    batch): every input of its config (:func:`unet_shapes`), standard normal values, and a
+    timestep per entry."""
+    shapes = unet_shapes(config, constants, height=height, width=width, chunks=chunks)
     rng = np.random.default_rng(seed)
-    latent = (
-        constants.get("unet_in_channels", constants["latent_channels"]),
-        height // factor,
-        width // factor,
-    )
-    text = (constants["tokenizer_max_length"], constants["text_width"])
     data = []
     for i in range(entries):
-        data.append(
-            {
-                "sample": _b64(rng.standard_normal(latent).astype(sample_dtype)),
-                "timestep": _b64(np.array([999.0 - 50 * i], timestep_dtype)),
-                "encoder_hidden_states": _b64(rng.standard_normal(text).astype(text_dtype)),
-            }
-        )
+        entry = {}
+        for name, (dtype, shape) in shapes.items():
+            values = np.full(shape, 999.0 - 50 * i) if name == "timestep" else None
+            values = rng.standard_normal(shape) if values is None else values
+            entry[name] = _b64(values.astype(dtype))
+        data.append(entry)
     return {"data": data}
 
 
@@ -228,15 +278,21 @@ def write_inputs(
     repository: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
+    model_prefix: str = "",
     height: int | None = None,
     width: int | None = None,
     steps: int = 4,
     guidance_scale: float = 7.5,
+    chunks: int = 1,
 ) -> dict[str, Path]:
-    """Write ``stable_diffusion.json`` and ``unet.json`` for the repository; native size by default."""
-    constants = pipeline_constants(repository)
+    """Write ``stable_diffusion.json`` and ``unet.json`` for pipeline
+    ``<model_prefix>stable_diffusion`` of the repository and its UNet; native size by default."""
+    from sd_triton.export.triton_config import read_config
+
+    constants = pipeline_constants(repository, f"{model_prefix}stable_diffusion")
     height = height or constants["native_height"]
     width = width or constants["native_width"]
+    unet = read_config(Path(repository) / model_names(constants)["unet"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {
@@ -245,7 +301,7 @@ def write_inputs(
                 height=height, width=width, steps=steps, guidance_scale=guidance_scale
             )
         ),
-        "unet": unet_inputs(constants, height=height, width=width),
+        "unet": unet_inputs(unet, constants, height=height, width=width, chunks=chunks),
     }
     paths = {}
     for model, payload in files.items():
@@ -371,6 +427,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         p.add_argument("--steps", type=int, default=4)
         p.add_argument("--guidance-scale", type=float, default=7.5)
+        p.add_argument(
+            "--model-prefix",
+            default="",
+            help="the pipeline <prefix>stable_diffusion of a repository of several (e.g. xl_)",
+        )
+        p.add_argument(
+            "--chunks", type=int, default=1, help="unet: prompt chunks of 77 tokens (default 1)"
+        )
     p_run = sub.choices["run"]
     p_run.add_argument("--url", help="gRPC address of a running server (default: start one)")
     p_run.add_argument("--model", choices=("stable_diffusion", "unet"), default="stable_diffusion")
@@ -395,8 +459,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs = write_inputs(
         args.repository,
         args.dir / "inputs",
+        model_prefix=args.model_prefix,
         steps=args.steps,
         guidance_scale=args.guidance_scale,
+        chunks=args.chunks,
         **size,
     )
     if args.command == "inputs":
@@ -406,8 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     pa = setup(args.dir)
     unet = args.model == "unet"
+    constants = pipeline_constants(args.repository, f"{args.model_prefix}stable_diffusion")
     kwargs = {
-        "model": args.model,
+        "model": model_names(constants)[args.model],
         "input_data": inputs[args.model],
         "out_csv": args.dir / "results" / f"{args.model}.csv",
         "concurrency": args.concurrency,
@@ -417,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else args.requests_per_worker or None
         ),
         "batch_size": (args.batch_size or 2) if unet else 1,
-        "composing_models": () if unet else COMPOSING_MODELS,
+        "composing_models": () if unet else composing_models(constants),
     }
     if args.url:
         rows = run(pa, url=args.url, **kwargs)

@@ -64,19 +64,56 @@ def test_stable_diffusion_inputs_follow_the_public_contract():
     }
 
 
+# An fp16 SD 1.5 UNet's config.pbtxt as the exporter writes it (the timestep stays fp32).
+SD15_FP16_UNET = """
+name: "unet"
+max_batch_size: 8
+input { name: "sample" data_type: TYPE_FP16 dims: [4, -1, -1] }
+input { name: "timestep" data_type: TYPE_FP32 dims: [1] reshape { } }
+input { name: "encoder_hidden_states" data_type: TYPE_FP16 dims: [-1, 768] }
+output { name: "out_sample" data_type: TYPE_FP16 dims: [4, -1, -1] }
+"""
+
+
 def test_unet_inputs_have_latent_and_text_shapes():
-    constants = {
-        "latent_channels": 4,
-        "vae_scale_factor": 8,
-        "tokenizer_max_length": 77,
-        "text_width": 768,
-        "dtype": "float16",
-    }
-    entry = perf_analyzer.unet_inputs(constants, height=128, width=64)["data"][0]
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    config = text_format.Parse(SD15_FP16_UNET, pb.ModelConfig())
+    constants = {"vae_scale_factor": 8, "tokenizer_max_length": 77}
+    entry = perf_analyzer.unet_inputs(config, constants, height=128, width=64)["data"][0]
+    assert set(entry) == {"sample", "timestep", "encoder_hidden_states"}
     assert entry["sample"]["shape"] == [4, 16, 8]
     assert entry["encoder_hidden_states"]["shape"] == [77, 768]
     assert len(base64.b64decode(entry["sample"]["b64"])) == 4 * 16 * 8 * 2  # fp16
     assert len(base64.b64decode(entry["timestep"]["b64"])) == 4  # always fp32
+
+
+def test_sdxl_unet_inputs_come_from_its_config(tmp_path, families_repository):
+    """The tiny SDXL base's UNet (``xl_unet``) takes SDXL's added inputs at the widths its
+    config.pbtxt declares, and a text sequence of 77 x chunks; the pipeline's models by name."""
+    paths = perf_analyzer.write_inputs(
+        families_repository, tmp_path, model_prefix="xl_", height=64, width=48, chunks=2
+    )
+    entry = json.loads(paths["unet"].read_text())["data"][0]
+    shapes = {name: value["shape"] for name, value in entry.items()}
+    # tiny SDXL: VAE factor 2, text width 32 + 64 = 96, pooled width 32, six time ids
+    assert shapes == {
+        "sample": [4, 32, 24],
+        "timestep": [1],
+        "encoder_hidden_states": [154, 96],
+        "text_embeds": [32],
+        "time_ids": [6],
+    }
+    constants = perf_analyzer.pipeline_constants(families_repository, "xl_stable_diffusion")
+    names = perf_analyzer.model_names(constants)
+    assert (names["stable_diffusion"], names["unet"]) == ("xl_stable_diffusion", "xl_unet")
+    assert perf_analyzer.composing_models(constants) == (
+        "xl_text_encoder",
+        "xl_text_encoder_2",
+        "xl_unet",
+        "xl_vae_decoder",
+    )
 
 
 def test_flop_count_matches_design_for_sd15():
@@ -285,6 +322,7 @@ def test_harness_smoke(tmp_path, triton_server, tiny_repository, tiny_checkpoint
 def test_perf_analyzer_runs_over_grpc(tmp_path, build_dir, triton_server, tiny_repository):
     pa = perf_analyzer.setup(build_dir / "perf_analyzer")
     inputs = perf_analyzer.write_inputs(tiny_repository, tmp_path / "inputs", steps=2)
+    constants = perf_analyzer.pipeline_constants(tiny_repository)
     out = tmp_path / "sd.csv"
     rows = perf_analyzer.run(
         pa,
@@ -294,7 +332,7 @@ def test_perf_analyzer_runs_over_grpc(tmp_path, build_dir, triton_server, tiny_r
         out_csv=out,
         concurrency=(1, 2),
         requests_per_worker=1,
-        composing_models=perf_analyzer.COMPOSING_MODELS,
+        composing_models=perf_analyzer.composing_models(constants),
         timeout_s=120,
     )
     assert [r["Concurrency"] for r in rows] == ["1", "2"]
@@ -369,6 +407,28 @@ def test_harness_sdxl_row(tmp_path, families_url, families_repository, family_ch
     assert raw["settings"][0]["levels"][0]["server_stats"]["xl_unet"]["execution_count"] > 0
     assert setting["work"]["unet_gflop"] > 0 and setting["work"]["guidance"]
     assert "in-process `StableDiffusionXLPipeline`" in (tmp_path / "xl.md").read_text()
+
+
+@pytest.mark.server
+def test_perf_analyzer_runs_the_sdxl_unet(tmp_path, build_dir, families_url, families_repository):
+    """perf_analyzer drives the tiny SDXL base's UNet with the inputs its config declares
+    (text_embeds and time_ids; two prompt chunks): the server accepts every request."""
+    pa = perf_analyzer.setup(build_dir / "perf_analyzer")
+    inputs = perf_analyzer.write_inputs(
+        families_repository, tmp_path / "inputs", model_prefix="xl_", chunks=2
+    )
+    rows = perf_analyzer.run(
+        pa,
+        model="xl_unet",
+        url=families_url,
+        input_data=inputs["unet"],
+        out_csv=tmp_path / "xl_unet.csv",
+        concurrency=(1,),
+        requests_per_worker=2,
+        batch_size=2,
+        timeout_s=120,
+    )
+    assert float(rows[0]["Inferences/Second"]) > 0
 
 
 # ------------------------------------------------------ per-step overhead
