@@ -61,7 +61,7 @@ from ._infotext import (
 )
 from ._request import GenerationRequest
 from ._sync import Client, GenerationStream, PendingGeneration
-from ._types import GenerationResult, GenerationSettings, ProgressEvent
+from ._types import ControlNetUnit, GenerationResult, GenerationSettings, ProgressEvent
 
 __all__ = [
     "A1111_SAMPLERS",
@@ -71,6 +71,7 @@ __all__ = [
     "AsyncPendingGeneration",
     "CancelledError",
     "Client",
+    "ControlNetUnit",
     "DeadlineExceededError",
     "GenerationRequest",
     "GenerationResult",

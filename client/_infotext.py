@@ -24,8 +24,10 @@ The newer inputs are written under the web UI's keys where it has one
 (the CFG Rescale extension's key for diffusers' ``guidance_rescale``; its older
 ``CFG Rescale φ``, Neutral Prompt's ``CFG Rescale phi`` and Forge's ``Rescale CFG``
 are read too). SDXL's other inputs have no web UI key; they are written under
-their diffusers names (``Prompt 2``, ``Original size``, ...). :func:`infotext_options`
-turns parsed fields back into the options that reproduce the image.
+their diffusers names (``Prompt 2``, ``Original size``, ...). ControlNets are written
+as the web UI's ControlNet extension writes its units, one ``ControlNet N`` key each
+(:func:`controlnet_unit_text`). :func:`infotext_options` turns parsed fields back into
+the options that reproduce the image.
 """
 
 from __future__ import annotations
@@ -40,13 +42,15 @@ from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from ._types import GenerationSettings
+from ._types import ControlNetUnit, GenerationSettings
 
 __all__ = [
     "A1111_SAMPLERS",
     "A1111_SCHEDULE_TYPES",
     "A1111_UPSCALERS",
+    "CONTROL_MODES",
     "EXTRA_FIELDS",
+    "controlnet_unit_text",
     "format_infotext",
     "infotext_options",
     "output_paths",
@@ -283,11 +287,52 @@ def format_infotext(settings: GenerationSettings, *, index: int = 0) -> str:
         fields["Denoising strength"] = settings.hr_denoising_strength
     fields["Lora hashes"] = settings.lora_hashes
     fields["TI hashes"] = _used_embeddings(settings)
+    for i, unit in enumerate(settings.controlnets):
+        fields[f"ControlNet {i}"] = controlnet_unit_text(unit, settings.guess_mode)
     lines = [settings.prompt]
     if settings.negative_prompt is not None:  # "" was sent, and differs from none for SDXL
         lines.append(f"Negative prompt: {settings.negative_prompt}")
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None))
     return "\n".join(lines)
+
+
+# The ControlNet extension's "Control Mode" for diffusers' guess_mode (its name for
+# lllyasviel's guess mode: the ControlNets on the conditional half only) and without it.
+CONTROL_MODES = {False: "Balanced", True: "ControlNet is more important"}
+_UNIT = re.compile(r"ControlNet (\d+)")
+_UNIT_HASH = re.compile(r" \[[0-9a-f]+\]$")
+
+
+def controlnet_unit_text(unit: ControlNetUnit, guess_mode: bool) -> str:
+    """One ``ControlNet N`` value as the extension's ``serialize_unit`` writes it, with the
+    fields sd-triton has: ``Module: canny, Model: canny [0123456789], Weight: 1.0,
+    Guidance Start: 0.0, Guidance End: 1.0, Control Mode: Balanced``."""
+    fields = {
+        "Module": unit.module,
+        "Model": unit.model,
+        "Weight": float(unit.weight),
+        "Guidance Start": float(unit.guidance_start),
+        "Guidance End": float(unit.guidance_end),
+        "Control Mode": CONTROL_MODES[bool(guess_mode)],
+    }
+    return ", ".join(f"{k}: {v}" for k, v in fields.items())
+
+
+def _controlnet_options(fields: dict[str, str]) -> dict[str, Any]:
+    """The ControlNet options of the parsed ``ControlNet N`` fields (none: {})."""
+    keys = sorted((int(m[1]), k) for k in fields if (m := _UNIT.fullmatch(k)))
+    units = [dict(i.split(": ", 1) for i in fields[k].split(", ") if ": " in i) for _, k in keys]
+    if not units:
+        return {}
+    options: dict[str, Any] = {
+        "controlnet": [_UNIT_HASH.sub("", u.get("Model", "")) for u in units],
+        "controlnet_conditioning_scale": [float(u.get("Weight", 1.0)) for u in units],
+        "control_guidance_start": [float(u.get("Guidance Start", 0.0)) for u in units],
+        "control_guidance_end": [float(u.get("Guidance End", 1.0)) for u in units],
+    }
+    if any(u.get("Control Mode") == CONTROL_MODES[True] for u in units):
+        options["guess_mode"] = True
+    return options
 
 
 def _used_embeddings(settings: GenerationSettings) -> str | None:
@@ -338,8 +383,10 @@ def infotext_options(fields: dict[str, str]) -> dict[str, Any]:
 
     ``Client.generate(**infotext_options(fields))`` for a text-to-image PNG; an
     img2img or inpainting one also gives ``strength`` (for ``img2img`` /
-    ``inpaint``, with the source image). Keys the text lacks are left out (the
-    server's defaults), and so are the model's facts (``Model``, hashes, ``Refiner``).
+    ``inpaint``, with the source image), and one made with ControlNets ``controlnet``,
+    its per-ControlNet options and ``guess_mode`` (send ``control_image`` with them: the
+    maps are not in the text). Keys the text lacks are left out (the server's defaults),
+    and so are the model's facts (``Model``, hashes, ``Refiner``).
     """
     options: dict[str, Any] = {"prompt": fields["Prompt"]}
     if "Negative prompt" in fields:
@@ -368,7 +415,7 @@ def infotext_options(fields: dict[str, str]) -> dict[str, Any]:
     if "Denoising strength" in fields:
         strength = float(fields["Denoising strength"])
         options["hr_denoising_strength" if hires else "strength"] = strength
-    return options
+    return options | _controlnet_options(fields)
 
 
 def output_paths(path: str | os.PathLike, count: int) -> list[Path]:

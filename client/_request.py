@@ -22,7 +22,7 @@ from sd_pipeline import request as server_request
 from sd_pipeline import spec as S
 
 from ._errors import InvalidRequestError, ServerError, translate
-from ._types import GenerationResult, GenerationSettings, ProgressEvent
+from ._types import ControlNetUnit, GenerationResult, GenerationSettings, ProgressEvent
 
 __all__ = [
     "IMAGE_INPUTS",
@@ -47,6 +47,9 @@ MODEL_FACT_PARAMETERS = ("model_hash", "model_name")
 # ... and the LoRAs and embeddings fused into it (sd_triton.export.adapters): the web
 # UI's "Lora hashes" and "TI hashes" lines, "name: hash, name2: hash".
 ADAPTER_PARAMETERS = ("lora_hashes", "ti_hashes")
+# ... and the files of the ControlNets exported beside it (sd_triton.export.controlnet):
+# "name: hash, name2: hash", the web UI's "[hash]" after each ControlNet model.
+CONTROLNET_PARAMETERS = ("controlnet_hashes",)
 # ... and the refiner beside an SDXL base (the web UI's "Refiner"), and the model's
 # family ("sd", "sdxl", "sdxl-refiner": its default strength).
 REFINER_PARAMETERS = ("refiner_model_name", "refiner_model_hash", "family")
@@ -234,6 +237,7 @@ def model_defaults(parameters: Mapping[str, str]) -> dict[str, Any]:
         "scheduler": parameters.get(SCHEDULER_PARAMETER, ""),
         **{key: parameters.get(key, "") for key in MODEL_FACT_PARAMETERS},
         **{key: parameters.get(key, "") for key in ADAPTER_PARAMETERS},
+        **{key: parameters.get(key, "") for key in CONTROLNET_PARAMETERS},
         **{key: parameters.get(key, "") for key in REFINER_PARAMETERS},
         "prompt_syntax": parameters.get(SYNTAX_PARAMETER, ""),
     }
@@ -298,6 +302,8 @@ def _settings(
         prompt_syntax=request.prompt_syntax or defaults.get("prompt_syntax"),
         **{name: getattr(request, name) for name in _AS_SENT},
         **hires,
+        controlnets=_controlnets(request, defaults),
+        guess_mode=bool(request.guess_mode) and request.controlnet is not None,
     )
 
 
@@ -332,6 +338,36 @@ _AS_SENT = (
     "negative_aesthetic_score",
     "refiner_switch_at",
 )
+
+
+def _per_controlnet(value: Any, count: int, default: Any) -> list[Any]:
+    """A per-ControlNet request value as ``count`` values (one value for one ControlNet)."""
+    if value is None:
+        return [default] * count
+    if isinstance(value, str) or not isinstance(value, Sequence | np.ndarray):
+        return [value]
+    return list(value)
+
+
+# A ControlNet unit's request inputs, as ControlNetUnit's weight, guidance_start, guidance_end.
+_UNIT_INPUTS = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
+
+
+def _controlnets(
+    request: GenerationRequest, defaults: Mapping[str, Any]
+) -> tuple[ControlNetUnit, ...]:
+    """The request's ControlNets as the web UI's extension reports them: model (with the
+    hash of its file when the model publishes it), weight and guidance window."""
+    names = _per_controlnet(request.controlnet, 0, None)
+    published = defaults.get("controlnet_hashes", "")
+    hashes = dict(entry.split(": ", 1) for entry in published.split(", ") if ": " in entry)
+    columns = [
+        _per_controlnet(getattr(request, name), len(names), DEFAULTS[name]) for name in _UNIT_INPUTS
+    ]
+    return tuple(
+        ControlNetUnit(f"{n} [{hashes[n]}]" if n in hashes else n, float(w), float(s), float(e))
+        for n, w, s, e in zip(names, *columns, strict=True)
+    )
 
 
 def _strength(request: GenerationRequest, defaults: Mapping[str, Any]) -> float | None:

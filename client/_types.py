@@ -8,7 +8,25 @@ from pathlib import Path
 
 from PIL import Image
 
-__all__ = ["GenerationResult", "GenerationSettings", "ProgressEvent"]
+__all__ = ["ControlNetUnit", "GenerationResult", "GenerationSettings", "ProgressEvent"]
+
+
+@dataclass(frozen=True)
+class ControlNetUnit:
+    """One ControlNet of a generation, as the web UI's ControlNet extension reports a unit.
+
+    ``model``: the ControlNet's request name, with the web UI's hash of the file it was
+    exported from when the model publishes one (``canny [0123456789]``). ``weight``,
+    ``guidance_start``, ``guidance_end``: its ``controlnet_conditioning_scale`` and
+    guidance window. ``module``: the preprocessor that made its map (``canny`` when
+    ``sd-triton generate --control NAME:canny:PHOTO`` ran it; else ``none``, a ready map).
+    """
+
+    model: str
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    module: str = "none"
 
 
 @dataclass(frozen=True)
@@ -41,7 +59,8 @@ class GenerationSettings:
     ``prompt_syntax``), else None (the server's default, the web UI's). With the
     hires fix (``enable_hr``) the ``hr_*`` settings are what ran (sent, else the
     contract's defaults), and ``height``/``width`` are the first pass's size: the
-    images are ``hr_scale`` times larger.
+    images are ``hr_scale`` times larger. ``controlnets``: the ControlNets that steered
+    the images (:class:`ControlNetUnit`, in the request's order), with ``guess_mode``.
     """
 
     prompt: str
@@ -79,6 +98,8 @@ class GenerationSettings:
     hr_upscaler: str | None = None
     hr_denoising_strength: float | None = None
     hr_second_pass_steps: int | None = None
+    controlnets: tuple[ControlNetUnit, ...] = ()
+    guess_mode: bool = False
 
 
 @dataclass(frozen=True, eq=False)

@@ -46,7 +46,7 @@ from ._infotext import output_paths
 from ._request import IMAGE_INPUTS, GenerationRequest
 from ._sync import Client, PendingGeneration
 from ._types import GenerationResult, ProgressEvent
-from .control import add_control_options
+from .control import add_control_options, with_modules
 
 __all__ = ["EXIT_CODES", "main"]
 
@@ -426,7 +426,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             progress = False
         run = _generate_with_progress if progress else _generate_unary
         result = run(client, options, args.timeout)
-    return _save(result, args.output)
+    return _save(with_modules(result, args.control_module), args.output)
 
 
 def _open_image(path: Path, mode: str):

@@ -11,18 +11,23 @@
   ``--control-scale`` / ``--control-start`` / ``--control-end`` (one value each, in
   the same order) and ``--guess-mode``. They fill the request's ``controlnet``,
   ``control_image``, ``controlnet_conditioning_scale``, ``control_guidance_start``,
-  ``control_guidance_end`` and ``guess_mode``.
+  ``control_guidance_end`` and ``guess_mode``; :func:`with_modules` then writes each
+  map's preprocessor (``canny`` or ``none``) into the PNG's ControlNet infotext.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["PREPROCESSORS", "add_control_options", "canny", "parse_control"]
+from ._types import GenerationResult
+
+__all__ = ["PREPROCESSORS", "add_control_options", "canny", "parse_control", "with_modules"]
 
 
 def canny(image: Image.Image | np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
@@ -45,8 +50,9 @@ def canny(image: Image.Image | np.ndarray, low: int = 100, high: int = 200) -> n
 PREPROCESSORS = {"canny": canny}
 
 
-def parse_control(text: str) -> tuple[str, np.ndarray]:
-    """``NAME:PATH`` (a ready map) or ``NAME:PREPROCESSOR:PATH`` -> (NAME, uint8 RGB map).
+def parse_control(text: str) -> tuple[str, np.ndarray, str]:
+    """``NAME:PATH`` (a ready map) or ``NAME:PREPROCESSOR:PATH`` -> (NAME, uint8 RGB map,
+    the preprocessor that made it: ``none`` for a ready map).
 
     Raises ``argparse.ArgumentTypeError`` with a sentence (argparse prints it).
     """
@@ -63,16 +69,18 @@ def parse_control(text: str) -> tuple[str, np.ndarray]:
             rgb = np.asarray(image.convert("RGB"))
     except OSError as e:
         raise argparse.ArgumentTypeError(f"cannot read control image {path}: {e}") from None
-    return name, PREPROCESSORS[step](rgb) if step else rgb
+    return name, PREPROCESSORS[step](rgb) if step else rgb, step or "none"
 
 
 class _ControlAction(argparse.Action):
-    """``--control``: appends the name to ``controlnet`` and the map to ``control_image``."""
+    """``--control``: appends the name to ``controlnet``, the map to ``control_image`` and
+    its preprocessor to ``control_module``."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        name, image = values
+        name, image, module = values
         namespace.controlnet = [*(namespace.controlnet or []), name]
         namespace.control_image = [*(getattr(namespace, "control_image", None) or []), image]
+        namespace.control_module = [*(getattr(namespace, "control_module", None) or []), module]
 
 
 def add_control_options(gen: argparse.ArgumentParser) -> None:
@@ -87,7 +95,7 @@ def add_control_options(gen: argparse.ArgumentParser) -> None:
         help="ControlNet NAME guided by the control map MAP (at the output size), or "
         "NAME:canny:PHOTO for PHOTO's Canny edges; repeatable",
     )
-    group.set_defaults(control_image=None)
+    group.set_defaults(control_image=None, control_module=None)
     for flag, dest, what in (
         ("--control-scale", "controlnet_conditioning_scale", "conditioning scale (default 1)"),
         ("--control-start", "control_guidance_start", "fraction of steps to start at (0)"),
@@ -102,3 +110,13 @@ def add_control_options(gen: argparse.ArgumentParser) -> None:
         const=True,
         help="the ControlNets see the conditional half only (diffusers' guess_mode)",
     )
+
+
+def with_modules(result: GenerationResult, modules: Sequence[str] | None) -> GenerationResult:
+    """``result`` whose ControlNets name the preprocessor that made each map (``--control``'s
+    order), for the infotext's ``Module``; ``result`` itself without ``--control``."""
+    if not modules:
+        return result
+    units = result.settings.controlnets
+    named = tuple(replace(u, module=m) for u, m in zip(units, modules, strict=True))
+    return replace(result, settings=replace(result.settings, controlnets=named))

@@ -585,6 +585,60 @@ def test_infotext_options_read_the_web_uis_and_its_extensions_texts():
         }, key
 
 
+def test_controlnet_infotext_is_the_extensions_and_reads_back(tmp_path):
+    """Each ControlNet as the web UI's ControlNet extension writes a unit (``ControlNet N``):
+    preprocessor, model with its file's published hash, weight, window, control mode."""
+    from sd_triton.client import cli
+    from sd_triton.client.control import with_modules
+
+    controls = {
+        "controlnet": ["canny", "depth"],
+        "controlnet_conditioning_scale": [0.8, 1.0],
+        "control_guidance_start": [0.0, 0.2],
+        "control_guidance_end": [1.0, 0.75],
+        "guess_mode": True,
+    }
+    _, response = images_response(n=1, h=64, w=96, seed=5)
+    published = model_defaults({"controlnet_hashes": "canny: 0123456789, other: 9876543210"})
+    result = decode_result(response, GenerationRequest(prompt="a house", **controls), published)
+    text = with_modules(result, ["canny", "none"]).infotext()
+    mode = "Control Mode: ControlNet is more important"
+    assert text.splitlines()[-1].endswith(
+        'ControlNet 0: "Module: canny, Model: canny [0123456789], Weight: 0.8, '
+        f'Guidance Start: 0.0, Guidance End: 1.0, {mode}", '
+        'ControlNet 1: "Module: none, Model: depth, Weight: 1.0, '
+        f'Guidance Start: 0.2, Guidance End: 0.75, {mode}"'
+    )
+    options = infotext_options(parse_infotext(text))
+    assert {k: options[k] for k in controls} == controls
+    # One ControlNet given as plain values, defaults for the rest, no guess mode.
+    one = decode_result(response, GenerationRequest(prompt="x", controlnet="canny")).infotext()
+    assert 'ControlNet 0: "Module: none, Model: canny, Weight: 1.0, ' in one
+    assert "Control Mode: Balanced" in one
+    assert "guess_mode" not in infotext_options(parse_infotext(one))
+    # sd-triton generate --control records which maps it made (what with_modules writes).
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "map.png")
+    argv = ["generate", "x", "--control", f"canny:canny:{tmp_path / 'map.png'}"]
+    args = cli.build_parser().parse_args([*argv, "--control", f"depth:{tmp_path / 'map.png'}"])
+    assert args.controlnet == ["canny", "depth"] and args.control_module == ["canny", "none"]
+    # The extension's own unit, with the fields sd-triton does not have.
+    extension = (
+        'a room\nSteps: 20, Seed: 1, ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny '
+        "[d14c016b], Weight: 1, Resize Mode: Crop and Resize, Processor Res: 512, Threshold A: "
+        "100, Threshold B: 200, Guidance Start: 0, Guidance End: 0.5, Pixel Perfect: False, "
+        'Control Mode: Balanced", Version: v1.10.1'
+    )
+    assert infotext_options(parse_infotext(extension)) == {
+        "prompt": "a room",
+        "num_inference_steps": 20,
+        "seed": 1,
+        "controlnet": ["control_v11p_sd15_canny"],
+        "controlnet_conditioning_scale": [1.0],
+        "control_guidance_start": [0.0],
+        "control_guidance_end": [0.5],
+    }
+
+
 def test_every_hires_upscaler_has_a_web_ui_name():
     description = S.STABLE_DIFFUSION.input("hr_upscaler").description
     aliases = set(re.findall(r"\b(?:latent\w*|lanczos|nearest)\b", description))
