@@ -470,16 +470,17 @@ def _keys(path: Path) -> set[str]:
     return set(load_state_dict(path))  # says what is wrong with the file
 
 
-def _config(source: ControlNetSource) -> dict[str, Any]:
-    """The ControlNet config of ``source``: its folder's, its ``config``, or the shipped
-    config of the family a single file's layout says."""
+def _config(source: ControlNetSource) -> tuple[dict[str, Any], str | None]:
+    """The ControlNet config of ``source`` (its folder's, its ``config``, or the shipped
+    config of the family a single file's layout says) and that shipped config's name."""
     from .single_file import config_folder, is_single_file
 
-    folder = source.path
+    folder, shipped = source.path, None
     if is_single_file(source.path):
         family = single_file_family(_keys(source.path))
+        shipped = None if source.config else CONTROLNET_CONFIGS[family]
         folder = source.config or config_folder(CONTROLNET_CONFIGS[family])
-    return json.loads((folder / "config.json").read_text())
+    return json.loads((folder / "config.json").read_text()), shipped
 
 
 def check_fit(
@@ -489,17 +490,19 @@ def check_fit(
 ) -> None:
     """Raise ``ExportError`` for a ControlNet that is none or does not fit the UNet
     (:func:`check_compatible`), read from configs and file headers: before the export."""
-    from .single_file import is_single_file
-
     for name, value in controlnets.items():
         source = _source(value)
+        where = f"--controlnet {name}={source.path}"
         try:
-            check_compatible(_config(source), unet_config, vae_scale_factor)
+            config, shipped = _config(source)
         except ExportError as e:
-            shipped = is_single_file(source.path) and source.config is None
-            hint = f" (the shipped config; other sizes: --controlnet-config {name}=DIR)"
-            message = f"--controlnet {name}={source.path}: {e}{hint if shipped else ''}"
-            raise ExportError(message) from None
+            raise ExportError(f"{where}: {e}") from None
+        try:
+            check_compatible(config, unet_config, vae_scale_factor)
+        except ExportError as e:
+            other = f" (other sizes: --controlnet-config {name}=DIR)"
+            hint = f"; read with the shipped {shipped} config{other}" if shipped else ""
+            raise ExportError(f"{where}: {e}{hint}") from None
 
 
 def _from_single_file(source: ControlNetSource):

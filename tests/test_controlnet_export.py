@@ -419,7 +419,7 @@ def test_single_files_that_do_not_fit_are_refused(
         (
             ["--controlnet", f"sd={controlnet_files['sd-original']}"],
             "does not fit the UNet: ",
-            "(the shipped config; other sizes: --controlnet-config sd=DIR)",
+            "; read with the shipped controlnet-sd1 config (other sizes: --controlnet-config sd=DIR)",
         ),
         # A UNet is not a ControlNet.
         (
@@ -434,6 +434,7 @@ def test_single_files_that_do_not_fit_are_refused(
         assert export_cli(tiny_checkpoint, out, *argv) == 2, argv
         err = capsys.readouterr().err
         assert all(s in err for s in sentences) and len(err.strip().splitlines()) == 1, err
+        assert ("shipped" in err) == ("shipped" in sentences[-1]), err  # only where it was
         assert not out.exists()
 
 
