@@ -441,8 +441,12 @@ def test_single_files_that_do_not_fit_are_refused(
 def test_shipped_controlnet_configs_fit_their_families():
     """The full-size architectures of the shipped configs (on PyTorch's meta device) fit
     their families' UNets and VAEs, and their single-file layouts (lllyasviel's for SD 1.x,
-    diffusers' for SDXL) are told apart as we and diffusers tell them."""
-    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    diffusers' for SDXL) are told apart as we and diffusers tell them; diffusers converts
+    lllyasviel's layout back to every tensor of the SD 1.x config, in its shape."""
+    from diffusers.loaders.single_file_utils import (
+        convert_controlnet_checkpoint,
+        infer_diffusers_model_type,
+    )
 
     from sd_triton.export.single_file import config_folder
 
@@ -457,6 +461,9 @@ def test_shipped_controlnet_configs_fit_their_families():
         CN.check_compatible(model.config, unet, 8)
         state = model.state_dict()
         if family == "sd1":
+            shapes = {k: v.shape for k, v in state.items()}
             state = controlnet_original_layout(state, dict(model.config))
+            converted = convert_controlnet_checkpoint(checkpoint=state, config=dict(model.config))
+            assert {k: v.shape for k, v in converted.items()} == shapes
         assert CN.single_file_family(state.keys()) == family
         assert infer_diffusers_model_type(state) == diffusers_type
