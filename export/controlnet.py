@@ -22,7 +22,11 @@ The residuals' spatial sizes follow the latents' (``latent_height/2`` is half
 the latent height, and so on): they are dynamic, and named apart in the ONNX
 files, since TensorRT takes inputs that share a dimension name to be equal.
 :func:`export_onnx` exports either through ``components.export_onnx`` and
-:func:`triton_config` writes the Triton config through ``triton_config``.
+:func:`triton_config` writes the Triton config through ``triton_config``. Both
+run their module through ``wrappers.wrap`` (``controlnet``, ``unet_controlled``),
+so every host the exporter writes serves them as it serves the UNet: the ONNX
+hosts in fp32 or fp16 (the timesteps and the scale stay float32), TensorRT with
+the UNet's profiles, and the torch host from the saved modules.
 """
 
 from __future__ import annotations
@@ -32,10 +36,9 @@ import json
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 from sd_pipeline import controlnet as P
 from sd_pipeline import spec as S
@@ -63,9 +66,11 @@ __all__ = [
     "controlnet_component",
     "controlnet_sources",
     "export_onnx",
+    "kind",
     "residual_sizes",
     "residuals",
     "single_file_family",
+    "tensor_dtypes",
     "triton_config",
 ]
 
@@ -183,7 +188,7 @@ def controlnet_component(config: Mapping[str, Any], name: str = "controlnet") ->
         outputs=tuple(S.TensorSpec(r.output, "float32", r.dims) for r in residuals(config)),
         description="ControlNet: the UNet's inputs and a control image -> the UNet's residuals.",
     )
-    return C.Component(spec, _wrap_controlnet, ("controlnet",))
+    return C.Component(spec, partial(W.wrap, "controlnet"), W.MODULES["controlnet"])
 
 
 def controlled_unet_component(
@@ -198,76 +203,23 @@ def controlled_unet_component(
         inputs=unet.inputs + extra,
         description="Denoising UNet plus ControlNet residuals (summed over the ControlNets).",
     )
-    return C.Component(spec, _wrap_controlled_unet, ("unet",))
+    return C.Component(spec, partial(W.wrap, CONTROLLED_UNET), W.MODULES[CONTROLLED_UNET])
 
 
-def _wrap_controlnet(modules: Mapping[str, Any]) -> torch.nn.Module:
-    return _ControlNet(modules["controlnet"])
+def kind(component: C.Component) -> str:
+    """``controlnet`` or ``unet_controlled``: the wrapper (``wrappers.wrap``) a component of
+    this module runs, what the torch host's ``component`` parameter and
+    ``wrappers.FP32_TENSORS`` name it by (a ControlNet's model name carries its own)."""
+    return "controlnet" if component.modules == W.MODULES["controlnet"] else CONTROLLED_UNET
 
 
-def _wrap_controlled_unet(modules: Mapping[str, Any]) -> torch.nn.Module:
-    return _ControlledUNet(modules["unet"])
-
-
-class _ControlNet(torch.nn.Module):
-    """``ControlNetModel`` behind :func:`controlnet_component`'s contract.
-
-    The scale is applied here, per sample, exactly as diffusers applies its
-    float (``residual * scale``; with ``guess_mode``, ``residual * (logspace_i * scale)``).
-    """
-
-    def __init__(self, controlnet):
-        super().__init__()
-        self.controlnet = controlnet
-
-    def forward(self, *args):
-        # One *args, in the spec's order, as every component wrapper (torch.export's
-        # dynamic_shapes in components.export_onnx describe it so).
-        sample, timestep, text, cond, scale, guess_mode, *added = args
-        added_cond = dict(zip(("text_embeds", "time_ids"), added, strict=True)) if added else None
-        down, mid = self.controlnet(
-            sample,
-            timestep,
-            encoder_hidden_states=text,
-            controlnet_cond=cond,
-            conditioning_scale=1.0,
-            added_cond_kwargs=added_cond,
-            return_dict=False,
-        )
-        # diffusers' guess-mode factors, 0.1 .. 1, one per residual.
-        steps = torch.logspace(-1, 0, len(down) + 1, device=sample.device)
-        scales = torch.where(guess_mode[:, None], steps[None, :], 1.0) * scale[:, None]
-        scales = scales.to(sample.dtype)[:, :, None, None, None]
-        return (*(r * scales[:, i] for i, r in enumerate(down)), mid * scales[:, -1])
-
-
-class _ControlledUNet(torch.nn.Module):
-    """``UNet2DConditionModel`` behind :func:`controlled_unet_component`'s contract."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-        extra = W.unet_inputs(unet.config)
-        self.text_time, self.timestep_cond = extra["text_time"], extra["timestep_cond"]
-        self.residuals = len(residuals(unet.config))
-
-    def forward(self, *args):
-        sample, timestep, text, *rest = args
-        extra, res = rest[: len(rest) - self.residuals], rest[len(rest) - self.residuals :]
-        kwargs: dict[str, Any] = {}
-        if self.text_time:
-            kwargs["added_cond_kwargs"] = {"text_embeds": extra[0], "time_ids": extra[1]}
-        if self.timestep_cond:
-            kwargs["timestep_cond"] = extra[-1]
-        return self.unet(
-            sample,
-            timestep,
-            text,
-            down_block_additional_residuals=tuple(res[:-1]),
-            mid_block_additional_residual=res[-1],
-            return_dict=False,
-            **kwargs,
-        )[0]
+def tensor_dtypes(component: C.Component, dtype: str) -> dict[str, str]:
+    """Each tensor's numpy dtype in an export whose float weights are ``dtype`` (the
+    timesteps and the ControlNet's scale stay float32, as ``wrappers.FP32_TENSORS`` says)."""
+    return {
+        t.name: C.tensor_dtype(kind(component), t, dtype)
+        for t in component.spec.inputs + component.spec.outputs
+    }
 
 
 # --------------------------------------------------------------------------
@@ -295,6 +247,7 @@ def export_onnx(
     *,
     opset: int = 17,
     dynamo: bool = False,
+    dtype: str = "float32",
 ) -> Path:
     """Trace ``component`` (:func:`controlnet_component` or :func:`controlled_unet_component`)
     over ``modules`` to ``path``, with dynamic batch and spatial dims.
@@ -302,12 +255,22 @@ def export_onnx(
     ``sizes``: the fixed dims (``components.fixed_sizes``) and the trace's dynamic ones
     (``B``, ``latent_height``, ``latent_width``, ``height``, ``width``, ``text_sequence``).
     The residuals' dims are named apart in the file (``latent_height/2``, ...).
+    ``dtype``: the weights' (the modules are converted in place, as the exporter converts
+    the UNet's) and the float tensors' but :func:`tensor_dtypes`' float32 ones.
     """
     import onnx
+    import torch
 
+    from .component_models import _convert
+
+    _convert(modules, component.modules, dtype)
     config = modules[component.modules[0]].config
     trace = {**sizes, **residual_sizes(config, sizes)}
-    inputs = C.sample_inputs(component, trace)
+    dtypes = tensor_dtypes(component, dtype)
+    inputs = {
+        name: x.to(getattr(torch, dtypes[name]))
+        for name, x in C.sample_inputs(component, trace).items()
+    }
     exportable = C.Component(_dynamic_names(component.spec), component.wrap, component.modules)
     path = C.export_onnx(
         exportable,
@@ -339,19 +302,29 @@ def triton_config(
     gpu: bool = False,
     instances: int = 1,
     parameters: Mapping[str, object] | None = None,
+    dtype: str = "float32",
+    max_queue_delay_us: int = 0,
+    preferred_batch_sizes: tuple[int, ...] = (),
+    tensorrt: Mapping[str, object] | None = None,
 ) -> model_config_pb2.ModelConfig:
     """``component``'s Triton config: batched, dynamic batching (one call per step, as the
-    UNet), dynamic spatial dims, fixed dims from ``sizes``."""
+    UNet), dynamic spatial dims, fixed dims from ``sizes``, float tensors in ``dtype`` but
+    :func:`tensor_dtypes`' float32 ones; ``tensorrt``: the TensorRT keys
+    (``tensorrt.tensorrt_parameters``) for Triton's onnxruntime backend on a GPU."""
     config = T.component_config(
         _dynamic_names(component.spec),
         sizes=sizes,
-        dtypes={},
+        dtypes=tensor_dtypes(component, dtype),
         backend=backend,
         max_batch_size=max_batch_size,
         dynamic_batching=True,
+        max_queue_delay_us=max_queue_delay_us,
+        preferred_batch_sizes=preferred_batch_sizes,
         parameters=parameters,
     )
     T.set_instance_group(config, gpu=gpu, count=instances)
+    if tensorrt:
+        T.add_tensorrt(config, tensorrt)
     return config
 
 
@@ -373,10 +346,6 @@ def check_request(controlnets: Mapping[str, Path | ControlNetSource], opts: Expo
         )
     if not controlnets:
         return
-    if opts.hosting.host == "torch" or opts.hosting.tensorrt:
-        raise ExportError("--controlnet is exported for the ONNX hosts (python, onnxruntime) only")
-    if opts.contents.precision != "fp32":
-        raise ExportError("--controlnet is exported in fp32 only (fp16 is not supported yet)")
     for name, value in controlnets.items():
         _check_source(name, _source(value))
 
@@ -560,31 +529,56 @@ def _write(
     staging: Path,
     version: str,
 ) -> None:
-    """Write ``component`` (ONNX, host code, config) to ``staging`` and record it in ``plan``."""
-    from .component_models import BACKENDS, ONNX_NAME, _copy_host_code, _host_parameters
+    """Write ``component`` (weights, host code, config) to ``staging`` and record it in
+    ``plan``: as ``component_models.write_component`` writes the UNet (the host's files,
+    the precision's dtype, TensorRT's keys)."""
+    from . import component_models as CM
 
-    key, host = component.name, opts.hosting.host
-    folder = staging / opts.model_name(key)
-    trace = {**plan.sizes, **plan.trace_sizes}
-    export_onnx(component, modules, folder / version / ONNX_NAME, trace, opset=opts.contents.opset)
-    _copy_host_code(host, folder / version)
+    key, hosting = component.name, opts.hosting
+    folder, dtype = staging / opts.model_name(key), opts.component_dtype(kind(component))
+    if hosting.host == "torch":
+        CM._save_torch_modules(component, dict(modules), dtype, folder / version)
+    else:
+        path, trace = folder / version / CM.ONNX_NAME, {**plan.sizes, **plan.trace_sizes}
+        export_onnx(component, modules, path, trace, opset=opts.contents.opset, dtype=dtype)
+    CM._copy_host_code(hosting.host, folder / version)
     config = triton_config(
         component,
         plan.sizes,
-        backend=BACKENDS[host],
-        max_batch_size=opts.hosting.unet_max_batch_size,
-        gpu=opts.hosting.on_gpu,
-        instances=opts.hosting.component_instances,
-        parameters=_host_parameters(key, opts),
+        backend=CM.BACKENDS[hosting.host],
+        max_batch_size=hosting.unet_max_batch_size,
+        gpu=hosting.on_gpu,
+        instances=hosting.component_instances,
+        parameters=CM._host_parameters(kind(component), opts),
+        dtype=dtype,
+        max_queue_delay_us=hosting.max_queue_delay_us,
+        preferred_batch_sizes=hosting.preferred_batch_sizes,
+        tensorrt=_tensorrt(component, dtype, plan, opts),
     )
     config.name = opts.model_name(key)
     T.set_version_policy(config, opts.naming.keep_versions)
     T.write_config(config, folder)
     plan.components[key] = component
     plan.configs[key] = config
-    plan.tensor_dtypes[key] = {
-        t.name: t.dtype for t in component.spec.inputs + component.spec.outputs
-    }
+    plan.tensor_dtypes[key] = tensor_dtypes(component, dtype)
+
+
+def _tensorrt(component: C.Component, dtype: str, plan: Any, opts: ExportOptions):
+    """The TensorRT keys of ``component`` with ``--tensorrt`` (profiles as the UNet's, the
+    residuals' at their fractions of the latent size); None without."""
+    if not opts.hosting.tensorrt:
+        return None
+    from .tensorrt import tensorrt_parameters
+
+    return tensorrt_parameters(
+        component,
+        dtype,
+        sizes=plan.sizes,
+        constants=plan.constants,
+        limits=plan.limits,
+        max_batch=opts.hosting.unet_max_batch_size,
+        cache=opts.hosting.trt_cache,
+    )
 
 
 def add_controlnets(

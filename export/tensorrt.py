@@ -64,7 +64,8 @@ def profile_points(
     size (the UNet: 2 samples, classifier-free guidance); max: the model
     config's batch at ``max_side`` (rounded down to the size step) a side.
     The UNet's text sequence: one prompt chunk for min and opt,
-    :data:`TRT_MAX_PROMPT_CHUNKS` for max.
+    :data:`TRT_MAX_PROMPT_CHUNKS` for max. The per-step models (the UNet, and
+    ControlNet's models) are the UNet's case.
     """
     step = constants["size_step"]
     top = limits.max_side - limits.max_side % step
@@ -73,7 +74,10 @@ def profile_points(
             f"request limit max_side {limits.max_side} is below this model's size step {step}: "
             "no image size is possible"
         )
-    typical = min(2, max_batch) if component.name == S.UNET.name else 1
+    # The models called once per denoising step (the UNet, a ControlNet, the controlled
+    # UNet) see both halves of classifier-free guidance.
+    denoiser = any(t.name == "timestep" for t in component.spec.inputs)
+    typical = min(2, max_batch) if denoiser else 1
     native = (min(constants["native_height"], top), min(constants["native_width"], top))
     return {"min": (1, step, step), "opt": (typical, *native), "max": (max_batch, top, top)}
 
@@ -95,8 +99,18 @@ def _profiles(
         chunks = TRT_MAX_PROMPT_CHUNKS if label == "max" else 1
         dynamic["text_sequence"] = chunks * sizes["sequence"]
         shapes = [
-            f"{t.name}:" + "x".join(map(str, C.resolve(C.model_dims(t), {**sizes, **dynamic})))
+            f"{t.name}:" + "x".join(map(str, _shape(C.model_dims(t), {**sizes, **dynamic})))
             for t in component.spec.inputs
         ]
         profiles[f"trt_profile_{label}_shapes"] = ",".join(shapes)
     return profiles
+
+
+def _shape(dims: tuple[int | str, ...], sizes: Mapping[str, int]) -> tuple[int, ...]:
+    """``dims`` at ``sizes``; a ControlNet residual's ``latent_height/4`` is a quarter of
+    ``latent_height`` (the size steps make it exact)."""
+    out = []
+    for d in dims:
+        name, _, divisor = d.partition("/") if isinstance(d, str) else (d, "", "")
+        out.append(C.resolve((name,), dict(sizes))[0] // int(divisor or 1))
+    return tuple(out)

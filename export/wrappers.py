@@ -28,6 +28,9 @@ MODULES: dict[str, tuple[str, ...]] = {
     "vae_encoder": ("vae",),
     "vae_decoder": ("vae",),
     "safety_checker": ("safety_checker",),
+    # ControlNet models (sd_triton.export.controlnet): a ControlNet, the UNet with residuals.
+    "controlnet": ("controlnet",),
+    "unet_controlled": ("unet",),
 }
 
 # Checkpoint folder -> (module, class) that loads it.
@@ -36,6 +39,7 @@ MODULE_CLASSES: dict[str, tuple[str, str]] = {
     # SDXL's second text encoder: its pooled output is projected (text_embeds).
     "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
     "unet": ("diffusers", "UNet2DConditionModel"),
+    "controlnet": ("diffusers", "ControlNetModel"),
     "vae": ("diffusers", "AutoencoderKL"),
     "safety_checker": (
         "diffusers.pipelines.stable_diffusion.safety_checker",
@@ -44,10 +48,13 @@ MODULE_CLASSES: dict[str, tuple[str, str]] = {
 }
 
 # Float tensors that stay float32 whatever the weights' dtype: fractional
-# timesteps must not be rounded, and the safety checker's images only pass
-# through (fp16 would cost up to a uint8 level).
+# timesteps must not be rounded, the safety checker's images only pass
+# through (fp16 would cost up to a uint8 level), and a ControlNet's scale is
+# the decimal the request gave (the residuals are scaled in the weights' dtype).
 FP32_TENSORS = frozenset(
     {("unet", "timestep"), ("safety_checker", "images"), ("safety_checker", "out_images")}
+    | {("unet_controlled", "timestep"), ("controlnet", "timestep")}
+    | {("controlnet", "conditioning_scale")}
 )
 
 
@@ -205,6 +212,63 @@ def _safety_checker(modules, attention):
     return _module(forward, checker=modules["safety_checker"])
 
 
+def _controlnet(modules, attention):
+    """diffusers' ``ControlNetModel``: the UNet's inputs, the control image (``controlnet_cond``),
+    per-sample ``conditioning_scale`` and ``guess_mode`` (SDXL's ``text_embeds``, ``time_ids``
+    after them) -> the down blocks' residuals, then the mid block's.
+
+    The scale is applied here, per sample, exactly as diffusers applies its float
+    (``residual * scale``; with ``guess_mode``, ``residual * (logspace_i * scale)``).
+    """
+    import torch
+
+    def forward(self, sample, timestep, text, cond, scale, guess_mode, *added):
+        added_cond = dict(zip(("text_embeds", "time_ids"), added, strict=True)) if added else None
+        down, mid = self.controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states=text,
+            controlnet_cond=cond,
+            conditioning_scale=1.0,
+            added_cond_kwargs=added_cond,
+            return_dict=False,
+        )
+        # diffusers' guess-mode factors, 0.1 .. 1, one per residual.
+        steps = torch.logspace(-1, 0, len(down) + 1, device=sample.device)
+        scales = torch.where(guess_mode[:, None], steps[None, :], 1.0) * scale[:, None]
+        scales = scales.to(sample.dtype)[:, :, None, None, None]
+        return (*(r * scales[:, i] for i, r in enumerate(down)), mid * scales[:, -1])
+
+    return _module(forward, controlnet=modules["controlnet"])
+
+
+def _unet_controlled(modules, attention):
+    """The UNet (as :func:`_unet`) plus the residual inputs, summed over the request's
+    ControlNets: the down blocks', then the mid block's, after the UNet's own inputs."""
+    extra = unet_inputs(modules["unet"].config)
+    text_time, timestep_cond = extra["text_time"], extra["timestep_cond"]
+    added = 2 * text_time + timestep_cond
+
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        extra, res = rest[:added], rest[added:]
+        kwargs = {}
+        if text_time:
+            kwargs["added_cond_kwargs"] = {"text_embeds": extra[0], "time_ids": extra[1]}
+        if timestep_cond:
+            kwargs["timestep_cond"] = extra[-1]
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            down_block_additional_residuals=tuple(res[:-1]),
+            mid_block_additional_residual=res[-1],
+            return_dict=False,
+            **kwargs,
+        )[0]
+
+    return _module(forward, unet=modules["unet"])
+
+
 _WRAPPERS = {
     "text_encoder": _text_encoder("text_encoder"),
     "text_encoder_2": _text_encoder("text_encoder_2"),
@@ -212,6 +276,8 @@ _WRAPPERS = {
     "vae_encoder": _vae_encoder,
     "vae_decoder": _vae_decoder,
     "safety_checker": _safety_checker,
+    "controlnet": _controlnet,
+    "unet_controlled": _unet_controlled,
 }
 
 

@@ -27,7 +27,7 @@ from sd_triton.export import ExportOptions, export_repository
 from sd_triton.export import controlnet as CN
 from sd_triton.export import triton_config as T
 from sd_triton.export.checkpoint import ExportError
-from sd_triton.export.options import Contents, Naming
+from sd_triton.export.options import Contents, Hosting, Naming
 from sd_triton.server import TritonServer
 
 NAMES = ("canny", "depth")
@@ -273,11 +273,11 @@ def test_export_refuses_what_it_cannot_do(tmp_path, tiny_checkpoint, controlnet_
         export_repository(tiny_checkpoint, tmp_path / "a", controlnets={"Canny!": tmp_path})
     with pytest.raises(ExportError, match="not a diffusers ControlNet folder"):
         export_repository(tiny_checkpoint, tmp_path / "b", controlnets={"canny": tmp_path})
-    fp16 = ExportOptions(Contents(precision="fp16"))
-    with pytest.raises(ExportError, match="fp32 only"):
-        export_repository(tiny_checkpoint, tmp_path / "c", fp16, controlnets=controlnet_dirs)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
-    assert CN.check_request({}, fp16) is None  # no ControlNet: every option goes
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # Every precision and host goes (tests/test_controlnet_hosts.py exports them).
+    fp16 = ExportOptions(Contents(precision="fp16"), hosting=Hosting(host="torch"))
+    assert CN.check_request(controlnet_dirs, fp16) is None
+    assert CN.check_request({}, fp16) is None
 
 
 def test_export_command_line_takes_controlnet(tmp_path, tiny_checkpoint, capsys):
