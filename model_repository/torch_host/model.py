@@ -5,7 +5,7 @@ folder holds this file, ``component_host.py`` (batching, config, errors and
 the device rule, shared with the ONNX host), ``wrappers.py`` (the exporter's
 component wrappers: the same ``forward`` the ONNX files are traced from) and
 the module's weights as ``save_pretrained`` wrote them (``unet/``, ``vae/``,
-``text_encoder/``, ``text_encoder_2/`` or ``safety_checker/``). The tensor
+``text_encoder/``, ``text_encoder_2/``, ``safety_checker/`` or ``controlnet/``). The tensor
 contract (names, dims, dtypes) is the ONNX hosts', so the pipeline does not
 care which host serves a component.
 
@@ -13,7 +13,8 @@ Device: CUDA (the instance's device) for a ``KIND_GPU`` instance, which
 fails to load if torch sees no CUDA device; the CPU for any other kind.
 Precision: float16 on CUDA, float32 on the CPU, whatever the weights were
 saved in; tensors the contract keeps float32
-(the UNet timestep, the safety checker's images) stay float32. Attention:
+(the UNet timestep, the safety checker's images, a ControlNet's timestep and
+scale: ``wrappers.FP32_TENSORS``) stay float32. Attention:
 PyTorch's scaled_dot_product_attention.
 
 Tensors move by DLPack: with ``FORCE_CPU_ONLY_INPUT_TENSORS`` ``no`` (the
@@ -25,8 +26,9 @@ Batching and errors: see ``component_host.py``.
 Config parameters (string values):
 
 - ``component``: which wrapper (``text_encoder``, ``text_encoder_2``, ``unet``,
-  ``vae_encoder``, ``vae_decoder``, ``safety_checker``); the model's name may carry
-  a prefix (``refiner_unet`` is a ``unet``);
+  ``vae_encoder``, ``vae_decoder``, ``safety_checker``, and ControlNet's
+  ``controlnet`` and ``unet_controlled``); the model's name may differ
+  (``refiner_unet`` is a ``unet``, ``controlnet_canny`` a ``controlnet``);
 - ``device``: ``auto`` (default), ``cuda`` or ``cpu``;
 - ``dtype``: ``auto`` (default: float16 on CUDA, float32 on the CPU),
   ``float16`` or ``float32`` (a VAE whose config says ``force_upcast``: the SD 1.x
