@@ -357,12 +357,17 @@ def _controlnets(
     request: GenerationRequest, defaults: Mapping[str, Any]
 ) -> tuple[ControlNetUnit, ...]:
     """The request's ControlNets as the web UI's extension reports them: model (with the
-    hash of its file when the model publishes it), weight and guidance window."""
+    hash of its file when the model publishes it), weight (the server's default: diffusers'
+    for the family and mode) and guidance window."""
     names = _per_controlnet(request.controlnet, 0, None)
     published = defaults.get("controlnet_hashes", "")
     hashes = dict(entry.split(": ", 1) for entry in published.split(", ") if ": " in entry)
+    xl = defaults.get("family", "sd") != "sd"
+    scale = server_request.default_controlnet_scale(xl, request.image, request.mask_image)
+    unit_defaults = {**DEFAULTS, "controlnet_conditioning_scale": scale}
     columns = [
-        _per_controlnet(getattr(request, name), len(names), DEFAULTS[name]) for name in _UNIT_INPUTS
+        _per_controlnet(getattr(request, name), len(names), unit_defaults[name])
+        for name in _UNIT_INPUTS
     ]
     return tuple(
         ControlNetUnit(f"{n} [{hashes[n]}]" if n in hashes else n, float(w), float(s), float(e))
@@ -372,13 +377,15 @@ def _controlnets(
 
 def _strength(request: GenerationRequest, defaults: Mapping[str, Any]) -> float | None:
     """img2img / inpainting: the strength sent, else the server's default for the model's
-    family and mode (diffusers': SD 0.8, inpainting 1.0; SDXL 0.3, inpainting 0.9999)."""
+    family and mode (diffusers': SD 0.8, inpainting 1.0; SDXL 0.3, inpainting 0.9999;
+    SDXL img2img with ControlNet 0.8)."""
     if request.image is None:
         return None
     if request.strength is not None:
         return float(request.strength)
     xl = defaults.get("family", "sd") != "sd"
-    return server_request.DEFAULT_STRENGTH[(xl, request.mask_image is not None)]
+    controlnet = request.controlnet is not None
+    return server_request.default_strength(xl, request.mask_image is not None, controlnet)
 
 
 def _refiner(request: GenerationRequest, defaults: Mapping[str, Any]) -> str | None:

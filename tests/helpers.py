@@ -86,7 +86,8 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def reference(pipe, scheduler: str | None, seed: int, **settings):
-    """diffusers' images (uint8, rounded as numpy_to_pil) and NSFW flags."""
+    """diffusers' images (uint8, rounded as numpy_to_pil) and NSFW flags (all false from a
+    pipeline without a safety checker: SDXL's)."""
     import diffusers
     import torch
 
@@ -99,7 +100,8 @@ def reference(pipe, scheduler: str | None, seed: int, **settings):
     finally:
         pipe.scheduler = original
     images = (out.images * 255).round().astype(np.uint8)
-    return images, np.asarray(out.nsfw_content_detected, dtype=bool)
+    flags = getattr(out, "nsfw_content_detected", None)
+    return images, np.zeros(len(images), bool) if flags is None else np.asarray(flags, bool)
 
 
 def source_image(height: int = 32, width: int = 48) -> np.ndarray:
@@ -171,11 +173,12 @@ def infer_inputs(**options) -> list[grpcclient.InferInput]:
     return inputs
 
 
-def served_generate(url: str, **options):
-    """(images, nsfw_content_detected, seeds) of one request to the served pipeline."""
+def served_generate(url: str, *, model: str = MODEL, **options):
+    """(images, nsfw_content_detected, seeds) of one request to the served pipeline
+    (``model``: another pipeline of the repository, e.g. a prefixed one)."""
     client = grpcclient.InferenceServerClient(url)
     try:
-        result = client.infer(MODEL, infer_inputs(**options))
+        result = client.infer(model, infer_inputs(**options))
     finally:
         client.close()
     return (

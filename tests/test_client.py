@@ -614,6 +614,19 @@ def test_controlnet_infotext_is_the_extensions_and_reads_back(tmp_path):
     # One ControlNet given as plain values, defaults for the rest, no guess mode.
     one = decode_result(response, GenerationRequest(prompt="x", controlnet="canny")).infotext()
     assert 'ControlNet 0: "Module: none, Model: canny, Weight: 1.0, ' in one
+    # No scale sent with an image: the server's default for the family and mode (diffusers').
+    image, mask = np.zeros((64, 96, 3), np.uint8), np.zeros((64, 96), np.uint8)
+    xl = model_defaults({"family": "sdxl"})
+    weights = [
+        decode_result(response, GenerationRequest(prompt="x", controlnet="canny", **kw), facts)
+        .settings.controlnets[0]
+        .weight
+        for facts in ({}, xl)
+        for kw in ({"image": image}, {"image": image, "mask_image": mask})
+    ]
+    assert weights == [0.8, 0.5, 0.8, 1.0]  # SD img2img, inpainting; SDXL img2img, inpainting
+    sdxl_img2img = GenerationRequest(prompt="x", controlnet="canny", image=image)
+    assert decode_result(response, sdxl_img2img, xl).settings.strength == 0.8  # not SDXL's 0.3
     assert "Control Mode: Balanced" in one
     assert "guess_mode" not in infotext_options(parse_infotext(one))
     # sd-triton generate --control records which maps it made (what with_modules writes).

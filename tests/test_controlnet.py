@@ -6,9 +6,11 @@ random weights, or every residual would be 0 and nothing here could fail),
 saved as diffusers folders and exported beside the tiny model with
 ``export_repository(..., controlnets=...)`` (what ``sd-triton-export
 --controlnet NAME=DIR`` calls) into a private repository served by its own
-tritonserver. Served images equal diffusers' within one uint8 level: one and
-two ControlNets, conditioning scales, guidance start/end, guess mode, two
-samplers; requests with and without ControlNet sent together equal
+tritonserver, with the tiny SDXL and its ControlNet (``xl_``). Served images
+equal diffusers' within one uint8 level: one and two ControlNets, conditioning
+scales, guidance start/end, guess mode, two samplers; SDXL; img2img and
+inpainting (SD 1.x and SDXL, two samplers each, diffusers' default scales and
+strengths); requests with and without ControlNet sent together equal
 themselves sent alone; bad inputs are INVALID_ARG with a sentence.
 """
 
@@ -19,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import PIL.Image
 import pytest
-import tritonclient.grpc as grpcclient
 from helpers import bad_request_error, max_diff, reference, served_generate
 
 from sd_triton.client.control import canny
@@ -262,6 +263,24 @@ def test_bad_inputs_are_invalid_arg(url):
         control_guidance_end=np.array([0.5], np.float32),
     )
     assert "need 0 <= start < end <= 1" in error
+    error = _bad(
+        url,
+        controlnet=_names("canny"),
+        control_image=one,
+        controlnet_conditioning_scale=np.array([1.0, 0.5, 0.2], np.float32),
+        control_guidance_end=np.array([1.0, 0.5], np.float32),
+    )
+    assert (
+        "controlnet names 1 ControlNet(s) but controlnet_conditioning_scale has 3, "
+        "control_guidance_end has 2" in error
+    )
+    nan = np.array([np.nan], np.float32)
+    error = _bad(
+        url, controlnet=_names("canny"), control_image=one, controlnet_conditioning_scale=nan
+    )
+    assert "controlnet_conditioning_scale must be finite, got [nan]" in error
+    error = _bad(url, controlnet=_names("canny"), control_image=one, enable_hr=True)
+    assert "ControlNet does not combine with enable_hr" in error
     error = _bad(url, control_image=one)
     assert "control_image given without controlnet" in error
     error = _bad(url, guess_mode=True)
@@ -343,44 +362,101 @@ def test_cli_control_reaches_the_server(url, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# img2img and inpainting with ControlNet (diffusers' ControlNet img2img / inpaint pipelines)
+# img2img and inpainting with ControlNet: diffusers' ControlNet img2img / inpaint pipelines,
+# SD 1.x and SDXL, a deterministic and an ancestral sampler each
 
+EDIT_PIPELINES = {
+    ("sd", "img2img"): "StableDiffusionControlNetImg2ImgPipeline",
+    ("sd", "inpaint"): "StableDiffusionControlNetInpaintPipeline",
+    ("xl", "img2img"): "StableDiffusionXLControlNetImg2ImgPipeline",
+    ("xl", "inpaint"): "StableDiffusionXLControlNetInpaintPipeline",
+}
+# (family, mode, scheduler, settings). Strength 0.7 is not exact in binary: at 10 steps
+# diffusers runs int(10 * 0.7) = 7 of them, a float32 0.7 would run 6. No scale sent but
+# in one case: the served default is diffusers' default for the family and mode.
 EDIT_CASES = {
-    "img2img": (None, {"strength": 0.7, "num_inference_steps": 4}),
-    "inpaint_euler_a": ("euler_a", {"strength": 1.0, "num_inference_steps": 3}),
+    "img2img": ("sd", "img2img", None, {"strength": 0.7, "num_inference_steps": 4}),
+    "img2img_euler_a_scale": (
+        "sd",
+        "img2img",
+        "euler_a",
+        {"strength": 0.7, "num_inference_steps": 4, "controlnet_conditioning_scale": [1.2]},
+    ),
+    "inpaint_euler_a": ("sd", "inpaint", "euler_a", {"strength": 1.0, "num_inference_steps": 3}),
+    "inpaint_dpmpp_2m": ("sd", "inpaint", "dpmpp_2m", {"strength": 0.7, "num_inference_steps": 4}),
+    "xl_img2img_euler": ("xl", "img2img", "euler", {"strength": 0.7, "num_inference_steps": 10}),
+    # No strength: diffusers' SDXL ControlNet img2img default, 0.8 (SDXL img2img's is 0.3).
+    "xl_img2img_euler_a": ("xl", "img2img", "euler_a", {"num_inference_steps": 4}),
+    "xl_inpaint_euler": ("xl", "inpaint", "euler", {"strength": 0.7, "num_inference_steps": 4}),
+    "xl_inpaint_euler_a": ("xl", "inpaint", "euler_a", {"strength": 0.7, "num_inference_steps": 4}),
 }
 
 
 @pytest.mark.parametrize("case", EDIT_CASES)
-def test_edits_with_controlnet_equal_diffusers(url, pipes, case):
-    from diffusers import (
-        StableDiffusionControlNetImg2ImgPipeline,
-        StableDiffusionControlNetInpaintPipeline,
-    )
+def test_edits_with_controlnet_equal_diffusers(url, pipes, xl_pipe, case):
+    import diffusers
     from helpers import source_image, source_mask
 
-    scheduler, settings = EDIT_CASES[case]
-    image, control = source_image(HEIGHT, WIDTH), control_image(6)
-    inputs = {"image": image}
-    cls = StableDiffusionControlNetImg2ImgPipeline
-    if case.startswith("inpaint"):
+    from sd_pipeline.request import DEFAULT_CONTROLNET_SCALE
+
+    family, mode, scheduler, settings = EDIT_CASES[case]
+    inputs = {"image": source_image(HEIGHT, WIDTH)}
+    if mode == "inpaint":
         inputs["mask_image"] = source_mask(HEIGHT, WIDTH)
-        cls = StableDiffusionControlNetInpaintPipeline
-    got, _ = served(
-        url, ("canny",), [control], 9, scheduler=scheduler, **BASE, **inputs, **settings
-    )
-    pipe = cls(**pipes(("canny",)).components)
+    control = control_image(6)
+    model = "xl_stable_diffusion" if family == "xl" else "stable_diffusion"
+    request = {**BASE, **inputs, "scheduler": scheduler, "model": model}
+    got, _ = served(url, ("canny",), [control], 9, **request, **settings)
+    base = xl_pipe if family == "xl" else pipes(("canny",))
+    pipe = getattr(diffusers, EDIT_PIPELINES[family, mode])(**base.components)
     pipe.set_progress_bar_config(disable=True)
     pils = {k: PIL.Image.fromarray(v) for k, v in inputs.items()}
-    # The contract's default scale is 1.0 in every mode (diffusers' img2img and inpaint
-    # ControlNet pipelines default to 0.8 and 0.5).
+    reference_settings = {k: v for k, v in settings.items() if k != "controlnet_conditioning_scale"}
+    if "controlnet_conditioning_scale" in settings:
+        reference_settings["controlnet_conditioning_scale"] = settings[
+            "controlnet_conditioning_scale"
+        ][0]
     want, _ = reference(
         pipe, scheduler, 9, **pils, control_image=PIL.Image.fromarray(control),
-        controlnet_conditioning_scale=1.0, height=HEIGHT, width=WIDTH, **BASE, **settings,
+        height=HEIGHT, width=WIDTH, **BASE, **reference_settings,
     )  # fmt: skip
     assert max_diff(got, want) <= 1
-    plain, _ = served(url, (), [], 9, scheduler=scheduler, **BASE, **inputs, **settings)
+    # Not vacuous: the ControlNet changes the image, and so would another default scale.
+    steps = {k: v for k, v in settings.items() if k != "controlnet_conditioning_scale"}
+    plain, _ = served(url, (), [], 9, **request, **steps)
     assert max_diff(plain, got) > 8
+    default = DEFAULT_CONTROLNET_SCALE[family == "xl", mode]
+    if "controlnet_conditioning_scale" not in settings and default != 1.0:
+        full = {**steps, "controlnet_conditioning_scale": [1.0]}
+        unscaled, _ = served(url, ("canny",), [control], 9, **request, **full)
+        assert max_diff(unscaled, got) > 1
+
+
+def test_defaults_are_diffusers():
+    """The default controlnet_conditioning_scale per family and mode, and the default strength
+    with ControlNet: diffusers' ControlNet pipelines'."""
+    import inspect
+
+    import diffusers
+
+    from sd_pipeline.request import DEFAULT_CONTROLNET_SCALE, default_strength
+
+    def default(name: str, argument: str):
+        call = getattr(diffusers, name).__call__
+        return inspect.signature(call).parameters[argument].default
+
+    pipelines = {
+        ("sd", "txt2img"): "StableDiffusionControlNetPipeline",
+        ("xl", "txt2img"): "StableDiffusionXLControlNetPipeline",
+        **EDIT_PIPELINES,
+    }
+    for (family, mode), name in pipelines.items():
+        scale = default(name, "controlnet_conditioning_scale")
+        assert DEFAULT_CONTROLNET_SCALE[family == "xl", mode] == scale, name
+    assert len(DEFAULT_CONTROLNET_SCALE) == len(pipelines)
+    for (family, mode), name in EDIT_PIPELINES.items():
+        strength = default(name, "strength")
+        assert default_strength(family == "xl", mode == "inpaint", True) == strength, name
 
 
 def test_in_process_over_diffusers_modules_is_bit_exact(repository, pipes):
@@ -417,48 +493,32 @@ def test_in_process_over_diffusers_modules_is_bit_exact(repository, pipes):
 # SDXL
 
 
-@pytest.mark.parametrize("guess_mode", [False, True])
-def test_sdxl_served_equals_diffusers(url, tiny_sdxl, guess_mode):
-    import torch
-    from diffusers import (
-        ControlNetModel,
-        EulerAncestralDiscreteScheduler,
-        StableDiffusionXLControlNetPipeline,
-    )
-    from helpers import REFERENCE_SCHEDULERS, infer_inputs
-
-    assert REFERENCE_SCHEDULERS["euler_a"][0] == "EulerAncestralDiscreteScheduler"
+@pytest.fixture(scope="module")
+def xl_pipe(tiny_sdxl):
+    """diffusers' StableDiffusionXLControlNetPipeline on the tiny SDXL and its ControlNet."""
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 
     path, controlnet_dir = tiny_sdxl
     pipe = StableDiffusionXLControlNetPipeline.from_pretrained(
         path, controlnet=ControlNetModel.from_pretrained(controlnet_dir)
     )
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_sdxl_served_equals_diffusers(url, xl_pipe, guess_mode):
     control = control_image(12)
     settings = {**BASE, "height": HEIGHT, "width": WIDTH, "num_inference_steps": 3}
-    settings["guess_mode"] = guess_mode
-    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
-    out = pipe(
-        generator=torch.Generator().manual_seed(5), output_type="np",
-        image=PIL.Image.fromarray(control), controlnet_conditioning_scale=0.9, **settings,
+    want, _ = reference(
+        xl_pipe, "euler_a", 5, image=PIL.Image.fromarray(control), guess_mode=guess_mode,
+        controlnet_conditioning_scale=0.9, **settings,
     )  # fmt: skip
-    want = (out.images * 255).round().astype(np.uint8)
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        inputs = {**settings, "scheduler": "euler_a", "seed": 5}
-        for controlled in (True, False):
-            extra = {
-                "controlnet": np.array([b"canny"], dtype=object),
-                "control_image": control[None],
-                "controlnet_conditioning_scale": np.array([0.9], np.float32),
-            }
-            options = {**inputs, **extra} if controlled else {**inputs, "guess_mode": False}
-            result = client.infer("xl_stable_diffusion", infer_inputs(**options))
-            if controlled:
-                got = result.as_numpy("images")
-            else:
-                plain = result.as_numpy("images")
-    finally:
-        client.close()
+    request = {**settings, "scheduler": "euler_a", "model": "xl_stable_diffusion"}
+    got, _ = served(
+        url, ("canny",), [control], 5, guess_mode=guess_mode,
+        controlnet_conditioning_scale=[0.9], **request,
+    )  # fmt: skip
+    plain, _ = served(url, (), [], 5, **request)
     assert max_diff(got, want) <= 1
     assert max_diff(plain, got) > 8

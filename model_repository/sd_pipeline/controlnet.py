@@ -131,7 +131,7 @@ def check_controlnet(request: GenerationRequest, config: PipelineConfig) -> None
     _check_names(request.controlnet, config)
     _check_counts(request)
     _check_image_size(request)
-    _check_ranges(request)
+    _check_ranges(request, config)
     if request.enable_hr or request.refiner_switch_at is not None:
         raise InvalidRequest(
             "ControlNet does not combine with enable_hr or refiner_switch_at (not supported)"
@@ -172,8 +172,8 @@ def _check_image_size(request: GenerationRequest) -> None:
         )
 
 
-def _check_ranges(request: GenerationRequest) -> None:
-    scales, starts, ends = _settings(request)
+def _check_ranges(request: GenerationRequest, config: PipelineConfig) -> None:
+    scales, starts, ends = _settings(request, config)
     if not all(np.isfinite(scales)):
         raise InvalidRequest(f"controlnet_conditioning_scale must be finite, got {list(scales)}")
     for s, e in zip(starts, ends, strict=True):
@@ -184,11 +184,15 @@ def _check_ranges(request: GenerationRequest) -> None:
             )
 
 
-def _settings(request: GenerationRequest) -> tuple[list[float], list[float], list[float]]:
-    """Per ControlNet: scale (default 1), guidance start (0) and end (1), as decimals."""
-    from .request import decimal_value
+def _settings(
+    request: GenerationRequest, config: PipelineConfig
+) -> tuple[list[float], list[float], list[float]]:
+    """Per ControlNet: scale (default: diffusers' for the family and mode,
+    :func:`.request.default_controlnet_scale`), guidance start (0) and end (1), as decimals."""
+    from .request import decimal_value, default_controlnet_scale
 
     k = len(request.controlnet)
+    default_scale = default_controlnet_scale(config.is_xl, request.image, request.mask_image)
 
     def values(name: str, default: float) -> list[float]:
         array = getattr(request, name)
@@ -197,7 +201,7 @@ def _settings(request: GenerationRequest) -> tuple[list[float], list[float], lis
         return [decimal_value(np.float32(v)) for v in np.asarray(array).reshape(-1)]
 
     return (
-        values("controlnet_conditioning_scale", 1.0),
+        values("controlnet_conditioning_scale", default_scale),
         values("control_guidance_start", 0.0),
         values("control_guidance_end", 1.0),
     )
@@ -235,7 +239,7 @@ class Control:
 
         if request.controlnet is None:
             return None
-        scales, starts, ends = _settings(request)
+        scales, starts, ends = _settings(request, config)
         halves = request.guess_mode and guided
         copies = 2 if guided and not halves else 1
         n = request.num_images_per_prompt

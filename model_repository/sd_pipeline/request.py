@@ -43,6 +43,8 @@ from .schedulers import check_name
 __all__ = [
     "GenerationRequest",
     "decimal_value",
+    "default_controlnet_scale",
+    "default_strength",
     "img2img_strength",
     "model_defaults",
     "make_request",
@@ -53,12 +55,23 @@ __all__ = [
 
 _DEFAULTS = {t.name: t.default for t in S.STABLE_DIFFUSION_STREAM.inputs}
 # diffusers' default strength by (family is SDXL, inpainting): the img2img and
-# inpainting pipelines' __call__ defaults.
+# inpainting pipelines' __call__ defaults; their ControlNet twins' differ for SDXL img2img.
 DEFAULT_STRENGTH = {
     (False, False): 0.8,
     (False, True): 1.0,
     (True, False): 0.3,
     (True, True): 0.9999,
+}
+DEFAULT_CONTROLNET_STRENGTH = {**DEFAULT_STRENGTH, (True, False): 0.8}
+# diffusers' default controlnet_conditioning_scale by (family is SDXL, mode): the
+# ControlNet pipelines' __call__ defaults (txt2img, img2img, inpainting).
+DEFAULT_CONTROLNET_SCALE = {
+    (False, "txt2img"): 1.0,
+    (False, "img2img"): 0.8,
+    (False, "inpaint"): 0.5,
+    (True, "txt2img"): 1.0,
+    (True, "img2img"): 0.8,
+    (True, "inpaint"): 1.0,
 }
 # Inputs only some families take: SDXL's text and size conditioning, the
 # refiner's aesthetic scores, the base's switch to its refiner.
@@ -149,7 +162,24 @@ def img2img_strength(request: GenerationRequest, config: PipelineConfig | None) 
     if request.strength is not None:
         return request.strength
     xl = config is not None and config.is_xl
-    return DEFAULT_STRENGTH[(xl, request.mask_image is not None)]
+    return default_strength(xl, request.mask_image is not None, request.controlnet is not None)
+
+
+def default_strength(xl: bool, inpainting: bool, controlnet: bool) -> float:
+    """diffusers' img2img / inpainting ``strength`` for the family (``xl``: SDXL), the mode
+    and whether ControlNets steer (then their ControlNet pipelines'). The client reports it
+    too."""
+    return (DEFAULT_CONTROLNET_STRENGTH if controlnet else DEFAULT_STRENGTH)[(xl, inpainting)]
+
+
+def default_controlnet_scale(xl: bool, image: object, mask_image: object) -> float:
+    """diffusers' ``controlnet_conditioning_scale`` for the family (``xl``: SDXL) and the
+    mode a request's ``image`` and ``mask_image`` (None: absent) make (the family's
+    ControlNet txt2img, img2img or inpaint pipeline). The client reports it too."""
+    mode = "txt2img" if image is None else "img2img"
+    if mask_image is not None:
+        mode = "inpaint"
+    return DEFAULT_CONTROLNET_SCALE[(xl, mode)]
 
 
 def make_request(

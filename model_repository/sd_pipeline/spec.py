@@ -274,7 +274,8 @@ STABLE_DIFFUSION = ModelSpec(
             optional=True,
             default=0.8,
             description="img2img and inpainting: in (0, 1], how much of the schedule to run; "
-            "default as diffusers: SD 0.8 (inpainting 1.0), SDXL 0.3 (inpainting 0.9999)",
+            "default as diffusers: SD 0.8 (inpainting 1.0), SDXL 0.3 (inpainting 0.9999; "
+            "img2img with ControlNet 0.8)",
         ),
         TensorSpec(
             "guidance_rescale",
@@ -426,7 +427,8 @@ STABLE_DIFFUSION = ModelSpec(
             ("K",),
             optional=True,
             default=1.0,
-            description="ControlNet: each ControlNet's residuals are multiplied by this",
+            description="ControlNet: each ControlNet's residuals are multiplied by this; "
+            "default as diffusers: 1.0 (img2img 0.8; inpainting: SD 0.5, SDXL 1.0)",
         ),
         TensorSpec(
             "control_guidance_start",
