@@ -6,11 +6,18 @@ Triton counts, per model, *inferences* (samples; a request of batch 2 counts
 Two snapshots around a run give what that run did; for the UNet, samples per
 execution above the request's own batch (2 with classifier-free guidance)
 show that the dynamic batcher merged steps of different requests.
+
+The pipeline's own counters come from the metrics port (Prometheus text):
+:func:`denoise_snapshot` reads ``sd_denoise_steps_total`` and
+``sd_denoise_seconds_total``, whose deltas give the time per denoising step as
+the pipeline's loop measures it, free of the per-request costs.
 """
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.request
 from dataclasses import dataclass, field
 
 PHASES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
@@ -166,3 +173,35 @@ def time_per_image(
         v for k, v in out.items() if k not in ("pipeline", "pipeline_queue")
     )
     return {k: round(v, 2) for k, v in out.items()}
+
+
+# ------------------------------------------------------------ the pipeline's metrics
+def scrape(metrics_url: str) -> str:
+    """The server's metrics page (Prometheus text format)."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as r:
+        return r.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of metric ``name``'s samples whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"{name}\{{(.*)\}} (\S+)$", line)
+        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def denoise_snapshot(metrics_url: str, model: str) -> tuple[float, float]:
+    """(steps, seconds) the pipeline model ``model`` has denoised so far (all its versions)."""
+    text = scrape(metrics_url)
+    return (
+        metric(text, "sd_denoise_steps_total", model=model),
+        metric(text, "sd_denoise_seconds_total", model=model),
+    )
+
+
+def ms_per_step(after: tuple[float, float], before: tuple[float, float]) -> float | None:
+    """Milliseconds per denoising step between two :func:`denoise_snapshot`s (None: no step)."""
+    steps = after[0] - before[0]
+    return None if steps <= 0 else round((after[1] - before[1]) / steps * 1e3, 4)

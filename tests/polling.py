@@ -7,11 +7,13 @@ saying what did not happen.
 
 from __future__ import annotations
 
-import re
 import time
-import urllib.request
 from collections.abc import Callable
 from typing import TypeVar
+
+from sd_triton.benchmarks.stats import metric, scrape
+
+__all__ = ["metric", "scrape", "wait_until"]
 
 T = TypeVar("T")
 
@@ -26,18 +28,3 @@ def wait_until(condition: Callable[[], T], what: str, timeout_s: float = 60.0) -
         if time.monotonic() > deadline:
             raise AssertionError(f"after {timeout_s:g} s: {what}")
         time.sleep(0.05)
-
-
-def scrape(metrics_url: str) -> str:
-    with urllib.request.urlopen(metrics_url, timeout=5) as r:
-        return r.read().decode()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of metric ``name``'s samples whose labels include ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(rf"{name}\{{(.*)\}} (\S+)$", line)
-        if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
-            total += float(match.group(2))
-    return total

@@ -147,6 +147,7 @@ def test_every_request_leaves_one_audit_line_without_the_prompt(triton_server):
     assert ok["nsfw"] == flags
     assert 0 < sum(flags) < len(flags), f"{flags}: the tiny checker must flag some images, not all"
     assert ok["prompt_bytes"] == len(secret) and ok["duration_s"] > 0
+    assert 0 < ok["denoise_s"] < ok["duration_s"]
     assert bad["outcome"] == "invalid" and "unknown scheduler" in bad["error"]
     assert secret not in triton_server.log_path.read_text(errors="replace")
 
@@ -154,7 +155,7 @@ def test_every_request_leaves_one_audit_line_without_the_prompt(triton_server):
 def test_metrics_count_requests_by_outcome(triton_server, triton_url):
     before = scrape(triton_server.metrics_url)
     with Client(triton_url) as client:
-        client.generate("a cat", seed=1, num_images_per_prompt=2, **SMALL)
+        client.generate("a cat", seed=1, num_images_per_prompt=2, scheduler="euler", **SMALL)
         with pytest.raises(InvalidRequestError):
             client.generate("a cat", scheduler="nope")
     after = scrape(triton_server.metrics_url)
@@ -167,6 +168,11 @@ def test_metrics_count_requests_by_outcome(triton_server, triton_url):
     assert delta("sd_requests_total", outcome="invalid") == 1
     assert delta("sd_images_total") == 2
     assert delta("sd_request_duration_seconds_total", outcome="success") > 0
+    # Denoising steps (UNet evaluations: euler's are the request's steps) of successful
+    # requests only (the refused one ran none), and their time.
+    assert delta("sd_denoise_steps_total") == SMALL["num_inference_steps"]
+    seconds = delta("sd_denoise_seconds_total")
+    assert 0 < seconds < delta("sd_request_duration_seconds_total", outcome="success")
 
 
 def test_client_retries_unavailable_only_with_bounded_backoff(triton_url, monkeypatch):

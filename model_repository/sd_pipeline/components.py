@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
@@ -43,21 +44,35 @@ def unet_spec(
     added: Mapping[str, Any] | None, residuals: Sequence[Any] | None = None
 ) -> S.ModelSpec:
     """The UNet contract a call with these added inputs (``text_embeds``, ``time_ids``,
-    ``timestep_cond``) speaks; with ControlNet ``residuals``, the controlled UNet's."""
+    ``timestep_cond``) speaks; with ControlNet ``residuals``, the controlled UNet's.
+
+    One object per contract (built once: the loop asks at every step, and
+    :class:`~.triton_components.TritonComponents` keeps its per-model call
+    plan by it)."""
     added = added or {}
-    kinds = {"text_time": "time_ids" in added, "timestep_cond": "timestep_cond" in added}
+    count = None if residuals is None else len(residuals)
+    return _unet_spec("time_ids" in added, "timestep_cond" in added, count)
+
+
+@cache
+def _unet_spec(text_time: bool, timestep_cond: bool, residuals: int | None) -> S.ModelSpec:
     if residuals is not None:
         from .controlnet import controlled_unet_spec
 
-        return controlled_unet_spec(len(residuals), **kinds)
-    return S.unet_spec(**kinds)
+        return controlled_unet_spec(residuals, text_time=text_time, timestep_cond=timestep_cond)
+    return S.unet_spec(text_time=text_time, timestep_cond=timestep_cond)
 
 
 def controlnet_call_spec(name: str, residuals: int, added: Mapping[str, Any] | None) -> S.ModelSpec:
     """The contract of ControlNet component ``name`` called with these added inputs."""
+    return _controlnet_spec(name, residuals, "time_ids" in (added or {}))
+
+
+@cache
+def _controlnet_spec(name: str, residuals: int, text_time: bool) -> S.ModelSpec:
     from .controlnet import controlnet_spec
 
-    return controlnet_spec(name, residuals, text_time="time_ids" in (added or {}))
+    return controlnet_spec(name, residuals, text_time=text_time)
 
 
 @runtime_checkable

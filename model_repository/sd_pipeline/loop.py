@@ -66,11 +66,15 @@ class GenerationResult:
     ``images``: uint8 ``[N, H, W, 3]``; ``nsfw_content_detected``: bool ``[N]``
     (flagged images are black); ``seeds``: int64 ``[N]``, the request's seed
     for every image (one generator draws all N images' latents at once).
+    ``steps``: the denoising steps run (all stages), ``denoise_s``: the seconds
+    they took (the server's per-step metric, ``sd_denoise_seconds_total``).
     """
 
     images: np.ndarray
     nsfw_content_detected: np.ndarray
     seeds: np.ndarray
+    steps: int = 0
+    denoise_s: float = 0.0
 
 
 def polled_at_most_every(poll: Callable[[], bool], interval_s: float) -> Callable[[], bool]:
@@ -203,6 +207,7 @@ def generate(
     latents = latents.to(device)
     # 5. denoising, stage after stage
     total, done = sum(len(s.timesteps) for s in stages), 0
+    denoise_start = time.perf_counter()
     for stage in stages:
 
         def progress(i: int, latents: torch.Tensor, offset: int = done) -> None:
@@ -211,6 +216,7 @@ def generate(
 
         latents = stage.denoise(latents, generator, inpainting, progress, stop)
         done += len(stage.timesteps)
+    denoise_s = time.perf_counter() - denoise_start
     if stop():
         raise Cancelled("cancelled before decoding")
     # 6. decode, with the last stage's VAE
@@ -221,7 +227,7 @@ def generate(
     # 7.-8. safety checker, uint8
     images, flags = run_safety_checker(decoded, components, assets)
     seeds = np.full(len(images), request.seed, dtype=np.int64)
-    return GenerationResult(images=images, nsfw_content_detected=flags, seeds=seeds)
+    return GenerationResult(images, flags, seeds, steps=total, denoise_s=denoise_s)
 
 
 def _stages(
@@ -446,6 +452,9 @@ def predict_noise(
     timestep = torch.full((sample.shape[0],), float(t), dtype=torch.float32, device=sample.device)
     size = config.unet_max_batch_size
     embeddings, added = conditioning.embeddings, conditioning.added
+    if sample.shape[0] <= size:  # one call (every step of a request within the batch limit)
+        control = {} if residuals is None else {"residuals": residuals}
+        return components.unet(sample, timestep, embeddings, added, **control)
     chunks = [
         components.unet(
             sample[i : i + size],

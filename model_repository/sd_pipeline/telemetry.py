@@ -19,7 +19,13 @@ metrics port (``/metrics``) beside Triton's own per-model counters:
 
 - ``sd_requests_total{model, version, outcome}``: requests by outcome;
 - ``sd_request_duration_seconds_total{model, version, outcome}``: their summed duration;
-- ``sd_images_total{model, version}``: images returned.
+- ``sd_images_total{model, version}``: images returned;
+- ``sd_denoise_steps_total{model, version}`` and ``sd_denoise_seconds_total{model, version}``:
+  the denoising steps (UNet evaluations) of successful requests and the seconds they took, so that
+  ``rate(sd_denoise_seconds_total[5m]) / rate(sd_denoise_steps_total[5m])`` is the
+  time per step (the UNet's compute plus what serving adds to every step: the
+  BLS round trip, the batcher, the scheduler, guidance), free of the per-request
+  costs (text encoder, VAE, safety checker, gRPC) that a request's duration mixes in.
 
 Nothing here imports ``triton_python_backend_utils``; the glue passes it in.
 """
@@ -104,6 +110,7 @@ def record(
     duration_s: float,
     error: BaseException | None,
     nsfw: np.ndarray | None = None,
+    denoise_s: float | None = None,
 ) -> dict[str, Any]:
     """The audit record of one request (never the prompt's text, never an image)."""
     entry: dict[str, Any] = {
@@ -127,6 +134,8 @@ def record(
             guidance_scale=parsed.guidance_scale,
             img2img=parsed.image is not None,
         )
+    if denoise_s is not None:
+        entry["denoise_s"] = round(denoise_s, 4)
     if nsfw is not None:
         entry["nsfw"] = [bool(x) for x in np.asarray(nsfw).reshape(-1)]
     if error is not None:
@@ -153,6 +162,8 @@ class Metrics:
             ("sd_requests_total", "Stable Diffusion requests by outcome"),
             ("sd_request_duration_seconds_total", "Summed duration of requests by outcome"),
             ("sd_images_total", "Images returned"),
+            ("sd_denoise_steps_total", "Denoising steps of successful requests"),
+            ("sd_denoise_seconds_total", "Seconds those denoising steps took"),
         ):
             self._families[name] = family(name=name, description=description, kind=family.COUNTER)
 
@@ -166,10 +177,21 @@ class Metrics:
                 self._metrics[key] = self._families[family].Metric(labels=labels)
             return self._metrics[key]
 
-    def observe(self, outcome: str, duration_s: float, images: int = 0) -> None:
+    def observe(
+        self,
+        outcome: str,
+        duration_s: float,
+        images: int = 0,
+        *,
+        steps: int = 0,
+        denoise_s: float = 0.0,
+    ) -> None:
         if not self._families:
             return
         self._metric("sd_requests_total", outcome).increment(1)
         self._metric("sd_request_duration_seconds_total", outcome).increment(duration_s)
         if images:
             self._metric("sd_images_total", None).increment(images)
+        if steps:
+            self._metric("sd_denoise_steps_total", None).increment(steps)
+            self._metric("sd_denoise_seconds_total", None).increment(denoise_s)

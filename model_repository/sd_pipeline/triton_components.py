@@ -27,11 +27,18 @@ Every call states where its outputs must land (``preferred_memory``: the
 memory they are consumed in). Unstated, Triton r24.10 puts them where the
 callee allocates them: GPU memory for a GPU onnxruntime instance, where
 ``as_numpy()`` raises, even for a call whose inputs were on the CPU.
+
+Per step, the loop makes one UNet call: what a call needs that does not change
+between calls (the served name and version, each tensor's dtype and reshape,
+the output names, where they land) is worked out once per contract and device
+(:class:`_Plan`), so that a call only converts its tensors and waits for the
+answer (benchmarks/overhead.py measures what is left).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 
@@ -41,6 +48,20 @@ from .config import PipelineConfig
 from .errors import ComponentError
 
 __all__ = ["TritonComponents"]
+
+_CPU = torch.device("cpu")
+
+
+class _Plan(NamedTuple):
+    """What every BLS call to one model contract from one device repeats, worked out once."""
+
+    spec: S.ModelSpec
+    name: str  # the served model name
+    version: int
+    inputs: tuple[tuple[str, torch.dtype, tuple[int, ...] | None], ...]  # name, dtype, reshape
+    outputs: tuple[tuple[str, bool], ...]  # name, read as numpy (bool: DLPack has none)
+    output_names: list[str]
+    preferred_memory: Any
 
 
 class TritonComponents:
@@ -64,28 +85,63 @@ class TritonComponents:
         self.device = torch.device(device)
         self.model_names = {**config.component_models, **(model_names or {})}
         self.model_versions = dict(config.component_versions)
+        # (id(spec), device) -> _Plan; specs are long-lived objects (spec.py's
+        # constants, components.unet_spec's one per contract), checked on use.
+        self._plans: dict[tuple[int, torch.device], _Plan] = {}
 
-    def _to_triton(self, model: S.ModelSpec, tensor: S.TensorSpec, x: torch.Tensor):
-        dtype = getattr(torch, self.config.tensor_dtype(model, tensor.name))  # numpy's names
-        x = x.detach().to(dtype)
-        if tensor.reshape is not None:
-            # The model sees the reshaped tensor (the timestep: [B]); callers send
-            # the config's dims ([B, 1]).
-            x = x.reshape(x.shape[0], *tensor.triton_dims)
-        x = x.contiguous()
+    def _plan(self, model: S.ModelSpec, device: torch.device) -> _Plan:
+        key = (id(model), device)
+        plan = self._plans.get(key)
+        if plan is not None and plan.spec is model:
+            return plan
+        dtype = self.config.tensor_dtype
+        inputs = tuple(
+            # The model sees a reshaped tensor (the timestep: [B]); callers send the
+            # config's dims ([B, 1]).
+            (
+                t.name,
+                getattr(torch, dtype(model, t.name)),
+                None if t.reshape is None else t.triton_dims,
+            )
+            for t in model.inputs
+        )
+        outputs = tuple((t.name, dtype(model, t.name) == "bool") for t in model.outputs)
+        plan = _Plan(
+            spec=model,
+            name=self.model_names.get(model.name, model.name),
+            version=int(self.model_versions.get(model.name, -1)),
+            inputs=inputs,
+            outputs=outputs,
+            output_names=[name for name, _ in outputs],
+            preferred_memory=self._preferred_memory(model, device),
+        )
+        self._plans[key] = plan
+        return plan
+
+    def _to_triton(self, name: str, dtype: torch.dtype, dims, x: torch.Tensor):
+        if x.requires_grad:
+            x = x.detach()
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        if dims is not None:
+            x = x.reshape(x.shape[0], *dims)
+        if not x.is_contiguous():
+            x = x.contiguous()
         if dtype == torch.bool:  # DLPack has no portable bool before v0.8
-            return self._pb.Tensor(tensor.name, x.cpu().numpy())
-        return self._pb.Tensor.from_dlpack(tensor.name, torch.utils.dlpack.to_dlpack(x))
+            return self._pb.Tensor(name, x.cpu().numpy())
+        return self._pb.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(x))
 
     def _from_triton(
-        self, model: S.ModelSpec, name: str, response, device: torch.device
+        self, plan: _Plan, name: str, as_numpy: bool, response, device: torch.device
     ) -> torch.Tensor:
         tensor = self._pb.get_output_tensor_by_name(response, name)
         if tensor is None:
-            raise ComponentError(model.name, f"response has no output {name!r}")
-        if self.config.tensor_dtype(model, name) == "bool":
+            raise ComponentError(plan.name, f"response has no output {name!r}")
+        if as_numpy:
             return torch.from_numpy(tensor.as_numpy().copy())
-        out = torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).to(device)
+        out = torch.utils.dlpack.from_dlpack(tensor.to_dlpack())
+        if out.device != device:
+            out = out.to(device)
         return out.float() if out.dtype == torch.float16 else out
 
     def _preferred_memory(self, model: S.ModelSpec, device: torch.device):
@@ -102,23 +158,29 @@ class TritonComponents:
         return self._pb.PreferredMemory(self._pb.TRITONSERVER_MEMORY_CPU, 0)
 
     def _call(self, model: S.ModelSpec, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        name = self.model_names.get(model.name, model.name)
-        device = next((x.device for x in tensors if x.is_cuda), torch.device("cpu"))
-        inputs = [self._to_triton(model, t, x) for t, x in zip(model.inputs, tensors, strict=True)]
+        device = next((x.device for x in tensors if x.is_cuda), _CPU)
+        plan = self._plan(model, device)
+        inputs = [
+            self._to_triton(name, dtype, dims, x)
+            for (name, dtype, dims), x in zip(plan.inputs, tensors, strict=True)
+        ]
         if device.type == "cuda":
             # The component reads the inputs on its own stream: they must be written.
             torch.cuda.current_stream(device).synchronize()
         request = self._pb.InferenceRequest(
-            model_name=name,
-            model_version=int(self.model_versions.get(model.name, -1)),
+            model_name=plan.name,
+            model_version=plan.version,
             inputs=inputs,
-            requested_output_names=[t.name for t in model.outputs],
-            preferred_memory=self._preferred_memory(model, device),
+            requested_output_names=plan.output_names,
+            preferred_memory=plan.preferred_memory,
         )
         response = request.exec()
         if response.has_error():
-            raise ComponentError(name, response.error().message())
-        return [self._from_triton(model, t.name, response, device) for t in model.outputs]
+            raise ComponentError(plan.name, response.error().message())
+        return [
+            self._from_triton(plan, name, as_numpy, response, device)
+            for name, as_numpy in plan.outputs
+        ]
 
     def encode_text(self, input_ids, skip_layers, *, encoder="text_encoder"):
         return TextEncoding(*self._call(S.COMPONENTS[encoder], input_ids, skip_layers))

@@ -221,10 +221,19 @@ class TritonPythonModel:
             duration_s=duration,
             error=error,
             nsfw=None if result is None else result.nsfw_content_detected,
+            denoise_s=None if result is None else result.denoise_s,
         )
         pb_utils.Logger.log_info(log_line(entry))
-        images = 0 if result is None else len(result.images)
-        self.metrics.observe(entry["outcome"], duration, images)
+        if result is None:
+            self.metrics.observe(entry["outcome"], duration)
+        else:
+            self.metrics.observe(
+                entry["outcome"],
+                duration,
+                len(result.images),
+                steps=result.steps,
+                denoise_s=result.denoise_s,
+            )
 
     def _respond(self, request):
         start = time.perf_counter()
