@@ -12,9 +12,13 @@ null UNet and the repository's other components in onnxruntime, so that
 - served ms/step = what serving adds per step plus the loop's own work,
 - in-process ms/step = the loop's own work (scheduler, guidance),
 
-each from two step counts: (median latency at ``hi`` steps - at ``lo``
-steps) / (hi - lo), so the per-request costs (text encoder, VAE, safety
-checker, gRPC) cancel out.
+each measured two ways: by the loop's own clock (the served pipeline's
+``sd_denoise_seconds_total`` / ``sd_denoise_steps_total`` metrics; in-process,
+the same numbers from ``generate``'s result), which is the headline, and from
+request latencies at two step counts: (median latency at ``hi`` steps - at
+``lo`` steps) / (hi - lo), so the per-request costs (text encoder, VAE, safety
+checker, gRPC) cancel out; on a busy machine that difference carries the noise
+of every request, the loop's clock only that of the steps.
 
 Variants share one server: for each UNet ``max_queue_delay_microseconds``
 asked for, a pipeline model ``d<delay>_null_stable_diffusion`` calling its
@@ -192,6 +196,9 @@ class InProcessLoop:
         self.components = NullUnetComponents(repository)
         self.request = request
 
+    steps = 0  # denoising steps run and the seconds they took, by the loop's clock
+    seconds = 0.0
+
     def latency(self, steps: int, i: int) -> float:
         from sd_pipeline.loop import generate
         from sd_pipeline.request import make_request
@@ -208,8 +215,11 @@ class InProcessLoop:
             scheduler=r.scheduler,
         )
         t0 = time.perf_counter()
-        generate(request, self.components, self.assets)
-        return time.perf_counter() - t0
+        result = generate(request, self.components, self.assets)
+        latency = time.perf_counter() - t0
+        self.steps += result.steps
+        self.seconds += result.denoise_s
+        return latency
 
 
 # ------------------------------------------------------------ measuring
@@ -272,10 +282,12 @@ def paired(concurrency: int, pairs: int, steps: tuple[int, int], one) -> dict:
     }
 
 
-def _served_paired(client, url: str, plan: Plan, variant: Variant, c: int) -> dict:
-    """One level of :func:`paired` against ``variant``, with the UNet's statistics over it."""
+def _served_paired(server, client, plan: Plan, variant: Variant, c: int) -> dict:
+    """One level of :func:`paired` against ``variant``, with the UNet's statistics and the
+    pipeline's own ms per step (its metrics) over it."""
     import tritonclient.grpc as grpcclient
 
+    url = server.grpc_url
     served = {
         s: Served(url, replace(plan.request, steps=s), model=variant.pipeline) for s in plan.steps
     }
@@ -287,6 +299,7 @@ def _served_paired(client, url: str, plan: Plan, variant: Variant, c: int) -> di
         return time.perf_counter() - t0
 
     before = stats.snapshot(client)
+    loop_before = stats.denoise_snapshot(server.metrics_url, variant.pipeline)
     try:
         row = paired(c, plan.requests_per_worker, plan.steps, one)
     finally:
@@ -294,7 +307,9 @@ def _served_paired(client, url: str, plan: Plan, variant: Variant, c: int) -> di
             x.close()
     n = 2 * c * plan.requests_per_worker
     after = stats.settled(client, before, variant.pipeline, n)
+    loop_after = stats.denoise_snapshot(server.metrics_url, variant.pipeline)
     row["unet"] = stats.delta(after, before).get(variant.unet, stats.ModelStats())
+    row["loop"] = [b - a for a, b in zip(loop_before, loop_after, strict=True)]
     return row
 
 
@@ -320,8 +335,16 @@ def _merge_rows(rows: list[dict]) -> dict:
     unet = stats.ModelStats()
     for row in rows:
         unet = unet + row["unet"]
+    steps, seconds = (sum(r["loop"][k] for r in rows) for k in (0, 1))
     best = sorted(rows, key=lambda r: r["ms_per_step"])[len(rows) // 2]
-    return {**best, "rounds": [r["ms_per_step"] for r in rows], "unet": unet.to_dict()}
+    return {
+        **best,
+        "rounds": [r["ms_per_step"] for r in rows],
+        "unet": unet.to_dict(),
+        "loop": {"steps": steps, "seconds": round(seconds, 6)},
+        "loop_ms_per_step": stats.ms_per_step((steps, seconds), (0, 0)),
+        "loop_rounds": [stats.ms_per_step(r["loop"], (0, 0)) for r in rows],
+    }
 
 
 def served_overhead(repository: Path, plan: Plan, log_dir: Path | None, timeout_s: float) -> dict:
@@ -339,7 +362,7 @@ def served_overhead(repository: Path, plan: Plan, log_dir: Path | None, timeout_
             for r in range(plan.rounds):
                 for variant in variants if r % 2 == 0 else variants[::-1]:
                     for c in plan.concurrency:
-                        row = _served_paired(client, url, plan, variant, c)
+                        row = _served_paired(server, client, plan, variant, c)
                         levels.setdefault((variant.delay_us, c), []).append(row)
         memory = system.process_memory(server.pid)
         client.close()
@@ -355,6 +378,7 @@ def inprocess_overhead(repository: Path, plan: Plan) -> dict:
     """Per-step time of the same loop with the null UNet in this process (one caller)."""
     loop = InProcessLoop(repository, plan.request)
     loop.latency(plan.steps[0], 0)  # first call: lazy imports, sessions
+    loop.steps, loop.seconds = 0, 0.0
     with system.CpuAccount(None) as account:
         row = paired(
             1,
@@ -362,7 +386,8 @@ def inprocess_overhead(repository: Path, plan: Plan) -> dict:
             plan.steps,
             lambda w, s, i: loop.latency(s, i),
         )
-    return {**row, "cpu": account.result}
+    loop_ms = stats.ms_per_step((loop.steps, loop.seconds), (0, 0))
+    return {**row, "loop_ms_per_step": loop_ms, "cpu": account.result}
 
 
 def merging(repository: Path, plan: Plan, log_dir: Path | None, timeout_s: float) -> dict:
@@ -450,6 +475,10 @@ def run(
 
 
 # ------------------------------------------------------------ report
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.0f}"
 
@@ -479,7 +508,10 @@ def markdown(result: dict) -> str:
         "## Per-step overhead (null UNet)",
         "",
         f"{plan['size']}, guidance {plan['guidance_scale']}, scheduler "
-        f"{plan['scheduler'] or 'default'}; per step = median over back-to-back pairs of "
+        f"{plan['scheduler'] or 'default'}. **Loop's clock**: the denoising loop's seconds "
+        "over its steps (served: the pipeline's `sd_denoise_seconds_total` / "
+        "`sd_denoise_steps_total` over the level; in-process: the same from `generate`), per "
+        "round in brackets. Request pairs: median over back-to-back pairs of "
         f"(t at {hi} steps - t at {lo} steps) / {hi - lo}, IQR over pairs; floor: the same "
         f"from the fastest request of each step count; {plan['requests_per_worker']} pairs per "
         f"worker and round, "
@@ -489,19 +521,22 @@ def markdown(result: dict) -> str:
         f"others' load during the served runs {served['cpu'].get('others_cores', 0)} cores, "
         f"during the in-process runs {inproc['cpu'].get('others_cores', 0)} cores.",
         "",
-        "| UNet queue delay µs | c | served ms/step (IQR) | per round | floor | in-process "
-        "ms/step (floor) | served - in-process | UNet samples/exec | UNet queue ms/call |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| UNet queue delay µs | c | served ms/step, loop's clock (rounds) | in-process, "
+        "loop's clock | served ms/step, request pairs (IQR) | per round | floor | in-process, "
+        "request pairs (floor) | UNet samples/exec | UNet queue ms/call |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = inproc["ms_per_step"]
     for row in served["rows"]:
         u = row["unet"]
         q1, q3 = row["ms_per_step_iqr"]
         rounds = " ".join(f"{x:.2f}" for x in row["rounds"])
+        loop_rounds = " ".join(_ms(x) for x in row["loop_rounds"])
         lines.append(
-            f"| {row['delay_us']} | {row['concurrency']} | **{row['ms_per_step']:.2f}** "
-            f"({q1:.2f}–{q3:.2f}) | {rounds} | {row['ms_per_step_floor']:.2f} "
-            f"| {base:.2f} ({inproc['ms_per_step_floor']:.2f}) | {row['ms_per_step'] - base:.2f} "
+            f"| {row['delay_us']} | {row['concurrency']} | **{_ms(row['loop_ms_per_step'])}** "
+            f"({loop_rounds}) | {_ms(inproc['loop_ms_per_step'])} "
+            f"| {row['ms_per_step']:.2f} ({q1:.2f}–{q3:.2f}) | {rounds} "
+            f"| {row['ms_per_step_floor']:.2f} | {base:.2f} ({inproc['ms_per_step_floor']:.2f}) "
             f"| {u['samples_per_execution']} | {u['queue_ms_per_request']} |"
         )
     lines += ["", "Memory of the server's processes (null-UNet server):", ""]

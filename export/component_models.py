@@ -145,7 +145,8 @@ def _host_parameters(name: str, opts: ExportOptions) -> dict[str, Any]:
     """The config parameters each host reads."""
     threads = opts.hosting.intra_op_threads
     if opts.hosting.host == "python":
-        return {"intra_op_num_threads": threads or 0}
+        # allow_spinning 0: no onnxruntime thread spins on a core the other models need.
+        return {"intra_op_num_threads": threads or 0, "allow_spinning": 0}
     if opts.hosting.host == "torch":
         return {
             "component": name,

@@ -488,9 +488,15 @@ def test_harness_overhead_mode(tmp_path, tiny_repository):
     assert rows[1]["unet"]["inference_count"] == 2 * (1 + 3)
     assert all(np.isfinite(r["ms_per_step"]) for r in rows.values())
     assert np.isfinite(result["inprocess"]["ms_per_step"])
+    # The pipeline's own clock (its sd_denoise_* metrics) counted exactly the level's steps:
+    # one pair per worker, 1 + 3 steps.
+    assert [rows[c]["loop"]["steps"] for c in (1, 2)] == [4, 8]
+    assert all(0 < r["loop_ms_per_step"] < 1e3 for r in rows.values())
+    assert 0 < result["inprocess"]["loop_ms_per_step"] < 1e3
     stubs = [p for p in result["served"]["memory"] if p["label"] == "stub:d0_null_stable_diffusion"]
     assert len(stubs) == 2 and all(0 < p["uss"] <= p["rss"] for p in stubs)
     text = (tmp_path / "ov.md").read_text()
     assert (
         "## Per-step overhead (null UNet)" in text and "stub:d0_null_stable_diffusion | 2 |" in text
     )
+    assert f"| 0 | 1 | **{rows[1]['loop_ms_per_step']:.3f}** (" in text

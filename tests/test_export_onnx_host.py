@@ -184,6 +184,8 @@ def test_initialize_rejects_config_that_disagrees_with_onnx(host, tiny_repositor
 def test_initialize_rejects_bad_parameters(host, tiny_repository):
     with pytest.raises(ValueError, match="intra_op_num_threads"):
         initialize(host, tiny_repository / "unet", parameters={"intra_op_num_threads": "many"})
+    with pytest.raises(ValueError, match="allow_spinning must be 0 or 1"):
+        initialize(host, tiny_repository / "unet", parameters={"allow_spinning": "yes"})
 
 
 def test_initialize_needs_the_onnx_file(host, tiny_repository, tmp_path):
@@ -197,6 +199,26 @@ def test_threads_parameter_is_used(host, tiny_repository):
     model = initialize(host, tiny_repository / "vae_decoder", parameters=parameters)
     assert model.session.get_session_options().intra_op_num_threads == 1
     assert model.session.get_providers() == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "0"), ("1", "1"), ("0", "0")])
+def test_spinning_is_off_unless_asked_for(host, tiny_repository, given, expected):
+    """onnxruntime spins its idle threads by default; beside the other models' processes on
+    the same cores that costs every step (benchmarks/results/cpu-overhead.md)."""
+    folder = tiny_repository / "vae_decoder"
+    config = model_config(folder)
+    del config["parameters"]["allow_spinning"]  # None: the host's own default
+    parameters = {} if given is None else {"allow_spinning": given}
+    model = initialize(host, folder, config=config, parameters=parameters)
+    options = model.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == expected
+
+
+def test_the_export_writes_spinning_off(tiny_repository):
+    for name in ("text_encoder", "unet", "vae_decoder", "safety_checker"):
+        assert model_config(tiny_repository / name)["parameters"]["allow_spinning"] == {
+            "string_value": "0"
+        }
 
 
 # ----------------------------------------------------------- device: no silent CPU fallback

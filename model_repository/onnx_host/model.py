@@ -9,6 +9,12 @@ has no onnxruntime backend).
 Config parameters (all optional, string values):
 
 - ``intra_op_num_threads``: onnxruntime's intra-op thread count (0 = its default);
+- ``allow_spinning``: ``0`` (the default here) or ``1`` (onnxruntime's default):
+  whether the intra-op threads spin, burning a core, while they wait for work.
+  Every model here is a process of its own on the same cores (text encoders,
+  UNet, VAE, the pipeline's loop); a spinning thread of one takes the CPU the
+  others need, and a denoising step waits on all of them in turn
+  (``benchmarks/results/cpu-overhead.md`` measures the difference);
 - ``device``: ``auto`` (CUDA for a ``KIND_GPU`` instance, the CPU for any
   other kind), ``cuda`` or ``cpu``. An instance meant for CUDA whose session
   does not get the CUDA execution provider (onnxruntime without CUDA, or its
@@ -27,10 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from component_host import ComponentHost, TensorConfig
+from component_host import ComponentHost, TensorConfig, parameter
 
 MODEL_FILE = "model.onnx"
 THREADS_PARAMETER = "intra_op_num_threads"
+SPINNING_PARAMETER = "allow_spinning"
 CUDA = "CUDAExecutionProvider"
 
 
@@ -55,11 +62,15 @@ class TritonPythonModel(ComponentHost):
         import onnxruntime as ort
 
         threads = self.threads(THREADS_PARAMETER)
+        spinning = parameter(self.config, SPINNING_PARAMETER, "0")
+        if spinning not in ("0", "1"):
+            raise ValueError(f"model '{self.name}': {SPINNING_PARAMETER} must be 0 or 1")
         path = Path(args["model_repository"]) / args["model_version"] / MODEL_FILE
         if not path.is_file():
             raise FileNotFoundError(f"model '{self.name}': {path} not found")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         providers: list = ["CPUExecutionProvider"]
         if self.cuda_device is not None:
             providers.insert(0, (CUDA, {"device_id": self.cuda_device}))
