@@ -38,6 +38,8 @@ from helpers import (
 from sd_pipeline import Assets, DiffusersComponents, generate, make_request
 from sd_pipeline.config import Limits
 from sd_pipeline.errors import InvalidRequest
+from sd_pipeline.hires import SecondPass, second_pass_request
+from sd_pipeline.schedulers import make_scheduler
 
 BASE = {
     "prompt": "a castle on a hill",
@@ -165,6 +167,20 @@ def test_progress_counts_both_passes(reference_pipe, assets):
     assert seen == [(0, 5, small), (1, 5, small), (2, 5, small), (3, 5, large), (4, 5, large)]
 
 
+def test_second_pass_is_img2img_by_its_strength_without_an_image(reference_pipe, assets):
+    """No placeholder image: the stage is img2img (the last int(4 x 0.6) = 2 of a fresh
+    4-step schedule, diffusers' get_timesteps) from its strength alone."""
+    request = make_request(assets.config, seed=1, **hires_settings("lanczos_1.7_euler_a"))
+    components = DiffusersComponents.from_pipeline(reference_pipe)
+    stage = SecondPass.after(request, components, assets, torch.device("cpu"))
+    assert second_pass_request(request).image is None
+    assert stage.request.image is None and stage.request.strength is None
+    assert (stage.request.height, stage.request.width) == (40, 68)
+    schedule = make_scheduler("euler_a", assets.scheduler_config)
+    schedule.set_timesteps(4)
+    torch.testing.assert_close(stage.timesteps, schedule.timesteps[2:], rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------
 # In-process, SDXL (diffusers' SDXL modules, the assets of the session's SDXL export)
 
@@ -195,6 +211,21 @@ def test_sdxl_in_process_is_the_composition(sdxl, case):
         int(settings["width"] * settings["hr_scale"]),
     )
     assert max_diff(result.images, images) <= 1
+
+
+def test_sdxl_second_pass_time_ids_are_img2img(sdxl):
+    """diffusers' img2img time ids ([negative x N, positive x N]; the negative sizes
+    default to the positive ones one by one), not txt2img's (negative ids only when
+    both negative sizes are sent), though the second pass has no image."""
+    pipe, _, assets = sdxl
+    settings = {**hires_settings("latent_1.5"), "negative_original_size": (40, 40)}
+    request = make_request(assets.config, seed=3, **settings)
+    components = DiffusersComponents.from_pipeline(pipe)
+    stage = SecondPass.after(request, components, assets, torch.device("cpu"))
+    assert stage.request.image is None
+    positive, negative = [48, 72, 0, 0, 48, 72], [40, 40, 0, 0, 48, 72]
+    expected = torch.tensor([negative, negative, positive, positive], dtype=torch.float32)
+    torch.testing.assert_close(stage.conditioning.added["time_ids"], expected, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------

@@ -65,12 +65,17 @@ def guided(request: GenerationRequest, config: PipelineConfig) -> bool:
     return request.do_classifier_free_guidance and config.time_cond_proj_dim is None
 
 
-def condition(request: GenerationRequest, components: Components, assets: Assets) -> Conditioning:
-    """The conditioning of every UNet sample of ``request`` on this model."""
+def condition(
+    request: GenerationRequest, components: Components, assets: Assets, *, img2img: bool = False
+) -> Conditioning:
+    """The conditioning of every UNet sample of ``request`` on this model; ``img2img``:
+    as img2img though the request has no image (a stage that starts from given latents,
+    the hires pass)."""
     config = assets.config
     if config.is_xl:
         embeddings, pooled = _encode_xl(request, components, assets)
-        added = {"text_embeds": pooled, "time_ids": _time_ids(request, config)}
+        img2img = img2img or request.image is not None
+        added = {"text_embeds": pooled, "time_ids": _time_ids(request, config, img2img)}
     else:
         embeddings, added = _encode_sd(request, components, assets), {}
     if config.time_cond_proj_dim is not None:
@@ -230,15 +235,16 @@ def _encode_xl(
     return embeddings.repeat_interleave(n, dim=0), pooled.repeat_interleave(n, dim=0)
 
 
-def _time_ids(request: GenerationRequest, config: PipelineConfig) -> torch.Tensor:
-    """SDXL's ``add_time_ids`` for every UNet sample, as the family's pipeline builds them."""
+def _time_ids(request: GenerationRequest, config: PipelineConfig, img2img: bool) -> torch.Tensor:
+    """SDXL's ``add_time_ids`` for every UNet sample, as the family's pipeline (txt2img, or
+    ``img2img``: the img2img and inpainting pipelines) builds them."""
     size = (request.height, request.width)
     original = request.original_size or size
     crops = request.crops_coords_top_left or (0, 0)
     target = request.target_size or size
     negative_crops = request.negative_crops_coords_top_left or (0, 0)
     n = request.num_images_per_prompt
-    if request.image is None and not config.requires_aesthetics_score:
+    if not img2img and not config.requires_aesthetics_score:
         # StableDiffusionXLPipeline: the negative ids only when both negative sizes are
         # given; [negative, positive] repeated per image.
         positive = [*original, *crops, *target]

@@ -31,7 +31,6 @@ import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
 import torch
 
 from .components import Components
@@ -217,22 +216,17 @@ def _check_work(request: GenerationRequest, hr: Hires, limits: Limits | None) ->
 
 
 def second_pass_request(request: GenerationRequest) -> GenerationRequest:
-    """The request of the img2img pass: the enlarged size, its steps and strength.
+    """The request of the img2img pass: the enlarged size and its steps.
 
-    Its ``image`` is an all-zero view of the second pass's size that costs no memory:
-    it only sends the timesteps and SDXL's time ids down diffusers' img2img paths
-    (:func:`~.loop.set_timesteps`, :mod:`.conditioning`); the latents come from the
-    first pass (:meth:`SecondPass.enlarge`), never from it.
+    It has no image: the latents come from the first pass (:meth:`SecondPass.enlarge`),
+    and the stage is made img2img-like by its strength (:meth:`~.loop.Stage.make`).
     """
     hr = hires(request)
-    placeholder = np.broadcast_to(np.zeros(3, np.uint8), (hr.height, hr.width, 3))
     return replace(
         request,
         height=hr.height,
         width=hr.width,
         num_inference_steps=hr.steps,
-        strength=hr.strength,
-        image=placeholder,
         enable_hr=False,
         **dict.fromkeys(HR_INPUTS),
     )
@@ -252,9 +246,12 @@ class SecondPass(Stage):
         assets: Assets,
         device: torch.device,
     ) -> SecondPass:
-        """The second pass of ``request`` (its own scheduler, conditioning and timesteps)."""
-        stage = cls.make(second_pass_request(request), components, assets, device)
-        return replace(stage, upscaler=hires(request).upscaler)
+        """The second pass of ``request`` (its own scheduler, conditioning and timesteps):
+        img2img with ``hr_denoising_strength`` from the enlarged latents."""
+        hr = hires(request)
+        second = second_pass_request(request)
+        stage = cls.make(second, components, assets, device, strength=hr.strength)
+        return replace(stage, upscaler=hr.upscaler)
 
     def denoise(self, latents, generator, inpainting: Inpainting | None, progress, stop):
         """As :meth:`Stage.denoise`, from the enlarged latents, with a fresh generator."""

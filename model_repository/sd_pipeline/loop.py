@@ -125,10 +125,18 @@ class Stage:
         *,
         end: float | None = None,
         start: float | None = None,
+        strength: float | None = None,
     ) -> Stage:
+        """The stage of ``request`` on these components: all of its schedule, the share
+        up to ``end`` / from ``start`` (base / refiner), or, with ``strength``, img2img from
+        latents that :meth:`denoise` is given (the hires pass): the last ``strength`` of the
+        schedule, conditioned as img2img (SDXL's time ids), with no image in the request."""
         scheduler = make_scheduler(request.scheduler, assets.scheduler_config, request.seed)
-        conditioning = condition(request, components, assets).to(device)
-        timesteps = set_timesteps(scheduler, request, device, assets.config, end=end, start=start)
+        img2img = strength is not None
+        conditioning = condition(request, components, assets, img2img=img2img).to(device)
+        timesteps = set_timesteps(
+            scheduler, request, device, assets.config, end=end, start=start, strength=strength
+        )
         if len(timesteps) == 0:
             raise InvalidRequest(
                 f"refiner_switch_at {request.refiner_switch_at} leaves the "
@@ -261,14 +269,16 @@ def set_timesteps(
     *,
     end: float | None = None,
     start: float | None = None,
+    strength: float | None = None,
 ) -> torch.Tensor:
     """The timesteps to run: all of them, the last ``strength`` of them (img2img), or the
     share of a base (up to ``end``) or a refiner (from ``start``) of the schedule.
 
     img2img follows diffusers' ``get_timesteps``: skip the first
     ``steps - int(steps * strength)`` steps (times the scheduler's order) and
-    tell the scheduler where it starts. ``end`` / ``start`` follow SDXL's
-    ``denoising_end`` / ``denoising_start``.
+    tell the scheduler where it starts. Its strength is ``strength`` when given (a
+    stage that starts from given latents: the hires pass), else the request's when it
+    has an image. ``end`` / ``start`` follow SDXL's ``denoising_end`` / ``denoising_start``.
     """
     steps = request.num_inference_steps
     try:
@@ -286,10 +296,11 @@ def set_timesteps(
         if scheduler.order == 2 and count % 2 == 0:
             count += 1  # start on a first-order step, as diffusers
         t_start = len(timesteps) - count
-    elif request.image is None:
+    elif strength is None and request.image is None:
         return timesteps
     else:
-        strength = img2img_strength(request, config)
+        if strength is None:
+            strength = img2img_strength(request, config)
         init_timestep = min(int(steps * strength), steps)
         t_start = max(steps - init_timestep, 0) * scheduler.order
     if hasattr(scheduler, "set_begin_index"):
