@@ -88,10 +88,13 @@ class Variant:
 
     delay_us: int
     null_unet: bool = True
+    # The real UNet's onnxruntime threads spin while idle (onnx host allow_spinning 1)
+    spinning: bool = False
 
     @property
     def prefix(self) -> str:
-        return f"d{self.delay_us}_{'null' if self.null_unet else 'real'}_"
+        spin = "spin_" if self.spinning else ""
+        return f"d{self.delay_us}_{'null' if self.null_unet else 'real'}_{spin}"
 
     @property
     def pipeline(self) -> str:
@@ -131,6 +134,8 @@ def _unet_model(source: Path, dest: Path, variant: Variant) -> None:
         if variant.null_unet:
             config.backend, config.platform = "python", ""
             config.ClearField("instance_group")
+        elif "allow_spinning" in config.parameters:  # the Python-backend ONNX host
+            config.parameters["allow_spinning"].string_value = str(int(variant.spinning))
 
     _copy_model(source / "unet", dest / variant.unet, variant.unet, edit)
     if variant.null_unet:
@@ -235,6 +240,14 @@ class Plan:
     rounds: int = 2
     merge_steps: int = 10  # real-UNet run: steps per request
     merge_requests_per_worker: int = 2
+    # real-UNet run: also the UNet with onnxruntime's spinning threads (at the last delay)
+    merge_spinning: bool = True
+
+    def merge_variants(self) -> list[Variant]:
+        variants = [Variant(d, null_unet=False) for d in self.delays_us]
+        if self.merge_spinning:
+            variants.append(Variant(self.delays_us[-1], null_unet=False, spinning=True))
+        return variants
 
 
 def paired(concurrency: int, pairs: int, steps: tuple[int, int], one) -> dict:
@@ -394,7 +407,7 @@ def merging(repository: Path, plan: Plan, log_dir: Path | None, timeout_s: float
     """The real UNet at each delay and concurrency: does the batcher still merge steps?"""
     import tritonclient.grpc as grpcclient
 
-    variants = [Variant(d, null_unet=False) for d in plan.delays_us]
+    variants = plan.merge_variants()
     rows = []
     server = _start(repository, log_dir, "merging", timeout_s)
     try:
@@ -408,8 +421,10 @@ def merging(repository: Path, plan: Plan, log_dir: Path | None, timeout_s: float
                     n = c * plan.merge_requests_per_worker
                     t0 = time.perf_counter()
                     before = stats.snapshot(client)
+                    loop_before = stats.denoise_snapshot(server.metrics_url, variant.pipeline)
                     timing = Served(url, request, model=variant.pipeline).run(c, n)
                     delta = stats.delta(stats.settled(client, before, variant.pipeline, n), before)
+                    loop_after = stats.denoise_snapshot(server.metrics_url, variant.pipeline)
                     lat = timing.latencies
                     wall = time.perf_counter() - t0
                     u = delta.get(variant.unet, stats.ModelStats())
@@ -417,10 +432,12 @@ def merging(repository: Path, plan: Plan, log_dir: Path | None, timeout_s: float
                     rows.append(
                         {
                             "delay_us": variant.delay_us,
+                            "spinning": variant.spinning,
                             "concurrency": c,
                             "images_per_s": round(n / wall, 4),
                             "p50_s": round(statistics.median(lat), 4),
                             "ms_per_step": round(per_step, 3),
+                            "loop_ms_per_step": stats.ms_per_step(loop_after, loop_before),
                             "unet": {
                                 **u.to_dict(),
                                 "executions_per_image": round(u.execution_count / n, 3),
@@ -465,8 +482,9 @@ def run(
     }
     load.append(os.getloadavg())
     if merge:
-        real = [Variant(d, null_unet=False) for d in plan.delays_us]
-        real_repo = variant_repository(source, work / "real-unet", real, instances=c)
+        real_repo = variant_repository(
+            source, work / "real-unet", plan.merge_variants(), instances=c
+        )
         result["merging"] = merging(real_repo, plan, log_dir, timeout_s)
         load.append(os.getloadavg())
     result["load_average"] = load
@@ -548,14 +566,20 @@ def markdown(result: dict) -> str:
             f"### Merging under load (real UNet, {m['steps']} steps; others' load "
             f"{m['cpu'].get('others_cores', 0)} cores)",
             "",
-            "| UNet queue delay µs | c | images/s | p50 s | ms/step | UNet samples/exec "
-            "| UNet exec/image | UNet ms/exec | batch sizes |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "ms/step: p50 latency / steps; loop's clock: the pipeline's own per-step time. "
+            "Spinning: the UNet's onnxruntime threads spin while idle (onnxruntime's default; "
+            "the export writes `allow_spinning: 0`).",
+            "",
+            "| UNet queue delay µs | spinning | c | images/s | p50 s | ms/step | loop's clock "
+            "ms/step | UNet samples/exec | UNet exec/image | UNet ms/exec | batch sizes |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in m["rows"]:
+            spin = "yes" if row.get("spinning") else "no"
             lines.append(
-                f"| {row['delay_us']} | {row['concurrency']} | {row['images_per_s']} "
-                f"| {row['p50_s']} | {row['ms_per_step']} " + stats.unet_cells(row["unet"])
+                f"| {row['delay_us']} | {spin} | {row['concurrency']} | {row['images_per_s']} "
+                f"| {row['p50_s']} | {row['ms_per_step']} | {_ms(row.get('loop_ms_per_step'))} "
+                + stats.unet_cells(row["unet"])
             )
     return "\n".join(lines) + "\n"
 
@@ -589,6 +613,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="skip the real-UNet run that shows merging under load",
     )
+    p.add_argument(
+        "--no-spinning-variant",
+        dest="merge_spinning",
+        action="store_false",
+        help="in the real-UNet run, skip the UNet whose onnxruntime threads spin",
+    )
 
 
 def plan_from_args(args: argparse.Namespace, request: Request) -> Plan:
@@ -600,6 +630,7 @@ def plan_from_args(args: argparse.Namespace, request: Request) -> Plan:
         steps=(lo, hi),
         requests_per_worker=args.overhead_requests_per_worker,
         rounds=args.overhead_rounds,
+        merge_spinning=args.merge_spinning,
     )
 
 

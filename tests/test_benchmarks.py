@@ -448,7 +448,18 @@ def test_variant_repository_serves_a_null_unet_per_delay(tmp_path, tiny_reposito
     from sd_triton.export.triton_config import read_config
 
     variants = [overhead.Variant(2000), overhead.Variant(0), overhead.Variant(0, null_unet=False)]
+    variants.append(overhead.Variant(0, null_unet=False, spinning=True))
     repo = overhead.variant_repository(tiny_repository, tmp_path / "r", variants, instances=3)
+    real = [
+        read_config(repo / v.unet).parameters["allow_spinning"].string_value for v in variants[2:]
+    ]
+    assert real == ["0", "1"] and variants[3].unet == "d0_real_spin_unet"
+    plan = overhead.Plan(request=None, delays_us=(2000, 0))
+    assert plan.merge_variants() == [
+        overhead.Variant(2000, null_unet=False),
+        overhead.Variant(0, null_unet=False),
+        overhead.Variant(0, null_unet=False, spinning=True),
+    ]
     for v in variants:
         unet = read_config(repo / v.unet)
         assert unet.name == v.unet
