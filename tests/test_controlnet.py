@@ -411,22 +411,19 @@ def test_edits_with_controlnet_equal_diffusers(url, pipes, xl_pipe, case):
     pipe = getattr(diffusers, EDIT_PIPELINES[family, mode])(**base.components)
     pipe.set_progress_bar_config(disable=True)
     pils = {k: PIL.Image.fromarray(v) for k, v in inputs.items()}
-    reference_settings = {k: v for k, v in settings.items() if k != "controlnet_conditioning_scale"}
-    if "controlnet_conditioning_scale" in settings:
-        reference_settings["controlnet_conditioning_scale"] = settings[
-            "controlnet_conditioning_scale"
-        ][0]
+    steps = {k: v for k, v in settings.items() if k != "controlnet_conditioning_scale"}
+    scale = settings.get("controlnet_conditioning_scale")
+    scales = {} if scale is None else {"controlnet_conditioning_scale": scale[0]}
     want, _ = reference(
         pipe, scheduler, 9, **pils, control_image=PIL.Image.fromarray(control),
-        height=HEIGHT, width=WIDTH, **BASE, **reference_settings,
+        height=HEIGHT, width=WIDTH, **BASE, **steps, **scales,
     )  # fmt: skip
     assert max_diff(got, want) <= 1
     # Not vacuous: the ControlNet changes the image, and so would another default scale.
-    steps = {k: v for k, v in settings.items() if k != "controlnet_conditioning_scale"}
     plain, _ = served(url, (), [], 9, **request, **steps)
     assert max_diff(plain, got) > 8
     default = DEFAULT_CONTROLNET_SCALE[family == "xl", mode]
-    if "controlnet_conditioning_scale" not in settings and default != 1.0:
+    if scale is None and default != 1.0:
         full = {**steps, "controlnet_conditioning_scale": [1.0]}
         unscaled, _ = served(url, ("canny",), [control], 9, **request, **full)
         assert max_diff(unscaled, got) > 1
