@@ -5,7 +5,8 @@ The GPU deployments run the torch host in fp16 and Triton's onnxruntime backend
 on the CPU:
 
 - the torch host (``--host torch``), fp32, served == diffusers'
-  ``StableDiffusionControlNetPipeline`` within one uint8 level;
+  ``StableDiffusionControlNetPipeline`` (SD 1.x) and
+  ``StableDiffusionXLControlNetPipeline`` (SDXL) within one uint8 level;
 - fp16 (``--fp16``: the VAE stays fp32) on the Python-backend ONNX host
   (onnxruntime runs fp16 on the CPU) and on the torch host given ``dtype``
   float16 (what its ``auto`` means on CUDA; torch runs fp16 on the CPU too),
@@ -23,7 +24,7 @@ loaded 2-core machine). Also:
   UNet's keys and profiles, the residuals' at their fractions of the latent
   size, covering the request limits.
 
-The tiny ControlNet is test_controlnet's (``make_controlnet``).
+The tiny ControlNets are test_controlnet's (``make_controlnet``), one per family.
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ SETTINGS = {
     "num_inference_steps": 3,
 }
 SCALE = 0.8
-# The exports served together, by model prefix: (precision, host).
+# The exports served together, by model prefix: (precision, host, family).
 EXPORTS = {
-    "torch_": ("fp32", "torch"),
-    "half_": ("fp16-vae-fp32", "python"),
-    "torch16_": ("fp16-vae-fp32", "torch"),
+    "torch_": ("fp32", "torch", "sd"),
+    "half_": ("fp16-vae-fp32", "python", "sd"),
+    "torch16_": ("fp16-vae-fp32", "torch", "sd"),
+    "xl_torch_": ("fp32", "torch", "sdxl"),
 }
 # fp16 against diffusers' fp32 image: see PSNR_FLOOR_DB in tests/test_fp16.py (the
 # plain pipeline measured 57-62 dB there). Measured here (tiny model, 32x48, 3 euler
@@ -79,12 +81,20 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def controlnet_dir(tmp_path_factory, tiny_checkpoint):
+def checkpoints(tiny_checkpoint, family_checkpoints):
+    return {"sd": tiny_checkpoint, "sdxl": family_checkpoints["tiny-sdxl"]}
+
+
+@pytest.fixture(scope="module")
+def controlnet_dirs(tmp_path_factory, checkpoints):
+    """A tiny ControlNet per family, made from its UNet."""
     from diffusers import UNet2DConditionModel
 
-    path = tmp_path_factory.mktemp("controlnet") / "canny"
-    make_controlnet(UNet2DConditionModel.from_pretrained(tiny_checkpoint / "unet"), 0, path)
-    return path
+    root = tmp_path_factory.mktemp("controlnet")
+    for seed, (family, checkpoint) in enumerate(checkpoints.items()):
+        unet = UNet2DConditionModel.from_pretrained(checkpoint / "unet")
+        make_controlnet(unet, seed, root / family)
+    return {family: root / family for family in checkpoints}
 
 
 def _options(prefix: str, precision: str, host: str, **hosting) -> ExportOptions:
@@ -96,12 +106,13 @@ def _options(prefix: str, precision: str, host: str, **hosting) -> ExportOptions
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory, tiny_checkpoint, controlnet_dir):
+def repository(tmp_path_factory, checkpoints, controlnet_dirs):
     """:data:`EXPORTS`, in one repository."""
     root = tmp_path_factory.mktemp("controlnet-hosts") / "repo"
-    for prefix, (precision, host) in EXPORTS.items():
+    for prefix, (precision, host, family) in EXPORTS.items():
         options = _options(prefix, precision, host)
-        export_repository(tiny_checkpoint, root, options, controlnets={"canny": controlnet_dir})
+        controlnets = {"canny": controlnet_dirs[family]}
+        export_repository(checkpoints[family], root, options, controlnets=controlnets)
     return root
 
 
@@ -116,7 +127,7 @@ def models(pb, module_monkeypatch, repository) -> dict:
     ``dtype`` ``auto`` as on CUDA: float16 in an fp16 export); BLS calls go to them."""
     models = {}
     for folder in sorted(repository.iterdir()):
-        prefix = next(p for p in EXPORTS if folder.name.startswith(p))
+        prefix = max((p for p in EXPORTS if folder.name.startswith(p)), key=len)
         if folder.name == f"{prefix}stable_diffusion":
             continue
         host = import_model(module_monkeypatch, folder / "1" / "model.py", name=f"h3_{folder.name}")
@@ -148,21 +159,25 @@ def served(pb, repository, prefix: str, controlled: bool = True) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def expected(tiny_checkpoint, controlnet_dir) -> np.ndarray:
-    """diffusers' fp32 image with the ControlNet."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+def expected(checkpoints, controlnet_dirs) -> dict[str, np.ndarray]:
+    """diffusers' fp32 images with the ControlNet, by family."""
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionXLControlNetPipeline,
+    )
 
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(
-        tiny_checkpoint,
-        controlnet=ControlNetModel.from_pretrained(controlnet_dir),
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    image = PIL.Image.fromarray(control_image(5))
-    images, _ = reference(
-        pipe, "euler", 3, image=image, controlnet_conditioning_scale=SCALE, **SETTINGS
-    )
+    images = {}
+    classes = {"sd": StableDiffusionControlNetPipeline, "sdxl": StableDiffusionXLControlNetPipeline}
+    for family, cls in classes.items():
+        controlnet = ControlNetModel.from_pretrained(controlnet_dirs[family])
+        extra = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
+        pipe = cls.from_pretrained(checkpoints[family], controlnet=controlnet, **extra)
+        pipe.set_progress_bar_config(disable=True)
+        image = PIL.Image.fromarray(control_image(5))
+        images[family], _ = reference(
+            pipe, "euler", 3, image=image, controlnet_conditioning_scale=SCALE, **SETTINGS
+        )
     return images
 
 
@@ -170,16 +185,17 @@ def expected(tiny_checkpoint, controlnet_dir) -> np.ndarray:
 # Served
 
 
-def test_torch_host_served_equals_diffusers(pb, models, repository, expected):
-    got = served(pb, repository, "torch_")
-    assert max_diff(got, expected) <= 1
-    plain = served(pb, repository, "torch_", controlled=False)
+@pytest.mark.parametrize("prefix", ["torch_", "xl_torch_"])
+def test_torch_host_served_equals_diffusers(pb, models, repository, expected, prefix):
+    got = served(pb, repository, prefix)
+    assert max_diff(got, expected[EXPORTS[prefix][2]]) <= 1
+    plain = served(pb, repository, prefix, controlled=False)
     assert max_diff(plain, got) > 8  # the ControlNet counts
 
 
 @pytest.mark.parametrize("prefix", ["half_", "torch16_"])
 def test_fp16_served_is_close_to_fp32(pb, models, repository, expected, prefix):
-    score = psnr(served(pb, repository, prefix), expected)
+    score = psnr(served(pb, repository, prefix), expected["sd"])
     print(f"\nPSNR {prefix.rstrip('_')} ControlNet fp16 vs diffusers fp32: {score:.1f} dB")
     assert score >= PSNR_FLOOR_DB, f"{prefix}: PSNR {score:.1f} dB"
     # It ran in fp16: the ControlNet got float16 latents (its timestep and scale float32).
@@ -192,8 +208,9 @@ def test_fp16_served_is_close_to_fp32(pb, models, repository, expected, prefix):
             assert str(models[f"{prefix}{name}"].dtype) == "torch.float16"
     else:  # the floor tells a ControlNet image from one without it (fp16 is cheap here)
         plain = served(pb, repository, prefix, controlled=False)
-        print(f"PSNR {prefix.rstrip('_')} without the ControlNet: {psnr(plain, expected):.1f} dB")
-        assert psnr(plain, expected) < PSNR_FLOOR_DB - 10
+        score = psnr(plain, expected["sd"])
+        print(f"PSNR {prefix.rstrip('_')} without the ControlNet: {score:.1f} dB")
+        assert score < PSNR_FLOOR_DB - 10
 
 
 # ---------------------------------------------------------------------------
@@ -276,7 +293,7 @@ def _onnx_inputs(path) -> dict[str, list[int | None]]:
     }
 
 
-def test_tensorrt_configs(tmp_path, monkeypatch, tiny_checkpoint, controlnet_dir, repository):
+def test_tensorrt_configs(tmp_path, monkeypatch, tiny_checkpoint, controlnet_dirs, repository):
     """--host onnxruntime --fp16 --tensorrt: the ControlNet and the controlled UNet get the
     UNet's TensorRT keys and profiles; each profile names the ONNX inputs with shapes the
     file allows, the residuals' at their fractions of the latent size (what the
@@ -291,7 +308,7 @@ def test_tensorrt_configs(tmp_path, monkeypatch, tiny_checkpoint, controlnet_dir
     monkeypatch.setattr(CM, "_export_onnx", copy)
     options = _options("", "fp16-vae-fp32", "onnxruntime", tensorrt=True, unet_max_batch_size=4)
     out = export_repository(
-        tiny_checkpoint, tmp_path / "repo", options, controlnets={"canny": controlnet_dir}
+        tiny_checkpoint, tmp_path / "repo", options, controlnets={"canny": controlnet_dirs["sd"]}
     )
     pipeline = _pipeline_config(out, "")
     f = pipeline.vae_scale_factor
