@@ -503,15 +503,17 @@ def xl_pipe(tiny_sdxl):
     return pipe
 
 
-@pytest.mark.parametrize("guess_mode", [False, True])
-def test_sdxl_served_equals_diffusers(url, xl_pipe, guess_mode):
+@pytest.mark.parametrize(
+    ("guess_mode", "scheduler"), [(False, "euler_a"), (True, "euler_a"), (False, "dpmpp_2m")]
+)
+def test_sdxl_served_equals_diffusers(url, xl_pipe, guess_mode, scheduler):
     control = control_image(12)
     settings = {**BASE, "height": HEIGHT, "width": WIDTH, "num_inference_steps": 3}
     want, _ = reference(
-        xl_pipe, "euler_a", 5, image=PIL.Image.fromarray(control), guess_mode=guess_mode,
+        xl_pipe, scheduler, 5, image=PIL.Image.fromarray(control), guess_mode=guess_mode,
         controlnet_conditioning_scale=0.9, **settings,
     )  # fmt: skip
-    request = {**settings, "scheduler": "euler_a", "model": "xl_stable_diffusion"}
+    request = {**settings, "scheduler": scheduler, "model": "xl_stable_diffusion"}
     got, _ = served(
         url, ("canny",), [control], 5, guess_mode=guess_mode,
         controlnet_conditioning_scale=[0.9], **request,
