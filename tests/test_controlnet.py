@@ -279,8 +279,6 @@ def test_bad_inputs_are_invalid_arg(url):
         url, controlnet=_names("canny"), control_image=one, controlnet_conditioning_scale=nan
     )
     assert "controlnet_conditioning_scale must be finite, got [nan]" in error
-    error = _bad(url, controlnet=_names("canny"), control_image=one, enable_hr=True)
-    assert "ControlNet does not combine with enable_hr" in error
     error = _bad(url, control_image=one)
     assert "control_image given without controlnet" in error
     error = _bad(url, guess_mode=True)
@@ -520,4 +518,88 @@ def test_sdxl_served_equals_diffusers(url, xl_pipe, guess_mode, scheduler):
     )  # fmt: skip
     plain, _ = served(url, (), [], 5, **request)
     assert max_diff(got, want) <= 1
+    assert max_diff(plain, got) > 8
+
+
+# ---------------------------------------------------------------------------
+# Two ControlNets and the hires fix in one request (the web UI's enable_hr with
+# ControlNet units) == diffusers' ControlNet pipeline with output_type="latent", the
+# web UI's upscale, then the ControlNet img2img pipeline with the same maps (which it
+# resizes to the second pass's size itself) and a fresh generator.
+
+HIRES_CASES = {
+    # upscaler, scheduler, hr_scale, second-pass steps, strength
+    "latent_euler_a": ("latent", "euler_a", 1.5, 0, 0.7),
+    "lanczos_pndm": ("lanczos", None, 1.25, 4, 0.6),
+}
+
+
+def _hires_reference(pipes, maps, seed: int, case: str, settings: dict):
+    """uint8 images of txt2img -> upscale -> img2img with ControlNets ``NAMES`` on ``maps``."""
+    import diffusers
+    import torch
+    from helpers import REFERENCE_SCHEDULERS
+
+    upscaler, scheduler, scale, steps, strength = HIRES_CASES[case]
+    pipe = pipes(NAMES)
+    pils = [PIL.Image.fromarray(m) for m in maps]
+    control = {k: settings[k] for k in ("controlnet_conditioning_scale", "control_guidance_end")}
+    size = {k: settings[k] for k in ("height", "width", "num_inference_steps")}
+    original = pipe.scheduler
+    if REFERENCE_SCHEDULERS[scheduler] is not None:
+        cls_name, overrides = REFERENCE_SCHEDULERS[scheduler]
+        pipe.scheduler = getattr(diffusers, cls_name).from_config(original.config, **overrides)
+    try:
+        latents = pipe(
+            generator=torch.Generator().manual_seed(seed), image=pils, output_type="latent",
+            **BASE, **control, **size,
+        ).images  # fmt: skip
+    finally:
+        pipe.scheduler = original
+    height, width = int(settings["height"] * scale), int(settings["width"] * scale)
+    if upscaler == "latent":
+        f = pipe.vae_scale_factor
+        image = torch.nn.functional.interpolate(
+            latents, size=(height // f, width // f), mode="bilinear", antialias=False
+        )
+    else:
+        with torch.no_grad():
+            decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        images = pipe.image_processor.postprocess(decoded, output_type="pil")
+        image = [i.resize((width, height), PIL.Image.LANCZOS) for i in images]
+    img2img = diffusers.StableDiffusionControlNetImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    second = {"num_inference_steps": steps or settings["num_inference_steps"]}
+    want, _ = reference(
+        img2img, scheduler, seed, image=image, control_image=pils, strength=strength,
+        height=height, width=width, **BASE, **control, **second,
+    )  # fmt: skip
+    return want
+
+
+@pytest.mark.parametrize("case", HIRES_CASES)
+def test_two_controlnets_with_the_hires_fix_equal_diffusers(url, pipes, case):
+    upscaler, scheduler, scale, steps, strength = HIRES_CASES[case]
+    maps = [control_image(21), control_image(22)]
+    settings = {
+        "height": HEIGHT,
+        "width": WIDTH,
+        "num_inference_steps": 4,
+        "controlnet_conditioning_scale": [0.7, 1.3],
+        "control_guidance_end": [1.0, 0.6],
+    }
+    hires = {
+        "enable_hr": True,
+        "hr_scale": scale,
+        "hr_upscaler": upscaler,
+        "hr_second_pass_steps": steps,
+        "hr_denoising_strength": strength,
+    }
+    got, _ = served(url, NAMES, maps, 31, scheduler=scheduler, **BASE, **settings, **hires)
+    assert got.shape[1:3] == (int(HEIGHT * scale), int(WIDTH * scale))
+    want = _hires_reference(pipes, maps, 31, case, dict(settings))
+    assert max_diff(got, want) <= 1
+    # Without the ControlNets the image differs (the comparison above has power).
+    size = {k: settings[k] for k in ("height", "width", "num_inference_steps")}
+    plain, _ = served(url, (), [], 31, scheduler=scheduler, **BASE, **size, **hires)
     assert max_diff(plain, got) > 8

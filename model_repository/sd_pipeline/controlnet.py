@@ -132,10 +132,8 @@ def check_controlnet(request: GenerationRequest, config: PipelineConfig) -> None
     _check_counts(request)
     _check_image_size(request)
     _check_ranges(request, config)
-    if request.enable_hr or request.refiner_switch_at is not None:
-        raise InvalidRequest(
-            "ControlNet does not combine with enable_hr or refiner_switch_at (not supported)"
-        )
+    if request.refiner_switch_at is not None:
+        raise InvalidRequest("ControlNet does not combine with refiner_switch_at (not supported)")
 
 
 def _check_names(names: tuple[str, ...], config: PipelineConfig) -> None:

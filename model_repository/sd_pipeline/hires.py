@@ -14,11 +14,14 @@ AUTOMATIC1111's ``enable_hr`` (``StableDiffusionProcessingTxt2Img``):
    of ``hr_second_pass_steps`` steps (0: ``num_inference_steps``), with a fresh
    generator seeded with the request's seed (noise, the VAE's sample, ancestral
    steps), a fresh scheduler, the same prompts and options; SDXL's size
-   conditioning defaults to the second pass's own size.
+   conditioning defaults to the second pass's own size; ControlNets steer both
+   passes, with the same settings, their maps resized to the second pass's size as
+   diffusers' ControlNet pipelines resize a control image (PIL's Lanczos).
 
 That is the composition of diffusers' pipelines ``StableDiffusion(XL)Pipeline``
 with ``output_type="latent"``, the upscale, and ``StableDiffusion(XL)Img2ImgPipeline``
-with the enlarged latents (or the resized images) as ``image``. The safety
+with the enlarged latents (or the resized images) as ``image`` (with ControlNet: the
+ControlNet pipelines, the maps as sent as ``control_image`` of both). The safety
 checker and the watermark see the second pass's images only. The second pass is
 a :class:`~.loop.Stage` after the first (streaming progress counts both); the
 limits count its size, and the work budget both passes.
@@ -31,6 +34,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 
 from .components import Components
@@ -219,16 +223,33 @@ def second_pass_request(request: GenerationRequest) -> GenerationRequest:
     """The request of the img2img pass: the enlarged size and its steps.
 
     It has no image: the latents come from the first pass (:meth:`SecondPass.enlarge`),
-    and the stage is made img2img-like by its strength (:meth:`~.loop.Stage.make`).
+    and the stage is made img2img-like by its strength (:meth:`~.loop.Stage.make`). Its
+    control maps (ControlNet) are the request's at its size.
     """
     hr = hires(request)
+    control = request.control_image
+    if control is not None:
+        control = resize_control_images(control, hr.height, hr.width)
     return replace(
         request,
         height=hr.height,
         width=hr.width,
         num_inference_steps=hr.steps,
         enable_hr=False,
+        control_image=control,
         **dict.fromkeys(HR_INPUTS),
+    )
+
+
+def resize_control_images(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 control maps ``[K, h, w, 3]`` at ``height`` x ``width``, resized as diffusers'
+    ControlNet pipelines resize a control image of another size (``VaeImageProcessor``:
+    PIL's Lanczos)."""
+    import PIL.Image
+
+    lanczos = PIL.Image.Resampling.LANCZOS
+    return np.stack(
+        [np.asarray(PIL.Image.fromarray(m).resize((width, height), lanczos)) for m in images]
     )
 
 
