@@ -107,6 +107,54 @@ def families_url(families_repository) -> str:
 
 
 @pytest.fixture(scope="session")
+def extras_server(tmp_path_factory):
+    """ONE tritonserver for the modules that serve an export of their own (adapters, prompt
+    syntax, watermark): explicit model control on a repository that starts empty. Each
+    module exports its models under its own ``--model-prefix`` into
+    ``extras_server.repository`` and serves them with :func:`serve_extras`."""
+    from sd_triton.server import TritonServer
+
+    path = tmp_path_factory.mktemp("extras-repository")
+    server = TritonServer(path, model_control="explicit", admin_key="test-extras-key-0123456789")
+    with server.start(timeout_s=300):
+        yield server
+
+
+@pytest.fixture(scope="session")
+def serve_extras(extras_server):
+    """``with serve_extras(prefix) as url``: the models named ``prefix*`` in the extras
+    repository loaded (components first, then the pipeline models), unloaded after."""
+    import contextlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.grpc as grpcclient
+
+    headers = extras_server.grpc_admin_headers
+
+    @contextlib.contextmanager
+    def serve(prefix: str):
+        names = sorted(
+            p.name for p in extras_server.repository.iterdir() if p.name.startswith(prefix)
+        )
+        pipelines = [n for n in names if n.startswith(f"{prefix}stable_diffusion")]
+        components = [n for n in names if n not in pipelines]
+        assert pipelines and components, f"no {prefix}* models in {extras_server.repository}"
+        client = grpcclient.InferenceServerClient(extras_server.grpc_url)
+        try:
+            with ThreadPoolExecutor(len(components)) as pool:
+                list(pool.map(lambda n: client.load_model(n, headers=headers), components))
+            for name in pipelines:
+                client.load_model(name, headers=headers)
+            yield extras_server.grpc_url
+            for name in pipelines + components:  # the memory back for the next module's
+                client.unload_model(name, headers=headers)
+        finally:
+            client.close()
+
+    return serve
+
+
+@pytest.fixture(scope="session")
 def xl_pipes(family_checkpoints):
     """diffusers' SDXL base, refiner and Turbo pipelines on the tiny checkpoints."""
     from types import SimpleNamespace

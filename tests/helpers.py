@@ -188,13 +188,13 @@ def served_generate(url: str, *, model: str = MODEL, **options):
     )
 
 
-def bad_request_error(url: str, inputs: dict) -> InferenceServerException:
+def bad_request_error(url: str, inputs: dict, model: str = MODEL) -> InferenceServerException:
     options = {"prompt": "a cat", "num_inference_steps": 2, "height": 32, "width": 32, **inputs}
     options = {k: v for k, v in options.items() if v is not None}
     client = grpcclient.InferenceServerClient(url)
     try:
         with pytest.raises(InferenceServerException) as e:
-            client.infer(MODEL, infer_inputs(**options))
+            client.infer(model, infer_inputs(**options))
     finally:
         client.close()
     return e.value

@@ -42,6 +42,8 @@ SERVED = {
     "num_images_per_prompt": 1,
 }
 SEED = 11
+PREFIX = "lora_"  # the models' names in conftest's extras repository
+MODEL = f"{PREFIX}stable_diffusion"
 SMALL = {"height": 32, "width": 32, "num_inference_steps": 1, "seed": 1}
 
 
@@ -115,10 +117,12 @@ def files(tmp_path_factory, reference_pipe):
 
 
 @pytest.fixture(scope="module")
-def repository(tiny_checkpoint, files, tmp_path_factory):
-    """ONE export of the tiny model with both LoRAs and both embeddings, by the command line."""
-    out = tmp_path_factory.mktemp("adapters-export") / "repo"
+def repository(extras_server, tiny_checkpoint, files):
+    """ONE export of the tiny model with both LoRAs and both embeddings, by the command line,
+    as ``lora_*`` models of conftest's extras repository."""
+    out = extras_server.repository
     argv = [str(tiny_checkpoint), str(out), "-q", "--no-stream-model", "--pipeline-instances", "1"]
+    argv += ["--model-prefix", PREFIX]
     argv += ["--lora", f"{files['style']}:{WEIGHTS['style']}"]
     argv += ["--lora", f"{files['detail']}:{WEIGHTS['detail']}"]
     argv += ["--embedding", str(files["badpixel"]), "--embedding", str(files["cat_toy"])]
@@ -127,15 +131,9 @@ def repository(tiny_checkpoint, files, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(repository):
-    from sd_triton.server import TritonServer
-
-    server = TritonServer(repository)
-    server.start(timeout_s=300)
-    try:
-        yield server.grpc_url
-    finally:
-        server.stop()
+def url(repository, serve_extras):
+    with serve_extras(PREFIX) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +158,8 @@ def expected(adapted_pipe):
 
 
 def _served(url, **overrides):
-    images, _, _ = served_generate(url, **{**SERVED, **overrides}, seed=SEED, scheduler="euler")
+    options = {**SERVED, **overrides}
+    images, _, _ = served_generate(url, model=MODEL, **options, seed=SEED, scheduler="euler")
     return images
 
 
@@ -205,7 +204,7 @@ def test_lora_tag_at_the_exported_weight_is_removed(url, adapted_pipe):
     ids=["unknown", "other-weight", "negative"],
 )
 def test_lora_tag_it_was_not_exported_with_is_invalid_arg(url, inputs, words):
-    error = bad_request_error(url, inputs)
+    error = bad_request_error(url, inputs, MODEL)
     assert error.status() == "StatusCode.INVALID_ARGUMENT"
     for word in words:
         assert word in error.message()
@@ -222,7 +221,7 @@ def _addnet_hash(path) -> str:
 
 
 def test_pipeline_json_records_what_was_fused(repository, files, tiny_checkpoint):
-    record = json.loads((repository / "stable_diffusion/1/assets/pipeline.json").read_text())
+    record = json.loads((repository / MODEL / "1/assets/pipeline.json").read_text())
     loras = {r["name"]: r for r in record["loras"]}
     assert list(loras) == ["style", "detail"]
     for name, weight in WEIGHTS.items():
@@ -244,7 +243,7 @@ def test_pipeline_json_records_what_was_fused(repository, files, tiny_checkpoint
 def test_config_parameters_carry_the_web_ui_hash_lines(repository, files, url):
     client = grpcclient.InferenceServerClient(url)
     try:
-        config = client.get_model_config("stable_diffusion").config
+        config = client.get_model_config(MODEL).config
     finally:
         client.close()
     params = {k: v.string_value for k, v in config.parameters.items()}
@@ -259,7 +258,7 @@ def test_config_parameters_carry_the_web_ui_hash_lines(repository, files, url):
 def test_client_infotext_names_the_loras_and_the_embeddings_used(url, files):
     from sd_triton.client import Client, parse_infotext
 
-    with Client(url, timeout_s=300) as client:
+    with Client(url, model=MODEL, timeout_s=300) as client:
         used = client.generate("<cat-toy> on a beach", negative_prompt="badpixel", **SMALL)
         unused = client.generate("a beach", **SMALL)
     style, detail = _addnet_hash(files["style"]), _addnet_hash(files["detail"])
@@ -372,10 +371,10 @@ def test_exported_tokenizer_and_text_encoder_know_the_tokens(repository):
 
     from sd_triton.export.component_models import ONNX_NAME
 
-    tokenizer = CLIPTokenizer.from_pretrained(repository / "stable_diffusion/1/assets/tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(repository / MODEL / "1/assets/tokenizer")
     ids = tokenizer("badpixel badpixel_1 badpixel_2 <cat-toy>", add_special_tokens=False).input_ids
     assert ids == [49408, 49409, 49410, 49411]
-    graph = onnx.load(str(repository / "text_encoder/1" / ONNX_NAME)).graph
+    graph = onnx.load(str(repository / f"{PREFIX}text_encoder/1" / ONNX_NAME)).graph
     shapes = [list(t.dims) for t in graph.initializer]
     assert [49412, 32] in shapes and [49408, 32] not in shapes
 

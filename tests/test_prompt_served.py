@@ -3,14 +3,15 @@
 The tiny SD 1.x with its text encoder's final LayerNorm randomized (the
 tiny model's is untrained: weight 1, bias 0, so its outputs have a mean of
 rounding noise and the web UI's mean-restoring rescale would be noise too),
-exported to a private repository and served by a real tritonserver. Each
-served image is compared, within one uint8 level, with diffusers'
-``StableDiffusionPipeline`` on the same weights given ``prompt_embeds`` /
-``negative_prompt_embeds`` that the test computes in-process: the web UI's
-chunks and weights (:func:`sd_pipeline.prompt_syntax.encode`) over the torch
-text encoder. Plain prompts are read as diffusers reads them; clip skip is
-diffusers' ``clip_skip``; ``prompt_syntax=diffusers`` keeps brackets as text.
-SDXL likewise, on the session's tiny SDXL base (conftest's ``families_url``),
+exported as ``syntax_*`` models and served by a real tritonserver (conftest's
+``extras_server``). Each served image is compared, within one uint8 level,
+with diffusers' ``StableDiffusionPipeline`` on the same weights given
+``prompt_embeds`` / ``negative_prompt_embeds`` that the test computes
+in-process: the web UI's chunks and weights
+(:func:`sd_pipeline.prompt_syntax.encode`) over the torch text encoder. Plain
+prompts are read as diffusers reads them; clip skip is diffusers'
+``clip_skip``; ``prompt_syntax=diffusers`` keeps brackets as text. SDXL
+likewise, on the session's tiny SDXL base (conftest's ``families_url``),
 against ``StableDiffusionXLPipeline`` with both encoders' embeddings and the
 pooled one.
 """
@@ -27,12 +28,13 @@ from helpers import bad_request_error, max_diff, served_generate
 
 from sd_pipeline import prompt_syntax
 from sd_pipeline.spec import STABLE_DIFFUSION
-from sd_triton.export import Contents, ExportOptions, Hosting, export_repository
+from sd_triton.export import Contents, ExportOptions, Hosting, Naming, export_repository
 from sd_triton.export import component_models as CM
-from sd_triton.server import TritonServer
 
 pytestmark = pytest.mark.server
 
+PREFIX = "syntax_"
+MODEL = f"{PREFIX}stable_diffusion"
 MAX_CHUNKS = 3
 SETTINGS = {"height": 32, "width": 48, "num_inference_steps": 3, "guidance_scale": 7.5}
 WEIGHTED = "a (red:1.8) cube on a ((green)) hill, [[blue]] sky, (shiny:0.5)"
@@ -62,10 +64,10 @@ def checkpoint(build_dir, tiny_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def url(build_dir, checkpoint, tiny_repository):
+def url(extras_server, serve_extras, checkpoint, tiny_repository):
     """``checkpoint`` exported (its text encoder traced, the rest the session export's ONNX
-    files: the same weights) and served."""
-    path = build_dir / "model_repository_prompt_syntax"
+    files: the same weights) as ``syntax_*`` models of conftest's extras server."""
+    path = extras_server.repository
     trace = CM._export_onnx
 
     def export_onnx(component, modules, sizes, trace_sizes, dtype, version_dir, opts):
@@ -79,13 +81,14 @@ def url(build_dir, checkpoint, tiny_repository):
     options = ExportOptions(
         contents=Contents(safety_checker=False, stream_model=False),
         hosting=Hosting(pipeline_instances=1),
+        naming=Naming(model_prefix=PREFIX),
         parameters={"max_prompt_chunks": MAX_CHUNKS},
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(CM, "_export_onnx", export_onnx)
         export_repository(checkpoint, path, options, overwrite=True)
-    with TritonServer(path).start(timeout_s=300) as server:
-        yield server.grpc_url
+    with serve_extras(PREFIX) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +145,13 @@ def reference_web_ui(pipe, seed, prompt, negative="", clip_skip=0, weighted=True
 )
 def test_web_ui_syntax_equals_diffusers_on_its_embeddings(url, pipe, prompt, negative, clip_skip):
     images, _, _ = served_generate(
-        url, prompt=prompt, negative_prompt=negative, clip_skip=clip_skip, seed=5, **SETTINGS
+        url,
+        model=MODEL,
+        prompt=prompt,
+        negative_prompt=negative,
+        clip_skip=clip_skip,
+        seed=5,
+        **SETTINGS,
     )
     expected = reference_web_ui(pipe, 5, prompt, negative, clip_skip)
     assert max_diff(images, expected) <= 1
@@ -165,7 +174,13 @@ def test_long_and_break_prompts_are_two_chunks(pipe):
 def test_plain_prompt_is_read_as_diffusers_reads_it(url, pipe, syntax):
     prompt = "a photo of an astronaut riding a horse"
     images, _, _ = served_generate(
-        url, prompt=prompt, negative_prompt="blurry", prompt_syntax=syntax, seed=2, **SETTINGS
+        url,
+        model=MODEL,
+        prompt=prompt,
+        negative_prompt="blurry",
+        prompt_syntax=syntax,
+        seed=2,
+        **SETTINGS,
     )
     expected = reference(pipe, 2, prompt=prompt, negative_prompt="blurry", **SETTINGS)
     assert max_diff(images, expected) <= 1
@@ -173,15 +188,15 @@ def test_plain_prompt_is_read_as_diffusers_reads_it(url, pipe, syntax):
 
 def test_plain_prompt_gives_the_same_bytes_in_both_syntaxes(url):
     options = {"prompt": "a red cube", "negative_prompt": "blurry", "seed": 4, **SETTINGS}
-    web_ui, _, _ = served_generate(url, **options)
-    literal, _, _ = served_generate(url, prompt_syntax="diffusers", **options)
+    web_ui, _, _ = served_generate(url, model=MODEL, **options)
+    literal, _, _ = served_generate(url, model=MODEL, prompt_syntax="diffusers", **options)
     assert np.array_equal(web_ui, literal)
 
 
 def test_diffusers_syntax_keeps_brackets_as_text(url, pipe):
     images, _, _ = served_generate(
         url, prompt=WEIGHTED, negative_prompt=NEGATIVE, prompt_syntax="diffusers", seed=6,
-        **SETTINGS,
+        model=MODEL, **SETTINGS,
     )  # fmt: skip
     expected = reference(pipe, 6, prompt=WEIGHTED, negative_prompt=NEGATIVE, **SETTINGS)
     assert max_diff(images, expected) <= 1
@@ -191,7 +206,7 @@ def test_diffusers_syntax_keeps_brackets_as_text(url, pipe):
 @pytest.mark.parametrize("clip_skip", [1, 2])
 def test_clip_skip_equals_diffusers(url, pipe, clip_skip):
     options = {"prompt": "a red cube", "negative_prompt": "blurry", **SETTINGS}
-    images, _, _ = served_generate(url, clip_skip=clip_skip, seed=7, **options)
+    images, _, _ = served_generate(url, model=MODEL, clip_skip=clip_skip, seed=7, **options)
     expected = reference(pipe, 7, clip_skip=clip_skip, **options)
     assert max_diff(images, expected) <= 1
     assert max_diff(images, reference(pipe, 7, **options)) > 1
@@ -211,7 +226,7 @@ def test_clip_skip_equals_diffusers(url, pipe, clip_skip):
     ],
 )
 def test_bad_input_is_invalid_arg(url, inputs, message):
-    error = bad_request_error(url, inputs)
+    error = bad_request_error(url, inputs, MODEL)
     assert "INVALID_ARG" in str(error.status()), error
     assert message in error.message()
 
@@ -219,7 +234,7 @@ def test_bad_input_is_invalid_arg(url, inputs, message):
 def test_diffusers_syntax_reads_and_and_long_prompts_as_text(url):
     images, _, _ = served_generate(
         url, prompt="a cat AND a dog, " + "cat, " * 200, prompt_syntax="diffusers", seed=1,
-        **SETTINGS,
+        model=MODEL, **SETTINGS,
     )  # fmt: skip
     assert images.shape == (1, 32, 48, 3)
 

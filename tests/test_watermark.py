@@ -23,9 +23,8 @@ from helpers import SETTINGS, max_diff, served_generate
 
 from sd_pipeline import Assets
 from sd_pipeline import watermark as W
-from sd_triton.export import Contents, ExportOptions, Hosting, export_repository
+from sd_triton.export import Contents, ExportOptions, Hosting, Naming, export_repository
 from sd_triton.export.cli import build_parser, options_from_args
-from sd_triton.server import TritonServer
 
 # Stability AI's detector calls 35 or more matching bits of 48 "very likely
 # marked"; unmarked images match about 24 by chance.
@@ -124,22 +123,29 @@ def test_sd_export_does_not_watermark_by_default(assets):
 # ---------------------------------------------------------------------------
 # Served: the tiny SD 1.x exported with --watermark
 
+MODEL = "wm_stable_diffusion"
+
 
 @pytest.fixture(scope="module")
-def watermarked_url(build_dir, tiny_checkpoint, tiny_repository, copy_onnx_export):
-    """The tiny model exported with the watermark on (the session export's ONNX files), served."""
-    path = build_dir / "model_repository_watermark"
+def watermarked_url(
+    extras_server, serve_extras, tiny_checkpoint, tiny_repository, copy_onnx_export
+):
+    """The tiny model exported with the watermark on (the session export's ONNX files), as
+    ``wm_*`` models of conftest's extras server."""
+    path = extras_server.repository
     options = ExportOptions(
         contents=Contents(watermark=True, safety_checker=False, stream_model=False),
         hosting=Hosting(pipeline_instances=1),
+        naming=Naming(model_prefix="wm_"),
         parameters={"max_side": 256, "max_pixels": 256 * 256},
     )
     with pytest.MonkeyPatch.context() as mp:
         copy_onnx_export(mp, tiny_repository)
         export_repository(tiny_checkpoint, path, options, overwrite=True)
-    assert json.loads((path / "stable_diffusion/1/assets/pipeline.json").read_text())["watermark"]
-    with TritonServer(path).start(timeout_s=300) as server:
-        yield server.grpc_url
+    record = path / f"{MODEL}/1/assets/pipeline.json"
+    assert json.loads(record.read_text())["watermark"]
+    with serve_extras("wm_") as url:
+        yield url
 
 
 def watermarked_reference(pipe, seed: int, **settings) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +160,7 @@ def watermarked_reference(pipe, seed: int, **settings) -> tuple[np.ndarray, np.n
 
 
 def test_served_images_equal_diffusers_and_carry_the_watermark(watermarked_url, reference_pipe):
-    images, flags, _ = served_generate(watermarked_url, **SERVED, seed=3)
+    images, flags, _ = served_generate(watermarked_url, **SERVED, seed=3, model=MODEL)
     expected, unmarked = watermarked_reference(reference_pipe, 3, **SERVED)
     assert images.shape == (1, 256, 256, 3) and not flags.any()
     assert max_diff(images, expected) <= 1
