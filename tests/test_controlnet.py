@@ -90,11 +90,31 @@ def tiny_sdxl(build_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory, tiny_checkpoint, controlnet_dirs, tiny_sdxl):
-    """The tiny SD 1.x with two ControlNets, and the tiny SDXL (``xl_``) with one."""
+def depth_file(controlnet_dirs, tmp_path_factory):
+    """The ``depth`` ControlNet as a single file in lllyasviel's layout (what the web UI's
+    users have): exported from it, the served ``depth`` is the folder's byte for byte
+    (test_controlnet_export.py), and the model publishes the file's hash."""
+    from diffusers import ControlNetModel
+    from original_layout import controlnet_original_layout
+    from safetensors.torch import save_file
+
+    model = ControlNetModel.from_pretrained(controlnet_dirs["depth"])
+    path = tmp_path_factory.mktemp("controlnet-file") / "control_tiny_depth.safetensors"
+    save_file(controlnet_original_layout(model.state_dict(), dict(model.config)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory, tiny_checkpoint, controlnet_dirs, depth_file, tiny_sdxl):
+    """The tiny SD 1.x with two ControlNets (``depth`` from a single file), and the tiny
+    SDXL (``xl_``) with one."""
     root = tmp_path_factory.mktemp("controlnet-repo") / "repo"
     options = ExportOptions(Contents(stream_model=False, safety_checker=False))
-    export_repository(tiny_checkpoint, root, options, controlnets=controlnet_dirs)
+    sources = {
+        "canny": controlnet_dirs["canny"],
+        "depth": CN.ControlNetSource(depth_file, config=controlnet_dirs["depth"]),
+    }
+    export_repository(tiny_checkpoint, root, options, controlnets=sources)
     xl = ExportOptions(Contents(stream_model=False), naming=Naming(model_prefix="xl_"))
     export_repository(tiny_sdxl[0], root, xl, controlnets={"canny": tiny_sdxl[1]})
     return root
@@ -336,8 +356,10 @@ def test_canny_finds_the_edges():
     assert canny(faint, 10, 20).any() and not canny(faint).any()
 
 
-def test_cli_control_reaches_the_server(url, tmp_path):
-    from sd_triton.client import cli
+def test_cli_control_reaches_the_server(url, tmp_path, depth_file):
+    import hashlib
+
+    from sd_triton.client import cli, read_infotext
 
     PIL.Image.fromarray(photo()).save(tmp_path / "photo.png")
     PIL.Image.fromarray(control_image(4)).save(tmp_path / "map.png")
@@ -354,6 +376,11 @@ def test_cli_control_reaches_the_server(url, tmp_path):
         num_inference_steps=3, controlnet_conditioning_scale=[0.9, 1.1],
     )  # fmt: skip
     assert max_diff(got, want[0]) == 0
+    # The PNG names each unit as the web UI's extension does, the single file by its hash.
+    text = read_infotext(out)
+    digest = hashlib.sha256(depth_file.read_bytes()).hexdigest()[:10]
+    assert 'ControlNet 0: "Module: canny, Model: canny, Weight: 0.9,' in text
+    assert f'ControlNet 1: "Module: none, Model: depth [{digest}], Weight: 1.1,' in text
     with pytest.raises(SystemExit) as e:  # argparse's usage error, exit 2
         cli.main([*argv, "--control", "pose"])
     assert e.value.code == 2
