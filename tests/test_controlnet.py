@@ -555,22 +555,24 @@ def test_sdxl_served_equals_diffusers(url, xl_pipe, guess_mode, scheduler):
 # resizes to the second pass's size itself) and a fresh generator.
 
 HIRES_CASES = {
-    # upscaler, scheduler, hr_scale, second-pass steps, strength
-    "latent_euler_a": ("latent", "euler_a", 1.5, 0, 0.7),
-    "lanczos_pndm": ("lanczos", None, 1.25, 4, 0.6),
+    # family, upscaler, scheduler, hr_scale, second-pass steps, strength
+    "latent_euler_a": ("sd", "latent", "euler_a", 1.5, 0, 0.7),
+    "lanczos_pndm": ("sd", "lanczos", None, 1.25, 4, 0.6),
+    "sdxl_latent_euler": ("xl", "latent", "euler", 1.5, 0, 0.7),
 }
 
 
-def _hires_reference(pipes, maps, seed: int, case: str, settings: dict):
-    """uint8 images of txt2img -> upscale -> img2img with ControlNets ``NAMES`` on ``maps``."""
+def _hires_reference(pipe, maps, seed: int, case: str, settings: dict):
+    """uint8 images of txt2img -> upscale -> img2img with ``pipe``'s ControlNets on ``maps``."""
     import diffusers
     import torch
     from helpers import REFERENCE_SCHEDULERS
 
-    upscaler, scheduler, scale, steps, strength = HIRES_CASES[case]
-    pipe = pipes(NAMES)
+    family, upscaler, scheduler, scale, steps, strength = HIRES_CASES[case]
     pils = [PIL.Image.fromarray(m) for m in maps]
     control = {k: settings[k] for k in ("controlnet_conditioning_scale", "control_guidance_end")}
+    if len(maps) == 1:  # one ControlNet: diffusers takes plain values
+        pils, control = pils[0], {k: v[0] for k, v in control.items()}
     size = {k: settings[k] for k in ("height", "width", "num_inference_steps")}
     original = pipe.scheduler
     if REFERENCE_SCHEDULERS[scheduler] is not None:
@@ -594,7 +596,7 @@ def _hires_reference(pipes, maps, seed: int, case: str, settings: dict):
             decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
         images = pipe.image_processor.postprocess(decoded, output_type="pil")
         image = [i.resize((width, height), PIL.Image.LANCZOS) for i in images]
-    img2img = diffusers.StableDiffusionControlNetImg2ImgPipeline(**pipe.components)
+    img2img = getattr(diffusers, EDIT_PIPELINES[family, "img2img"])(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
     second = {"num_inference_steps": steps or settings["num_inference_steps"]}
     want, _ = reference(
@@ -605,15 +607,17 @@ def _hires_reference(pipes, maps, seed: int, case: str, settings: dict):
 
 
 @pytest.mark.parametrize("case", HIRES_CASES)
-def test_two_controlnets_with_the_hires_fix_equal_diffusers(url, pipes, case):
-    upscaler, scheduler, scale, steps, strength = HIRES_CASES[case]
-    maps = [control_image(21), control_image(22)]
+def test_controlnets_with_the_hires_fix_equal_diffusers(url, pipes, xl_pipe, case):
+    """Two ControlNets (SD 1.x), one (SDXL), in both passes of the hires fix."""
+    family, upscaler, scheduler, scale, steps, strength = HIRES_CASES[case]
+    names = NAMES if family == "sd" else ("canny",)
+    maps = [control_image(21 + k) for k in range(len(names))]
     settings = {
         "height": HEIGHT,
         "width": WIDTH,
         "num_inference_steps": 4,
-        "controlnet_conditioning_scale": [0.7, 1.3],
-        "control_guidance_end": [1.0, 0.6],
+        "controlnet_conditioning_scale": [0.7, 1.3][: len(names)],
+        "control_guidance_end": [0.8, 0.6][: len(names)],
     }
     hires = {
         "enable_hr": True,
@@ -622,11 +626,14 @@ def test_two_controlnets_with_the_hires_fix_equal_diffusers(url, pipes, case):
         "hr_second_pass_steps": steps,
         "hr_denoising_strength": strength,
     }
-    got, _ = served(url, NAMES, maps, 31, scheduler=scheduler, **BASE, **settings, **hires)
+    model = {"model": "xl_stable_diffusion"} if family == "xl" else {}
+    request = {"scheduler": scheduler, **BASE, **hires, **model}
+    got, _ = served(url, names, maps, 31, **request, **settings)
     assert got.shape[1:3] == (int(HEIGHT * scale), int(WIDTH * scale))
-    want = _hires_reference(pipes, maps, 31, case, dict(settings))
+    pipe = pipes(NAMES) if family == "sd" else xl_pipe
+    want = _hires_reference(pipe, maps, 31, case, dict(settings))
     assert max_diff(got, want) <= 1
     # Without the ControlNets the image differs (the comparison above has power).
     size = {k: settings[k] for k in ("height", "width", "num_inference_steps")}
-    plain, _ = served(url, (), [], 31, scheduler=scheduler, **BASE, **size, **hires)
+    plain, _ = served(url, (), [], 31, **request, **size)
     assert max_diff(plain, got) > 8
