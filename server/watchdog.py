@@ -86,6 +86,13 @@ class Watchdog:
     dead stub must be seen on two checks in a row (a stub that an unload is
     reaping is a zombie for a moment). ``start_timeout_s``: how long the
     restarted server may take to be ready again.
+
+    A restart heals a stub killed once (the OOM killer on one large request);
+    a stub that dies again and again (a model that crashes every request, a
+    node short of memory) would have the node restart forever. After
+    ``max_restarts`` restarts within ``window_s``, :meth:`check` gives up
+    (False, nothing restarted): the launcher exits non-zero and the
+    orchestrator's restart policy, with its own backoff, takes over.
     """
 
     def __init__(
@@ -94,12 +101,17 @@ class Watchdog:
         *,
         drain_s: float = 10.0,
         start_timeout_s: float = 300.0,
+        max_restarts: int = 3,
+        window_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.server = server
         self.drain_s = drain_s
         self.start_timeout_s = start_timeout_s
+        self.max_restarts = max_restarts
+        self.window_s = window_s
         self.restarts = 0
+        self._restarted_at: list[float] = []
         self._instances: dict[int, str] = {}
         self._suspects: set[int] = set()
         self._clock = clock
@@ -123,8 +135,19 @@ class Watchdog:
         if not dead:
             return True
         names = ", ".join(f"{name} (pid {pid})" for pid, name in dead.items())
-        log.error("watchdog: stub process of %s died; restarting tritonserver", names)
         start = self._clock()
+        recent = [t for t in self._restarted_at if start - t < self.window_s]
+        if len(recent) >= self.max_restarts:
+            log.error(
+                "watchdog: stub process of %s died after %d restarts in %.0f s; giving up "
+                "(the orchestrator restarts the node)",
+                names,
+                len(recent),
+                self.window_s,
+            )
+            return False
+        self._restarted_at = [*recent, start]
+        log.error("watchdog: stub process of %s died; restarting tritonserver", names)
         self.server.stop(timeout_s=self.drain_s)
         self._instances.clear()
         self._suspects.clear()

@@ -157,3 +157,32 @@ def test_cancellation_is_polled_at_most_every_interval(monkeypatch):
     # asked at 0.0, 0.05 and 0.2; the third ask says "cancelled" and is passed on
     assert len(asked) == 3
     assert answers == [False, False, False, False, False, True]
+
+
+def test_the_watchdog_gives_up_on_a_crash_loop(monkeypatch):
+    """A stub that dies again and again: max_restarts within window_s, then False (the
+    launcher exits and the orchestrator, with its backoff, takes over); later deaths,
+    outside the window, are healed again."""
+    from sd_triton.server.watchdog import Watchdog
+
+    now = [0.0]
+
+    class Server:
+        pid, starts, stops = 1, 0, 0
+
+        def stop(self, timeout_s):
+            self.stops += 1
+
+        def start(self, timeout_s):
+            self.starts += 1
+
+    server = Server()
+    watchdog = Watchdog(server, max_restarts=2, window_s=100.0, clock=lambda: now[0])
+    monkeypatch.setattr(watchdog, "dead_instances", lambda: {7: "unet_0"})
+    assert watchdog.check() and watchdog.check()
+    assert (server.starts, server.stops, watchdog.restarts) == (2, 2, 2)
+    now[0] = 99.0
+    assert not watchdog.check()  # a third death within 100 s: no restart
+    assert (server.starts, server.stops) == (2, 2)
+    now[0] = 150.0  # both restarts are older than the window
+    assert watchdog.check() and server.starts == 3
