@@ -28,6 +28,7 @@ from sd_pipeline.errors import InvalidRequest
 from sd_pipeline.lora_tags import adapted_prompt, expand_embeddings, strip_lora_tags
 from sd_triton.export import Contents, ExportOptions, cli, export_repository
 from sd_triton.export import adapters as A
+from sd_triton.export.options import Naming
 
 WEIGHTS = {"style": 0.8, "detail": 0.5}
 KOHYA_ALPHA = 2.0  # rank 4: the kohya file scales its up-weights by 4 / 2 to match
@@ -417,10 +418,12 @@ def _sdxl_lora(pipe) -> dict[str, torch.Tensor]:
     return layers
 
 
-def test_sdxl_lora_and_clip_l_clip_g_embedding(sdxl_checkpoint, tmp_path):
+def test_sdxl_lora_and_clip_l_clip_g_embedding(
+    sdxl_checkpoint, tmp_path, extras_server, serve_extras
+):
     """An SDXL LoRA (UNet and both text encoders) and an SDXL embedding (clip_l into
-    text_encoder, clip_g into text_encoder_2), fused, give diffusers' images; the
-    folder exports with them recorded."""
+    text_encoder, clip_g into text_encoder_2), fused, give diffusers' images in-process
+    and served (the export, under ``lxl_``, in the extras server); the export records them."""
     from diffusers import StableDiffusionXLPipeline
 
     reference_pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_checkpoint)
@@ -443,7 +446,8 @@ def test_sdxl_lora_and_clip_l_clip_g_embedding(sdxl_checkpoint, tmp_path):
             vectors[key], token="xlneg", text_encoder=encoder, tokenizer=tokenizer
         )
     settings = {"prompt": "a fox", "negative_prompt": "xlneg, blurry", "height": 32, "width": 32}
-    settings |= {"num_inference_steps": 2, "output_type": "np"}
+    # guidance explicit: SDXL's default is 5.0 in diffusers, 7.5 in the contract
+    settings |= {"num_inference_steps": 2, "guidance_scale": 5.0, "output_type": "np"}
     expected = reference_pipe(generator=torch.Generator().manual_seed(1), **settings).images
 
     specs = [A.LoraFile(lora, 0.7)], [A.EmbeddingFile(embedding)]
@@ -461,9 +465,15 @@ def test_sdxl_lora_and_clip_l_clip_g_embedding(sdxl_checkpoint, tmp_path):
         fused_unet, unet = load_file(fused.path / weights), load_file(sdxl_checkpoint / weights)
         assert any(not torch.equal(fused_unet[k], unet[k]) for k in unet)  # the LoRA is in
         assert pipe.text_encoder_2.get_input_embeddings().num_embeddings == 49408 + 2
-        out = tmp_path / "repo"
-        options = ExportOptions(contents=Contents(stream_model=False))
+        out = extras_server.repository
+        options = ExportOptions(
+            contents=Contents(stream_model=False), naming=Naming(model_prefix="lxl_")
+        )
         export_repository(fused.path, out, fused.options(options, sdxl_checkpoint))
-    record = json.loads((out / "stable_diffusion/1/assets/pipeline.json").read_text())
+    record = json.loads((out / "lxl_stable_diffusion/1/assets/pipeline.json").read_text())
     assert [(r["name"], r["weight"]) for r in record["loras"]] == [("xl_style", 0.7)]
     assert [(r["token"], r["vectors"]) for r in record["embeddings"]] == [("xlneg", 2)]
+    request = {k: v for k, v in settings.items() if k != "output_type"}
+    with serve_extras("lxl_") as url:
+        served, _, _ = served_generate(url, model="lxl_stable_diffusion", seed=1, **request)
+    assert max_diff(served, (expected * 255).round().astype(np.uint8)) <= 1
