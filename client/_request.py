@@ -284,7 +284,7 @@ def _settings(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
         num_inference_steps=int(value("num_inference_steps")),
-        guidance_scale=float(value("guidance_scale")),
+        guidance_scale=_guidance_scale(request, defaults),
         height=int(height),
         width=int(width),
         seed=int(seeds[0]) if len(seeds) else int(request.seed or 0),
@@ -373,6 +373,18 @@ def _controlnets(
         ControlNetUnit(f"{n} [{hashes[n]}]" if n in hashes else n, float(w), float(s), float(e))
         for n, w, s, e in zip(names, *columns, strict=True)
     )
+
+
+def _guidance_scale(request: GenerationRequest, defaults: Mapping[str, Any]) -> float:
+    """The guidance sent, else the model's preset, else the server's default for the
+    family and mode (diffusers': 7.5; SDXL 5.0, SDXL inpainting without ControlNet 7.5)."""
+    if request.guidance_scale is not None:
+        return float(request.guidance_scale)
+    if "guidance_scale" in defaults:
+        return float(defaults["guidance_scale"])
+    xl = defaults.get("family", "sd") != "sd"
+    controlnet = request.controlnet is not None
+    return server_request.default_guidance_scale(xl, request.image, request.mask_image, controlnet)
 
 
 def _strength(request: GenerationRequest, defaults: Mapping[str, Any]) -> float | None:

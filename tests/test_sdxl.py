@@ -361,3 +361,54 @@ def test_pipelines_publish_their_family_and_refiner(families_repository):
     assert parameters(REFINER_MODEL)["family"] == "sdxl-refiner"
     assert "refiner_model_name" not in parameters(TURBO_MODEL)
     assert parameters(LCM_MODEL)["family"] == "sd"
+
+
+# ---------------------------------------------------------------------------
+# Defaults: guidance_scale as diffusers' SDXL pipelines
+
+
+def test_guidance_defaults_are_diffusers():
+    """SD's 7.5 in every mode; SDXL's pipelines 5.0 but inpainting 7.5; SDXL's ControlNet
+    pipelines 5.0: checked against the installed diffusers' signatures."""
+    import inspect
+
+    import diffusers
+
+    from sd_pipeline.request import default_guidance_scale
+
+    pipelines = {  # (xl, image, mask, controlnet) -> the pipeline diffusers runs
+        (False, None, None, False): "StableDiffusionPipeline",
+        (False, 1, None, False): "StableDiffusionImg2ImgPipeline",
+        (False, 1, 1, False): "StableDiffusionInpaintPipeline",
+        (False, None, None, True): "StableDiffusionControlNetPipeline",
+        (True, None, None, False): "StableDiffusionXLPipeline",
+        (True, 1, None, False): "StableDiffusionXLImg2ImgPipeline",
+        (True, 1, 1, False): "StableDiffusionXLInpaintPipeline",
+        (True, None, None, True): "StableDiffusionXLControlNetPipeline",
+        (True, 1, None, True): "StableDiffusionXLControlNetImg2ImgPipeline",
+        (True, 1, 1, True): "StableDiffusionXLControlNetInpaintPipeline",
+    }
+    for key, name in pipelines.items():
+        call = getattr(diffusers, name).__call__
+        assert (
+            default_guidance_scale(*key)
+            == inspect.signature(call).parameters["guidance_scale"].default
+        ), name
+
+
+def test_sdxl_without_guidance_is_diffusers_default_and_reported(families_url, xl_pipes):
+    """No guidance_scale sent: the served image is diffusers' called without one (5.0), and
+    the client's settings (the PNG's CFG scale) say 5.0."""
+    from sd_triton.client import Client
+
+    settings = {**BASE, "negative_prompt": "dim"}
+    images = served(families_url, XL_MODEL, seed=4, **settings)
+    pipe = xl_pipes.base
+    out = pipe(generator=torch.Generator().manual_seed(4), output_type="np", **settings).images
+    assert max_diff(images, (out * 255).round().astype(np.uint8)) <= 1
+    at_7_5 = served(families_url, XL_MODEL, seed=4, guidance_scale=7.5, **settings)
+    assert max_diff(images, at_7_5) > 1  # beyond the tolerance: the parity above has power
+    with Client(families_url, model=XL_MODEL) as client:
+        result = client.generate(seed=4, **settings)
+    assert result.settings.guidance_scale == 5.0
+    assert max_diff(np.asarray(result.images[0].convert("RGB")), images[0]) == 0

@@ -73,6 +73,12 @@ DEFAULT_CONTROLNET_SCALE = {
     (True, "img2img"): 0.8,
     (True, "inpaint"): 1.0,
 }
+# diffusers' default guidance_scale of SDXL's pipelines by mode (their __call__ defaults:
+# 5.0, but 7.5 for StableDiffusionXLInpaintPipeline; its ControlNet pipelines all 5.0).
+# SD 1.x/2.x's are the contract's 7.5 in every mode. A model's own default (a Turbo or LCM
+# preset, config parameter default_guidance_scale) comes first.
+DEFAULT_XL_GUIDANCE_SCALE = {"txt2img": 5.0, "img2img": 5.0, "inpaint": 7.5}
+DEFAULT_XL_CONTROLNET_GUIDANCE_SCALE = 5.0
 # Inputs only some families take: SDXL's text and size conditioning, the
 # refiner's aesthetic scores, the base's switch to its refiner.
 _XL_INPUTS = (
@@ -182,6 +188,18 @@ def default_controlnet_scale(xl: bool, image: object, mask_image: object) -> flo
     return DEFAULT_CONTROLNET_SCALE[(xl, mode)]
 
 
+def default_guidance_scale(xl: bool, image: object, mask_image: object, controlnet: bool) -> float:
+    """diffusers' ``guidance_scale`` for the family (``xl``: SDXL) and the mode a request's
+    ``image`` and ``mask_image`` (None: absent) and ControlNets make. The client reports it
+    too."""
+    if not xl:
+        return _DEFAULTS["guidance_scale"]
+    if controlnet:
+        return DEFAULT_XL_CONTROLNET_GUIDANCE_SCALE
+    mode = "txt2img" if image is None else "img2img" if mask_image is None else "inpaint"
+    return DEFAULT_XL_GUIDANCE_SCALE[mode]
+
+
 def make_request(
     config: PipelineConfig,
     prompt: str,
@@ -195,6 +213,8 @@ def make_request(
     """Build and validate a request in-process; sizes default to the image's or the model's native size."""
     image = options.get("image")
     native = image.shape[:2] if image is not None else (config.native_height, config.native_width)
+    if "guidance_scale" not in options:
+        options["guidance_scale"] = _default_guidance(config, options)
     request = GenerationRequest(
         prompt=prompt,
         height=native[0] if height is None else height,
@@ -204,6 +224,11 @@ def make_request(
     )
     validate(request, config, limits)
     return request
+
+
+def _default_guidance(config: PipelineConfig, values: Mapping[str, Any]) -> float:
+    xl, controlnet = config.is_xl, values.get("controlnet") is not None
+    return default_guidance_scale(xl, values.get("image"), values.get("mask_image"), controlnet)
 
 
 # ---------------------------------------------------------------------------
@@ -306,6 +331,7 @@ def parse_request(
         raise InvalidRequest("prompt is required: one UTF-8 string, BYTES with shape [1]")
     values = {name: _value(declared[name], np.asarray(a)) for name, a in inputs.items()}
     values = {**(defaults or {}), **values}
+    values.setdefault("guidance_scale", _default_guidance(config, values))
     # <lora:name:w> tags of the LoRAs fused at export go; multi-vector embeddings expand.
     for name in _TEXTS:
         if isinstance(values.get(name), str):

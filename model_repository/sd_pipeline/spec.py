@@ -239,7 +239,8 @@ STABLE_DIFFUSION = ModelSpec(
             (1,),
             optional=True,
             default=7.5,
-            description="<= 1 turns classifier-free guidance off",
+            description="<= 1 turns classifier-free guidance off; default as diffusers: "
+            "7.5, SDXL 5.0 (SDXL inpainting without ControlNet 7.5), or the model's preset",
         ),
         TensorSpec(
             "seed", "int64", (1,), optional=True, description="default: random, reported in seeds"
