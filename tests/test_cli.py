@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from sd_pipeline.controlnet import REQUEST_INPUTS as CONTROLNET_REQUEST_INPUTS
 from sd_triton.client import cli
 
 
@@ -104,16 +105,6 @@ def test_an_unreadable_admin_key_file_is_one_line_and_exit_2(tmp_path, unused_ur
     assert capsys.readouterr().err.startswith("sd-triton: error: cannot read the admin key file")
 
 
-CONTROLNET_INPUTS = (
-    "control_image",
-    "controlnet",
-    "controlnet_conditioning_scale",
-    "control_guidance_start",
-    "control_guidance_end",
-    "guess_mode",
-)
-
-
 def test_new_inputs_flags_give_the_contracts_values():
     argv = [
         "generate",
@@ -155,7 +146,7 @@ def test_new_inputs_flags_give_the_contracts_values():
         "hr_upscaler": "lanczos",
         "hr_denoising_strength": 0.5,
         "hr_second_pass_steps": 12,
-        **dict.fromkeys(CONTROLNET_INPUTS),
+        **dict.fromkeys(CONTROLNET_REQUEST_INPUTS),
     }
     img2img = cli.build_parser().parse_args(
         ["img2img", "x", "--image", "in.png", "--clip-skip", "2"]

@@ -555,10 +555,11 @@ def test_sdxl_served_equals_diffusers(url, xl_pipe, guess_mode, scheduler):
 # resizes to the second pass's size itself) and a fresh generator.
 
 HIRES_CASES = {
-    # family, upscaler, scheduler, hr_scale, second-pass steps, strength
-    "latent_euler_a": ("sd", "latent", "euler_a", 1.5, 0, 0.7),
-    "lanczos_pndm": ("sd", "lanczos", None, 1.25, 4, 0.6),
-    "sdxl_latent_euler": ("xl", "latent", "euler", 1.5, 0, 0.7),
+    # family, upscaler, scheduler, hr_scale, second-pass steps, strength, height, width
+    "latent_euler_a": ("sd", "latent", "euler_a", 1.5, 0, 0.7, HEIGHT, WIDTH),
+    # 1.7 is not exact in binary: 24 x 40 -> int(40.8) x int(68.0) = 40 x 68, as the web UI
+    "lanczos_1.7_pndm": ("sd", "lanczos", None, 1.7, 4, 0.6, 24, 40),
+    "sdxl_latent_euler": ("xl", "latent", "euler", 1.5, 0, 0.7, HEIGHT, WIDTH),
 }
 
 
@@ -568,7 +569,7 @@ def _hires_reference(pipe, maps, seed: int, case: str, settings: dict):
     import torch
     from helpers import REFERENCE_SCHEDULERS
 
-    family, upscaler, scheduler, scale, steps, strength = HIRES_CASES[case]
+    family, upscaler, scheduler, scale, steps, strength, _, _ = HIRES_CASES[case]
     pils = [PIL.Image.fromarray(m) for m in maps]
     control = {k: settings[k] for k in ("controlnet_conditioning_scale", "control_guidance_end")}
     if len(maps) == 1:  # one ControlNet: diffusers takes plain values
@@ -609,12 +610,12 @@ def _hires_reference(pipe, maps, seed: int, case: str, settings: dict):
 @pytest.mark.parametrize("case", HIRES_CASES)
 def test_controlnets_with_the_hires_fix_equal_diffusers(url, pipes, xl_pipe, case):
     """Two ControlNets (SD 1.x), one (SDXL), in both passes of the hires fix."""
-    family, upscaler, scheduler, scale, steps, strength = HIRES_CASES[case]
+    family, upscaler, scheduler, scale, steps, strength, height, width = HIRES_CASES[case]
     names = NAMES if family == "sd" else ("canny",)
-    maps = [control_image(21 + k) for k in range(len(names))]
+    maps = [control_image(21 + k, height, width) for k in range(len(names))]
     settings = {
-        "height": HEIGHT,
-        "width": WIDTH,
+        "height": height,
+        "width": width,
         "num_inference_steps": 4,
         "controlnet_conditioning_scale": [0.7, 1.3][: len(names)],
         "control_guidance_end": [0.8, 0.6][: len(names)],
@@ -629,7 +630,7 @@ def test_controlnets_with_the_hires_fix_equal_diffusers(url, pipes, xl_pipe, cas
     model = {"model": "xl_stable_diffusion"} if family == "xl" else {}
     request = {"scheduler": scheduler, **BASE, **hires, **model}
     got, _ = served(url, names, maps, 31, **request, **settings)
-    assert got.shape[1:3] == (int(HEIGHT * scale), int(WIDTH * scale))
+    assert got.shape[1:3] == (int(height * scale), int(width * scale))
     pipe = pipes(NAMES) if family == "sd" else xl_pipe
     want = _hires_reference(pipe, maps, 31, case, dict(settings))
     assert max_diff(got, want) <= 1

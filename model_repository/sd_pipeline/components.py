@@ -75,6 +75,21 @@ def _controlnet_spec(name: str, residuals: int, text_time: bool) -> S.ModelSpec:
     return controlnet_spec(name, residuals, text_time=text_time)
 
 
+def unet_call(sample, timestep, encoder_hidden_states, added, residuals):
+    """The UNet contract of a call (:func:`unet_spec`) and its tensors in that contract's
+    order: the three common inputs, the added ones, the residuals."""
+    spec = unet_spec(added, residuals)
+    extra = [added[t.name] for t in spec.inputs[3 : len(spec.inputs) - len(residuals or ())]]
+    return spec, (sample, timestep, encoder_hidden_states, *extra, *(residuals or ()))
+
+
+def controlnet_call(name, residuals, sample, timestep, embeddings, cond, scale, guess, added):
+    """ControlNet ``name``'s contract (:func:`controlnet_call_spec`) and its tensors in order."""
+    spec = controlnet_call_spec(name, residuals, added)
+    extra = [added[t.name] for t in spec.inputs[6:]]
+    return spec, (sample, timestep, embeddings, cond, scale, guess, *extra)
+
+
 @runtime_checkable
 class Components(Protocol):
     """What the loop needs from the models (shapes as in :mod:`.spec`)."""
@@ -207,17 +222,16 @@ class OnnxComponents:
         return TextEncoding(*self._run(S.COMPONENTS[encoder], input_ids, skip_layers))
 
     def unet(self, sample, timestep, encoder_hidden_states, added=None, *, residuals=None):
-        spec = unet_spec(added, residuals)
-        extra = [added[t.name] for t in spec.inputs[3 : len(spec.inputs) - len(residuals or ())]]
-        tensors = (sample, timestep, encoder_hidden_states, *extra, *(residuals or ()))
+        spec, tensors = unet_call(sample, timestep, encoder_hidden_states, added, residuals)
         return self._run(spec, *tensors)[0]
 
     def controlnet(
         self, name, sample, timestep, encoder_hidden_states, cond, scale, guess, added=None
     ):
-        spec = controlnet_call_spec(name, self._session_outputs(name), added)
-        extra = [added[t.name] for t in spec.inputs[6:]]
-        tensors = (sample, timestep, encoder_hidden_states, cond, scale, guess, *extra)
+        residuals = self._session_outputs(name)
+        spec, tensors = controlnet_call(
+            name, residuals, sample, timestep, encoder_hidden_states, cond, scale, guess, added
+        )
         return self._run(spec, *tensors)
 
     def _session_outputs(self, name: str) -> int:

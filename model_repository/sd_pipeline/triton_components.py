@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import spec as S
-from .components import TextEncoding, controlnet_call_spec, unet_spec
+from .components import TextEncoding, controlnet_call, unet_call
 from .config import PipelineConfig
 from .errors import ComponentError
 
@@ -186,17 +186,16 @@ class TritonComponents:
         return TextEncoding(*self._call(S.COMPONENTS[encoder], input_ids, skip_layers))
 
     def unet(self, sample, timestep, encoder_hidden_states, added=None, *, residuals=None):
-        spec = unet_spec(added, residuals)
-        extra = [added[t.name] for t in spec.inputs[3 : len(spec.inputs) - len(residuals or ())]]
-        tensors = (sample, timestep, encoder_hidden_states, *extra, *(residuals or ()))
+        spec, tensors = unet_call(sample, timestep, encoder_hidden_states, added, residuals)
         return self._call(spec, *tensors)[0]
 
     def controlnet(
         self, name, sample, timestep, encoder_hidden_states, cond, scale, guess, added=None
     ):
-        spec = controlnet_call_spec(name, self.config.controlnet_residuals, added)
-        extra = [added[t.name] for t in spec.inputs[6:]]
-        tensors = (sample, timestep, encoder_hidden_states, cond, scale, guess, *extra)
+        residuals = self.config.controlnet_residuals
+        spec, tensors = controlnet_call(
+            name, residuals, sample, timestep, encoder_hidden_states, cond, scale, guess, added
+        )
         return self._call(spec, *tensors)
 
     def vae_encode(self, image):
