@@ -81,6 +81,53 @@ class TritonPythonModel:
         ]
 '''
 
+# The floor under the served step: one BLS call from a Python model to the null
+# UNet with one step's tensors, built once, and nothing else of the pipeline's.
+BLS_PROBE = '''"""BLS probe (benchmarks/overhead.py): what one bare BLS call to a UNet costs.
+
+Sends one denoising step's UNet tensors (zeros, built once and reused) to the
+model a request names, ``calls`` times, and answers each call's seconds: no
+pipeline code, no tensor conversions, only ``InferenceRequest.exec``.
+"""
+
+import json
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        parameters = json.loads(args["model_config"])["parameters"]
+        inputs = json.loads(parameters["unet_inputs"]["string_value"])
+        self.inputs = [pb_utils.Tensor(n, np.zeros(shape, dtype)) for n, dtype, shape in inputs]
+        self.memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+
+    def execute(self, requests):
+        return [self._probe(request) for request in requests]
+
+    def _probe(self, request):
+        calls = int(pb_utils.get_input_tensor_by_name(request, "calls").as_numpy()[0])
+        target = pb_utils.get_input_tensor_by_name(request, "target").as_numpy()[0].decode()
+        seconds = np.zeros(calls)
+        for i in range(calls):
+            t0 = time.perf_counter()
+            answer = pb_utils.InferenceRequest(
+                model_name=target,
+                inputs=self.inputs,
+                requested_output_names=["out_sample"],
+                preferred_memory=self.memory,
+            ).exec()
+            seconds[i] = time.perf_counter() - t0
+            if answer.has_error():
+                return pb_utils.InferenceResponse(error=answer.error())
+        return pb_utils.InferenceResponse([pb_utils.Tensor("seconds", seconds)])
+'''
+PROBE = "bls_probe"
+# The null UNet without a dynamic batcher: what the batcher's hop costs a lone call.
+UNBATCHED = "unbatched_null_unet"
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -175,6 +222,53 @@ def variant_repository(
     return dest
 
 
+def add_bls_probe(source: Path, dest: Path, request: Request, batch: int) -> list[str]:
+    """Add :data:`BLS_PROBE` to the variant repository ``dest``, sending the UNet inputs of a
+    ``request``-sized step of ``batch`` samples, and :data:`UNBATCHED`; the probe's targets."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    from sd_triton.export.triton_config import read_config, write_config
+
+    from .perf_analyzer import pipeline_constants, unet_shapes
+
+    nulls = sorted(p.name for p in dest.glob("d*_null_unet"))
+    if not nulls:
+        return []
+    shapes = unet_shapes(
+        read_config(source / "unet"),
+        pipeline_constants(source),
+        height=request.height,
+        width=request.width,
+    )
+    inputs = [[name, str(dtype), [batch, *shape]] for name, (dtype, shape) in shapes.items()]
+    config = pb.ModelConfig(name=PROBE, backend="python", max_batch_size=0)
+    config.input.add(name="calls", data_type=pb.TYPE_INT32, dims=[1])
+    config.input.add(name="target", data_type=pb.TYPE_STRING, dims=[1])
+    config.output.add(name="seconds", data_type=pb.TYPE_FP64, dims=[-1])
+    config.instance_group.add(kind=pb.ModelInstanceGroup.KIND_CPU, count=1)
+    config.parameters["unet_inputs"].string_value = json.dumps(inputs)
+    (dest / PROBE / "1").mkdir(parents=True)
+    (dest / PROBE / "1" / "model.py").write_text(BLS_PROBE)
+    write_config(config, dest / PROBE)
+    _copy_model(
+        dest / nulls[0], dest / UNBATCHED, UNBATCHED, lambda c: c.ClearField("dynamic_batching")
+    )
+    return [*nulls, UNBATCHED]
+
+
+def bls_calls(client, target: str, calls: int) -> np.ndarray:
+    """Seconds of each of ``calls`` bare BLS calls from the probe to ``target``."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = [
+        grpcclient.InferInput("calls", [1], "INT32"),
+        grpcclient.InferInput("target", [1], "BYTES"),
+    ]
+    inputs[0].set_data_from_numpy(np.array([calls], np.int32))
+    inputs[1].set_data_from_numpy(np.array([target.encode()], dtype=object))
+    return client.infer(PROBE, inputs).as_numpy("seconds")
+
+
 # ------------------------------------------------------------ in-process
 class NullUnetComponents:
     """The repository's components in onnxruntime, with a UNet that hands ``sample`` back."""
@@ -242,6 +336,7 @@ class Plan:
     merge_requests_per_worker: int = 2
     # real-UNet run: also the UNet with onnxruntime's spinning threads (at the last delay)
     merge_spinning: bool = True
+    probe_calls: int = 200  # bare BLS calls per target and round (0: no probe)
 
     def merge_variants(self) -> list[Variant]:
         variants = [Variant(d, null_unet=False) for d in self.delays_us]
@@ -360,23 +455,36 @@ def _merge_rows(rows: list[dict]) -> dict:
     }
 
 
-def served_overhead(repository: Path, plan: Plan, log_dir: Path | None, timeout_s: float) -> dict:
-    """Per-step time of each delay variant with the null UNet, at each concurrency; memory."""
+def served_overhead(
+    repository: Path,
+    plan: Plan,
+    log_dir: Path | None,
+    timeout_s: float,
+    probe_targets: Sequence[str] = (),
+) -> dict:
+    """Per-step time of each delay variant with the null UNet, at each concurrency; memory;
+    the seconds of bare BLS calls to each of ``probe_targets`` (:data:`BLS_PROBE`), per round
+    beside the levels."""
     import tritonclient.grpc as grpcclient
 
     variants = [Variant(d) for d in plan.delays_us]
     levels: dict[tuple[int, int], list[dict]] = {}
+    probes: dict[str, list[np.ndarray]] = {t: [] for t in probe_targets}
     server = _start(repository, log_dir, "overhead", timeout_s)
     try:
         url = server.grpc_url
         client = grpcclient.InferenceServerClient(url)
         _warm(url, plan, variants)
+        for target in probes:
+            bls_calls(client, target, 20)
         with system.CpuAccount(server.pid) as account:
             for r in range(plan.rounds):
                 for variant in variants if r % 2 == 0 else variants[::-1]:
                     for c in plan.concurrency:
                         row = _served_paired(server, client, plan, variant, c)
                         levels.setdefault((variant.delay_us, c), []).append(row)
+                for target in probes if r % 2 == 0 else list(probes)[::-1]:
+                    probes[target].append(bls_calls(client, target, plan.probe_calls))
         memory = system.process_memory(server.pid)
         client.close()
     finally:
@@ -384,7 +492,20 @@ def served_overhead(repository: Path, plan: Plan, log_dir: Path | None, timeout_
     rows = [
         {"delay_us": d, "concurrency": c, **_merge_rows(runs)} for (d, c), runs in levels.items()
     ]
-    return {"rows": rows, "cpu": account.result, "memory": memory}
+    bls = {t: _call_ms(np.concatenate(runs)) for t, runs in probes.items() if runs}
+    return {"rows": rows, "cpu": account.result, "memory": memory, "bls": bls}
+
+
+def _call_ms(seconds: np.ndarray) -> dict:
+    ms = seconds * 1e3
+    p10, p50, p90 = (round(float(x), 3) for x in np.percentile(ms, (10, 50, 90)))
+    return {
+        "calls": len(ms),
+        "mean": round(float(ms.mean()), 3),
+        "p10": p10,
+        "p50": p50,
+        "p90": p90,
+    }
 
 
 def inprocess_overhead(repository: Path, plan: Plan) -> dict:
@@ -466,6 +587,8 @@ def run(
     null_repo = variant_repository(
         source, work / "null-unet", [Variant(d) for d in plan.delays_us], instances=c
     )
+    guided = plan.request.guidance_scale > 1
+    targets = add_bls_probe(source, null_repo, plan.request, 2 if guided else 1)
     result = {
         "started": started,
         "plan": {
@@ -477,7 +600,9 @@ def run(
             "rounds": plan.rounds,
             "pipeline_instances": c,
         },
-        "served": served_overhead(null_repo, plan, log_dir, timeout_s),
+        "served": served_overhead(
+            null_repo, plan, log_dir, timeout_s, targets if plan.probe_calls else ()
+        ),
         "inprocess": inprocess_overhead(source, plan),
     }
     load.append(os.getloadavg())
@@ -557,6 +682,7 @@ def markdown(result: dict) -> str:
             f"| {row['ms_per_step_floor']:.2f} | {base:.2f} ({inproc['ms_per_step_floor']:.2f}) "
             f"| {u['samples_per_execution']} | {u['queue_ms_per_request']} |"
         )
+    lines += bls_lines(served.get("bls", {}), served["rows"], inproc)
     lines += ["", "Memory of the server's processes (null-UNet server):", ""]
     lines += memory_lines(served["memory"])
     if "merging" in result:
@@ -584,6 +710,40 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bls_lines(bls: dict, rows: list[dict], inproc: dict) -> list[str]:
+    """The bare BLS calls' table, and what they leave of each c=1 level's served step."""
+    if not bls:
+        return []
+    lines = [
+        "",
+        "One bare BLS call (the floor under a served step): a Python model sends one step's "
+        "UNet tensors, built once, to the null UNet and times `exec()`; no pipeline code. "
+        f"`{UNBATCHED}`: the same null UNet without a dynamic batcher.",
+        "",
+        "| to | calls | mean ms | p10 | p50 | p90 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for target, ms in bls.items():
+        lines.append(
+            f"| {target} | {ms['calls']} | **{ms['mean']:.3f}** | {ms['p10']:.3f} "
+            f"| {ms['p50']:.3f} | {ms['p90']:.3f} |"
+        )
+    for row in rows:
+        call = bls.get(Variant(row["delay_us"]).unet)
+        if row["concurrency"] != 1 or call is None or row["loop_ms_per_step"] is None:
+            continue
+        served = row["loop_ms_per_step"]
+        lines += [
+            "",
+            f"At c=1, delay {row['delay_us']} µs: {served:.3f} ms per served step = "
+            f"{call['mean']:.3f} ms of bare BLS call (mean) + {served - call['mean']:.3f} ms "
+            "of the loop's own work, its tensor conversions and what a step pays for the "
+            f"pipeline's process around the call (the loop in-process: "
+            f"{_ms(inproc['loop_ms_per_step'])} ms).",
+        ]
+    return lines
+
+
 # ------------------------------------------------------------ CLI
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x)
@@ -608,6 +768,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overhead-rounds", type=int, default=2)
     p.add_argument("--overhead-scheduler", default="euler")
     p.add_argument(
+        "--overhead-probe-calls",
+        type=int,
+        default=200,
+        help="bare BLS calls to each null UNet per round (the floor under a step; 0: none)",
+    )
+    p.add_argument(
         "--no-merging",
         dest="merging",
         action="store_false",
@@ -631,6 +797,7 @@ def plan_from_args(args: argparse.Namespace, request: Request) -> Plan:
         requests_per_worker=args.overhead_requests_per_worker,
         rounds=args.overhead_rounds,
         merge_spinning=args.merge_spinning,
+        probe_calls=args.overhead_probe_calls,
     )
 
 

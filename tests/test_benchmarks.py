@@ -480,6 +480,33 @@ def test_variant_repository_serves_a_null_unet_per_delay(tmp_path, tiny_reposito
     assert read_config(repo / "text_encoder").name == "text_encoder"
 
 
+def test_bls_probe_sends_a_guided_steps_unet_inputs(tmp_path, tiny_repository):
+    """The probe's tensors are the UNet's (its config, the request's size, both halves of a
+    guided step), and the unbatched null UNet is the batched one without its batcher."""
+    from sd_triton.benchmarks import overhead
+    from sd_triton.benchmarks.load import Request
+    from sd_triton.benchmarks.perf_analyzer import pipeline_constants
+    from sd_triton.export.triton_config import read_config
+
+    variants = [overhead.Variant(2000), overhead.Variant(0)]
+    repo = overhead.variant_repository(tiny_repository, tmp_path / "r", variants, instances=1)
+    request = Request(48, 80, 3)  # not square: height and width must not swap
+    targets = overhead.add_bls_probe(tiny_repository, repo, request, batch=2)
+    assert targets == ["d0_null_unet", "d2000_null_unet", overhead.UNBATCHED]
+    probe = read_config(repo / overhead.PROBE)
+    inputs = {n: (d, s) for n, d, s in json.loads(probe.parameters["unet_inputs"].string_value)}
+    unet = read_config(tiny_repository / "unet")
+    assert list(inputs) == [t.name for t in unet.input]
+    f = pipeline_constants(tiny_repository)["vae_scale_factor"]
+    assert inputs["sample"] == ("float32", [2, 4, 48 // f, 80 // f])
+    assert inputs["timestep"][1][0] == 2 and inputs["encoder_hidden_states"][1][:2] == [2, 77]
+    assert (repo / overhead.PROBE / "1" / "model.py").read_text() == overhead.BLS_PROBE
+    unbatched = read_config(repo / overhead.UNBATCHED)
+    assert unbatched.name == overhead.UNBATCHED and not unbatched.HasField("dynamic_batching")
+    assert unbatched.max_batch_size == unet.max_batch_size
+    assert (repo / overhead.UNBATCHED / "1" / "model.py").read_text() == overhead.NULL_UNET
+
+
 @pytest.mark.server
 def test_harness_overhead_mode(tmp_path, tiny_repository):
     """The null-UNet mode end to end: per-step times, UNet statistics, memory, in the report."""
@@ -488,7 +515,7 @@ def test_harness_overhead_mode(tmp_path, tiny_repository):
     args = ["--repository", str(tiny_repository), "--models", "overhead", "--no-progress"]
     args += ["--overhead-concurrency", "1,2", "--overhead-delays", "0"]
     args += ["--overhead-steps", "1,3", "--overhead-requests-per-worker", "1"]
-    args += ["--overhead-rounds", "1", "--no-merging"]
+    args += ["--overhead-rounds", "1", "--no-merging", "--overhead-probe-calls", "7"]
     args += ["--output-dir", str(tmp_path), "--label", "ov", "--build-dir", str(tmp_path / "b")]
     assert harness.main(args) == 0
     result = json.loads((tmp_path / "raw" / "ov.json").read_text())["overhead"]
@@ -511,3 +538,10 @@ def test_harness_overhead_mode(tmp_path, tiny_repository):
         "## Per-step overhead (null UNet)" in text and "stub:d0_null_stable_diffusion | 2 |" in text
     )
     assert f"| 0 | 1 | **{rows[1]['loop_ms_per_step']:.3f}** (" in text
+    # The bare BLS calls: every call timed, through the batcher and without it.
+    bls = result["served"]["bls"]
+    assert set(bls) == {"d0_null_unet", "unbatched_null_unet"}
+    assert all(b["calls"] == 7 and 0 < b["p10"] <= b["p50"] <= b["p90"] < 1e3 for b in bls.values())
+    call = bls["d0_null_unet"]["mean"]
+    assert f"| d0_null_unet | 7 | **{call:.3f}** |" in text
+    assert f"At c=1, delay 0 µs: {rows[1]['loop_ms_per_step']:.3f} ms per served step = " in text
