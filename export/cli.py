@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=DIR",
         help="a diffusers ControlNet folder whose config.json describes the single-file "
-        "--controlnet NAME (default: the shipped config of its family, SD 1.x or SDXL)",
+        "--controlnet NAME (default: the shipped config of its family, SD 1.x, SD 2.x or SDXL)",
     )
     single_file.add_arguments(p)
     adapters.add_arguments(p)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -56,12 +56,16 @@ if TYPE_CHECKING:
 __all__ = [
     "CONTROLNET_CONFIGS",
     "CONTROLNET_INPUTS",
+    "FAMILY_NAMES",
+    "SD2_CROSS_ATTENTION_DIM",
     "ControlNetSource",
     "Residual",
     "add_controlnets",
     "check_compatible",
+    "check_family",
     "check_fit",
     "check_request",
+    "config_family",
     "controlled_unet_component",
     "controlnet_component",
     "controlnet_sources",
@@ -69,6 +73,7 @@ __all__ = [
     "kind",
     "residual_sizes",
     "residuals",
+    "shapes_of",
     "single_file_family",
     "tensor_dtypes",
     "triton_config",
@@ -143,8 +148,10 @@ def residual_sizes(config: Mapping[str, Any], sizes: Mapping[str, int]) -> dict[
 def check_compatible(
     controlnet_config: Mapping[str, Any], unet_config: Mapping[str, Any], vae_scale_factor: int
 ) -> None:
-    """Raise ``ExportError`` unless the ControlNet's residuals fit the UNet and its control
-    image is at the VAE's pixel size; ``global_pool_conditions`` ControlNets are refused."""
+    """Raise ``ExportError`` unless the ControlNet is for the UNet's family
+    (:func:`check_family`), its residuals fit the UNet and its control image is at the
+    VAE's pixel size; ``global_pool_conditions`` ControlNets are refused."""
+    check_family(controlnet_config, unet_config)
     differ = [
         k
         for k in _ARCHITECTURE_KEYS
@@ -167,6 +174,31 @@ def check_compatible(
 
 def _norm(value: Any) -> Any:
     return list(value) if isinstance(value, list | tuple) else value
+
+
+def config_family(config: Mapping[str, Any]) -> str:
+    """``sd1``, ``sd2`` or ``sdxl`` (a key of :data:`CONTROLNET_CONFIGS`): the family of a
+    UNet or ControlNet config, as :func:`single_file_family` tells it from a file's tensors
+    (SDXL's added conditioning, else the cross-attention width: 1024 is SD 2.x's, anything
+    else, the tiny test models' too, counts as SD 1.x)."""
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return _width_family(config.get("cross_attention_dim"))
+
+
+def _width_family(width: Any) -> str:
+    return "sd2" if width == SD2_CROSS_ATTENTION_DIM else "sd1"
+
+
+def check_family(controlnet_config: Mapping[str, Any], unet_config: Mapping[str, Any]) -> None:
+    """Raise ``ExportError``, naming both families, for a ControlNet of another family
+    (:func:`config_family`) than the UNet it would steer."""
+    ours, theirs = config_family(controlnet_config), config_family(unet_config)
+    if ours != theirs:
+        raise ExportError(
+            f"a ControlNet for {FAMILY_NAMES[ours]}, the checkpoint is {FAMILY_NAMES[theirs]} "
+            "(a ControlNet works only with the model family it was trained for)"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -353,8 +385,17 @@ def check_request(controlnets: Mapping[str, Path | ControlNetSource], opts: Expo
 # --------------------------------------------------------------------------
 # Where a ControlNet comes from: a diffusers folder, or a single file
 
-# The shipped weightless config (export/configs/) of each family's single files.
-CONTROLNET_CONFIGS = {"sd1": "controlnet-sd1", "sdxl": "controlnet-sdxl"}
+# The shipped weightless config (export/configs/) of each family's single files, and the
+# family's name in messages.
+CONTROLNET_CONFIGS = {"sd1": "controlnet-sd1", "sd2": "controlnet-sd2", "sdxl": "controlnet-sdxl"}
+FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+# SD 2.x's text width (OpenCLIP ViT-H), SD 1.x's is 768: diffusers' single-file loader
+# tells a v2 checkpoint by it (infer_diffusers_model_type: the width of
+# model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight), but a
+# ControlNet file lacks that prefix and diffusers calls SD 1.x and 2.x ones "controlnet"
+# alike; here any cross-attention key's width says it, in either layout.
+SD2_CROSS_ATTENTION_DIM = 1024
+CROSS_ATTENTION_KEY = ".attn2.to_k.weight"
 # lllyasviel's (ControlNet v1.0 / v1.1) layout: LDM's UNet encoder names, the control
 # image's input_hint_block and the zero_convs, with or without control_model.
 ORIGINAL_PREFIX = "control_model."
@@ -408,35 +449,45 @@ def _check_source(name: str, source: ControlNetSource) -> None:
         )
 
 
-def single_file_family(keys: Collection[str]) -> str:
-    """``sd1`` or ``sdxl`` (a key of :data:`CONTROLNET_CONFIGS`): the family of a single-file
-    ControlNet whose tensors are named ``keys``, from its layout (lllyasviel's or
-    diffusers') and SDXL's added embedding."""
+def single_file_family(shapes: Mapping[str, Sequence[int]]) -> str:
+    """``sd1``, ``sd2`` or ``sdxl`` (a key of :data:`CONTROLNET_CONFIGS`): the family of a
+    single-file ControlNet whose tensors have ``shapes`` (name -> shape), from its layout
+    (lllyasviel's or diffusers'), SDXL's added embedding and the cross-attention width
+    (:data:`SD2_CROSS_ATTENTION_DIM`), as :func:`config_family` tells a config's."""
     from .single_file import _prefixes
 
-    if ORIGINAL_MARKER in keys or ORIGINAL_PREFIX + ORIGINAL_MARKER in keys:
-        if any(k.removeprefix(ORIGINAL_PREFIX).startswith("label_emb.") for k in keys):
+    if ORIGINAL_MARKER in shapes or ORIGINAL_PREFIX + ORIGINAL_MARKER in shapes:
+        if any(k.removeprefix(ORIGINAL_PREFIX).startswith("label_emb.") for k in shapes):
             raise ExportError(
                 "an SDXL ControlNet in the original layout, which diffusers does not convert: "
                 "use its diffusers-layout file or folder"
             )
-        return "sd1"
-    if DIFFUSERS_MARKER in keys:
-        return "sdxl" if "add_embedding.linear_1.weight" in keys else "sd1"
-    raise ExportError(
-        f"not a ControlNet (no {ORIGINAL_MARKER} nor {DIFFUSERS_MARKER}); "
-        f"found {_prefixes(list(keys))}"
-    )
+    elif DIFFUSERS_MARKER in shapes:
+        if "add_embedding.linear_1.weight" in shapes:
+            return "sdxl"
+    else:
+        raise ExportError(
+            f"not a ControlNet (no {ORIGINAL_MARKER} nor {DIFFUSERS_MARKER}); "
+            f"found {_prefixes(list(shapes))}"
+        )
+    widths = (shape[-1] for k, shape in sorted(shapes.items()) if k.endswith(CROSS_ATTENTION_KEY))
+    return _width_family(next(widths, None))
 
 
-def _keys(path: Path) -> set[str]:
-    """The tensor names of a weights file (of a ``.safetensors``, its header alone)."""
+def shapes_of(state_dict: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape in ``state_dict`` (what :func:`single_file_family` reads)."""
+    return {k: tuple(getattr(v, "shape", ())) for k, v in state_dict.items()}
+
+
+def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes of a weights file (of a ``.safetensors``, from its header alone)."""
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
         with contextlib.suppress(Exception), safe_open(path, "pt") as f:
-            return set(f.keys())
-    return set(load_state_dict(path))  # says what is wrong with the file
+            names = f.keys()  # a safe_open is not iterable
+            return {k: tuple(f.get_slice(k).get_shape()) for k in names}
+    return shapes_of(load_state_dict(path))  # says what is wrong with the file
 
 
 def _config(source: ControlNetSource) -> tuple[dict[str, Any], str | None]:
@@ -446,7 +497,7 @@ def _config(source: ControlNetSource) -> tuple[dict[str, Any], str | None]:
 
     folder, shipped = source.path, None
     if is_single_file(source.path):
-        family = single_file_family(_keys(source.path))
+        family = single_file_family(_shapes(source.path))
         shipped = None if source.config else CONTROLNET_CONFIGS[family]
         folder = source.config or config_folder(CONTROLNET_CONFIGS[family])
     return json.loads((folder / "config.json").read_text()), shipped
@@ -464,6 +515,7 @@ def check_fit(
         where = f"--controlnet {name}={source.path}"
         try:
             config, shipped = _config(source)
+            check_family(config, unet_config)  # whatever the config: no --controlnet-config hint
         except ExportError as e:
             raise ExportError(f"{where}: {e}") from None
         try:
@@ -481,7 +533,7 @@ def _from_single_file(source: ControlNetSource):
     from .single_file import _check_loaded, config_folder
 
     state_dict = load_state_dict(source.path)
-    family = single_file_family(state_dict.keys())
+    family = single_file_family(shapes_of(state_dict))
     config = source.config or config_folder(CONTROLNET_CONFIGS[family])
     try:
         model = ControlNetModel.from_single_file(

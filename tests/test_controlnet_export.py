@@ -259,8 +259,11 @@ def test_incompatible_controlnets_are_refused(models):
     CN.check_compatible(sd.controlnet.config, sd.unet.config, VAE_SCALE)
     # An inpainting UNet takes a plain ControlNet's residuals.
     CN.check_compatible(sd.controlnet.config, {**sd.unet.config, "in_channels": 9}, VAE_SCALE)
-    with pytest.raises(ExportError, match="does not fit the UNet: .*cross_attention_dim"):
+    with pytest.raises(ExportError, match="^a ControlNet for SD 1.x, the checkpoint is SDXL "):
         CN.check_compatible(sd.controlnet.config, sdxl.unet.config, VAE_SCALE)
+    fewer = {**sd.unet.config, "layers_per_block": 1}
+    with pytest.raises(ExportError, match="does not fit the UNet: layers_per_block differ"):
+        CN.check_compatible(sd.controlnet.config, fewer, VAE_SCALE)
     with pytest.raises(ExportError, match="control image is 2x its latents, the VAE's images 8x"):
         CN.check_compatible(sd.controlnet.config, sd.unet.config, 8)
     pooled = {**sd.controlnet.config, "global_pool_conditions": True}
@@ -408,11 +411,11 @@ def test_single_files_that_do_not_fit_are_refused(
     sdxl, sdxl_file = controlnet_files["sdxl"], controlnet_files["sdxl-diffusers"]
     unet_file = tiny_checkpoint / "unet" / "diffusion_pytorch_model.safetensors"
     cases = [
-        # Another family (its own config given): the folder path's refusal.
+        # Another family (its own config given): both named, the folder path's refusal.
         (
             ["--controlnet", f"xl={sdxl_file}", "--controlnet-config", f"xl={sdxl}"],
-            f"--controlnet xl={sdxl_file}: the ControlNet does not fit the UNet: ",
-            "cross_attention_dim",
+            f"--controlnet xl={sdxl_file}: a ControlNet for SDXL, the checkpoint is SD 1.x ",
+            "(a ControlNet works only with the model family it was trained for)",
         ),
         # Read with the shipped config, whose sizes are not the tiny model's: the
         # message says which config was used and what to do.
@@ -465,5 +468,5 @@ def test_shipped_controlnet_configs_fit_their_families():
             state = controlnet_original_layout(state, dict(model.config))
             converted = convert_controlnet_checkpoint(checkpoint=state, config=dict(model.config))
             assert {k: v.shape for k, v in converted.items()} == shapes
-        assert CN.single_file_family(state.keys()) == family
+        assert CN.single_file_family(CN.shapes_of(state)) == family
         assert infer_diffusers_model_type(state) == diffusers_type
