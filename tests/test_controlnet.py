@@ -105,9 +105,11 @@ def depth_file(controlnet_dirs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory, tiny_checkpoint, controlnet_dirs, depth_file, tiny_sdxl):
+def repository(
+    tmp_path_factory, tiny_checkpoint, controlnet_dirs, depth_file, tiny_sdxl, family_checkpoints
+):
     """The tiny SD 1.x with two ControlNets (``depth`` from a single file), and the tiny
-    SDXL (``xl_``) with one."""
+    SDXL (``xl_``) with one and the tiny refiner beside it."""
     root = tmp_path_factory.mktemp("controlnet-repo") / "repo"
     options = ExportOptions(Contents(stream_model=False, safety_checker=False))
     sources = {
@@ -115,7 +117,10 @@ def repository(tmp_path_factory, tiny_checkpoint, controlnet_dirs, depth_file, t
         "depth": CN.ControlNetSource(depth_file, config=controlnet_dirs["depth"]),
     }
     export_repository(tiny_checkpoint, root, options, controlnets=sources)
-    xl = ExportOptions(Contents(stream_model=False), naming=Naming(model_prefix="xl_"))
+    refiner = family_checkpoints["tiny-sdxl-refiner"]
+    xl = ExportOptions(
+        Contents(stream_model=False, refiner=refiner), naming=Naming(model_prefix="xl_")
+    )
     export_repository(tiny_sdxl[0], root, xl, controlnets={"canny": tiny_sdxl[1]})
     return root
 
@@ -638,3 +643,123 @@ def test_controlnets_with_the_hires_fix_equal_diffusers(url, pipes, xl_pipe, cas
     size = {k: settings[k] for k in ("height", "width", "num_inference_steps")}
     plain, _ = served(url, (), [], 31, **request, **size)
     assert max_diff(plain, got) > 8
+
+
+# ---------------------------------------------------------------------------
+# SDXL with its refiner after the ControlNet base (refiner_switch_at) == diffusers'
+# ensemble of experts with the ControlNet pipeline as the base: one generator,
+# StableDiffusionXLControlNetPipeline(denoising_end=switch, output_type="latent"), then the
+# refiner (StableDiffusionXLImg2ImgPipeline, denoising_start=switch) without ControlNet.
+
+# scheduler, settings. 0.7 is not exact in binary. diffusers lays the ControlNet's window
+# over the whole schedule, before denoising_end cuts it: at 5 steps Euler a's base runs 3 of
+# [801, 601, 401, 201, 1] (those >= 300), and an end of 0.4 keeps the ControlNet at 2 of them
+# ((i + 1) / 5 <= 0.4; over the base's 3 it would be 1); Heun's base runs 5 of its 9
+# timesteps, of which an end of 0.45 keeps 4 (over the base's 5 it would be 2).
+REFINER_CASES = {
+    "euler_a_end_0.4": ("euler_a", {"control_guidance_end": [0.4], "num_images_per_prompt": 2}),
+    "heun_scale_end_0.45": (
+        "heun",
+        {"controlnet_conditioning_scale": [0.8], "control_guidance_end": [0.45]},
+    ),
+}
+SWITCH = 0.7
+
+
+@pytest.fixture(scope="module")
+def xl_refiner(family_checkpoints):
+    """diffusers' StableDiffusionXLImg2ImgPipeline on the tiny refiner."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(family_checkpoints["tiny-sdxl-refiner"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _refined_reference(pipes, scheduler, seed: int, **settings) -> np.ndarray:
+    """uint8 images of the ControlNet base (``settings``) up to SWITCH, then the refiner
+    (the same settings but the size and the ControlNet's), with one generator."""
+    import diffusers
+    import torch
+    from helpers import REFERENCE_SCHEDULERS
+
+    originals = [pipe.scheduler for pipe in pipes]
+    if REFERENCE_SCHEDULERS[scheduler] is not None:
+        cls_name, overrides = REFERENCE_SCHEDULERS[scheduler]
+        for pipe in pipes:
+            pipe.scheduler = getattr(diffusers, cls_name).from_config(
+                pipe.scheduler.config, **overrides
+            )
+    base, refiner = pipes
+    base_only = ("height", "width", "image", "controlnet_conditioning_scale")
+    shared = {
+        k: v for k, v in settings.items() if k not in base_only and not k.startswith("control_")
+    }
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        latents = base(
+            generator=generator, denoising_end=SWITCH, output_type="latent", **settings
+        ).images
+        out = refiner(
+            generator=generator, image=latents, denoising_start=SWITCH, output_type="np", **shared
+        ).images
+    finally:
+        for pipe, original in zip(pipes, originals, strict=True):
+            pipe.scheduler = original
+    return (out * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("case", REFINER_CASES)
+def test_sdxl_controlnet_then_refiner_equals_diffusers(url, xl_pipe, xl_refiner, case):
+    scheduler, settings = REFINER_CASES[case]
+    control = control_image(41)
+    common = {**BASE, "height": HEIGHT, "width": WIDTH, "num_inference_steps": 5}
+    cn = {k: v for k, v in settings.items() if k.startswith("control")}
+    n = settings.get("num_images_per_prompt", 1)
+    request = {**common, "num_images_per_prompt": n, "scheduler": scheduler}
+    request |= {"model": "xl_stable_diffusion", "refiner_switch_at": SWITCH}
+    got, _ = served(url, ("canny",), [control], 3, **request, **cn)
+    want = _refined_reference(
+        (xl_pipe, xl_refiner), scheduler, 3, image=PIL.Image.fromarray(control),
+        num_images_per_prompt=n, **common, **{k: v[0] for k, v in cn.items()},
+    )  # fmt: skip
+    assert got.shape == (n, HEIGHT, WIDTH, 3)
+    assert max_diff(got, want) <= 1
+    # Not vacuous: the ControlNet's share survives the refiner.
+    plain, _ = served(url, (), [], 3, **request)
+    assert max_diff(plain, got) > 8
+
+
+def test_cli_controlnet_with_refiner_writes_infotext_that_reproduces_it(url, tmp_path):
+    from sd_triton.client import cli, infotext_options, parse_infotext, read_infotext
+
+    PIL.Image.fromarray(control_image(42)).save(tmp_path / "map.png")
+    out = tmp_path / "out.png"
+    argv = ["generate", BASE["prompt"], "-o", str(out), "--url", url, "--no-progress"]
+    argv += ["--model", "xl_stable_diffusion", "--size", f"{WIDTH}x{HEIGHT}", "--steps", "5"]
+    argv += ["--seed", "8", "--scheduler", "euler_a", "--refiner-switch-at", "0.7"]
+    argv += ["--control", f"canny:{tmp_path / 'map.png'}", "--control-end", "0.4"]
+    assert cli.main(argv) == cli.EXIT_OK
+    fields = parse_infotext(read_infotext(out))
+    assert fields["Refiner"].startswith("tiny-sdxl-refiner") and "ControlNet 0" in fields
+    options = infotext_options(fields)
+    assert options["refiner_switch_at"] == 0.7
+    assert options["controlnet"] == ["canny"] and options["control_guidance_end"] == [0.4]
+    # The text and the map give the image again.
+    names, seed = options.pop("controlnet"), options.pop("seed")
+    again, _ = served(url, names, [control_image(42)], seed, model="xl_stable_diffusion", **options)
+    assert max_diff(np.asarray(PIL.Image.open(out).convert("RGB")), again[0]) == 0
+
+
+def test_controlnet_with_refiner_refuses_an_image_and_the_hires_fix(url):
+    """The refiner follows text-to-image only, with ControlNet as without (diffusers' SDXL
+    ControlNet img2img pipeline has no denoising_end at all), and not the hires fix."""
+    unit = {"controlnet": _names("canny"), "control_image": control_image(0)[None]}
+    request = {"height": HEIGHT, "width": WIDTH, "refiner_switch_at": 0.7, **unit}
+    for extra, words in (
+        ({"image": control_image(1)}, "refiner_switch_at applies to text-to-image: leave out"),
+        ({"enable_hr": True}, "enable_hr with refiner_switch_at is not supported"),
+    ):
+        error = str(bad_request_error(url, request | extra, model="xl_stable_diffusion"))
+        assert "INVALID_ARG" in error or "StatusCode.INVALID_ARGUMENT" in error
+        assert words in error

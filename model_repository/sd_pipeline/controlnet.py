@@ -18,6 +18,11 @@ its ``MultiControlNetModel``):
 
 A ControlNet whose scale at a step is 0 is not called (its residuals would be
 0); a step with no ControlNet kept runs the plain UNet (``x + 0 == x``).
+
+With an SDXL refiner (``refiner_switch_at``) the ControlNets steer the base's share only,
+their windows laid over the whole schedule as diffusers' ``denoising_end`` leaves them
+(:meth:`.loop.Stage.make`); the refiner runs without them, as
+``StableDiffusionXLImg2ImgPipeline(denoising_start=...)`` after the ControlNet pipeline.
 """
 
 from __future__ import annotations
@@ -132,8 +137,6 @@ def check_controlnet(request: GenerationRequest, config: PipelineConfig) -> None
     _check_counts(request)
     _check_image_size(request)
     _check_ranges(request, config)
-    if request.refiner_switch_at is not None:
-        raise InvalidRequest("ControlNet does not combine with refiner_switch_at (not supported)")
 
 
 def _check_names(names: tuple[str, ...], config: PipelineConfig) -> None:

@@ -143,8 +143,13 @@ class Stage:
                 f"{'refiner' if start else 'base'} no step of {request.num_inference_steps}: "
                 "move it, or raise num_inference_steps"
             )
-        cfg = guided(request, assets.config)
-        control = Control.make(request, components, assets.config, len(timesteps), cfg, device)
+        control = None
+        if start is None:  # a refiner after a ControlNet base runs without it, as diffusers
+            # diffusers' ControlNet pipelines lay the guidance windows over the whole
+            # schedule, before denoising_end cuts it (a base: up to refiner_switch_at).
+            window = len(scheduler.timesteps) if end is not None else len(timesteps)
+            cfg = guided(request, assets.config)
+            control = Control.make(request, components, assets.config, window, cfg, device)
         return cls(request, components, assets, scheduler, timesteps, conditioning, control)
 
     def denoise(
