@@ -6,9 +6,10 @@ random weights, or every residual would be 0 and nothing here could fail),
 saved as diffusers folders and exported beside the tiny model with
 ``export_repository(..., controlnets=...)`` (what ``sd-triton-export
 --controlnet NAME=DIR`` calls) into a private repository served by its own
-tritonserver, with the tiny SDXL and its ControlNet (``xl_``). Served images
-equal diffusers' within one uint8 level: one and two ControlNets, conditioning
-scales, guidance start/end, guess mode, two samplers; SDXL; img2img and
+tritonserver, with the tiny SDXL, its ControlNet and the tiny refiner (``xl_``). Served
+images equal diffusers' within one uint8 level: one and two ControlNets, conditioning
+scales, guidance start/end, guess mode, two samplers; SDXL, also with the refiner after
+the ControlNet base; img2img and
 inpainting (SD 1.x and SDXL, two samplers each, diffusers' default scales and
 strengths); requests with and without ControlNet sent together equal
 themselves sent alone; bad inputs are INVALID_ARG with a sentence.
