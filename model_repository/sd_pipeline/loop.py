@@ -11,7 +11,7 @@ with other requests' UNet calls):
 2. encode the prompt and the negative prompt (and the family's added UNet
    inputs: :mod:`.conditioning`)
 3. set the timesteps (img2img, inpainting: the last ``strength`` of them;
-   SDXL with a refiner: the base runs the schedule up to ``refiner_switch_at``)
+   SDXL with a refiner: the base runs them down to ``refiner_switch_at``)
 4. draw the initial latents (img2img: encode the image, noise it;
    inpainting: also the mask at latent size and the masked image's latents)
 5. denoise, with classifier-free guidance (inpainting: a 9-channel UNet
@@ -20,7 +20,8 @@ with other requests' UNet calls):
    after every step)
    (a refiner takes over the latents for the rest of its own schedule, with
    its own conditioning and the same generator, as diffusers'
-   ensemble-of-experts recipe)
+   ensemble-of-experts recipe; after inpainting it puts the base's latents
+   back in the unmasked region, noised with noise of its own)
 6. decode the latents (and watermark them, where the model does: SDXL)
 7. run the safety checker, black out flagged images
 8. convert to uint8
@@ -135,19 +136,18 @@ class Stage:
         img2img = strength is not None
         conditioning = condition(request, components, assets, img2img=img2img).to(device)
         timesteps = set_timesteps(
-            scheduler, request, device, assets.config, end=end, start=start, strength=strength
+            scheduler, request, device, assets.config, start=start, strength=strength
         )
+        # diffusers' ControlNet pipelines lay the guidance windows over these timesteps
+        # (all, or img2img's share), before denoising_end cuts them (a base: up to
+        # refiner_switch_at).
+        window = len(timesteps)
+        if end is not None:
+            timesteps = denoising_end(scheduler, timesteps, end)
         if len(timesteps) == 0:
-            raise InvalidRequest(
-                f"refiner_switch_at {request.refiner_switch_at} leaves the "
-                f"{'refiner' if start else 'base'} no step of {request.num_inference_steps}: "
-                "move it, or raise num_inference_steps"
-            )
+            raise InvalidRequest(_no_step(request, "refiner" if start else "base", window))
         control = None
         if start is None:  # a refiner after a ControlNet base runs without it, as diffusers
-            # diffusers' ControlNet pipelines lay the guidance windows over the whole
-            # schedule, before denoising_end cuts it (a base: up to refiner_switch_at).
-            window = len(scheduler.timesteps) if end is not None else len(timesteps)
             cfg = guided(request, assets.config)
             control = Control.make(request, components, assets.config, window, cfg, device)
         return cls(request, components, assets, scheduler, timesteps, conditioning, control)
@@ -227,6 +227,8 @@ def generate(
             if callback is not None:
                 callback(offset + i, total, latents)
 
+        if done and inpainting is not None:  # the refiner after an inpainting base
+            inpainting = inpainting.handed_over(latents, generator)
         latents = stage.denoise(latents, generator, inpainting, progress, stop)
         done += len(stage.timesteps)
     denoise_s = time.perf_counter() - denoise_start
@@ -272,18 +274,18 @@ def set_timesteps(
     device: torch.device | str = "cpu",
     config: PipelineConfig | None = None,
     *,
-    end: float | None = None,
     start: float | None = None,
     strength: float | None = None,
 ) -> torch.Tensor:
-    """The timesteps to run: all of them, the last ``strength`` of them (img2img), or the
-    share of a base (up to ``end``) or a refiner (from ``start``) of the schedule.
+    """The timesteps to run: all of them, the last ``strength`` of them (img2img,
+    inpainting), or a refiner's share from ``start`` of the schedule.
 
     img2img follows diffusers' ``get_timesteps``: skip the first
     ``steps - int(steps * strength)`` steps (times the scheduler's order) and
     tell the scheduler where it starts. Its strength is ``strength`` when given (a
     stage that starts from given latents: the hires pass), else the request's when it
-    has an image. ``end`` / ``start`` follow SDXL's ``denoising_end`` / ``denoising_start``.
+    has an image. ``start`` follows SDXL's ``denoising_start``, which ignores strength; a
+    base's ``denoising_end`` cuts these timesteps afterwards (:func:`denoising_end`).
     """
     steps = request.num_inference_steps
     try:
@@ -291,13 +293,8 @@ def set_timesteps(
     except ValueError as e:
         raise InvalidRequest(f"num_inference_steps {steps}: {e}") from None
     timesteps = scheduler.timesteps
-    train_steps = scheduler.config.num_train_timesteps
-    if end is not None:
-        cutoff = int(round(train_steps - end * train_steps))
-        return timesteps[: int((timesteps >= cutoff).sum())]
     if start is not None:
-        cutoff = int(round(train_steps - start * train_steps))
-        count = int((timesteps < cutoff).sum())
+        count = int((timesteps < _cutoff(scheduler, start)).sum())
         if scheduler.order == 2 and count % 2 == 0:
             count += 1  # start on a first-order step, as diffusers
         t_start = len(timesteps) - count
@@ -311,6 +308,33 @@ def set_timesteps(
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(t_start)
     return timesteps[t_start:]
+
+
+def denoising_end(scheduler, timesteps: torch.Tensor, end: float) -> torch.Tensor:
+    """A base's share of ``timesteps`` up to ``end`` (SDXL's ``denoising_end``): those at or
+    above the cutoff, cut after img2img's strength as diffusers does."""
+    return timesteps[: int((timesteps >= _cutoff(scheduler, end)).sum())]
+
+
+def _cutoff(scheduler, fraction: float) -> int:
+    """diffusers' ``discrete_timestep_cutoff`` of ``denoising_start`` / ``denoising_end``."""
+    train_steps = scheduler.config.num_train_timesteps
+    return int(round(train_steps - fraction * train_steps))
+
+
+def _no_step(request: GenerationRequest, stage: str, before: int) -> str:
+    """Why refiner_switch_at leaves ``stage`` no step (``before``: the base's before the cut)."""
+    switch, steps = request.refiner_switch_at, request.num_inference_steps
+    if stage == "base" and request.image is not None:
+        return (
+            f"refiner_switch_at {switch} leaves the base no step of the {before} that strength "
+            f"leaves of {steps} (the base runs the timesteps above the switch): lower "
+            "refiner_switch_at, or raise strength"
+        )
+    return (
+        f"refiner_switch_at {switch} leaves the {stage} no step of {steps}: move it, or raise "
+        "num_inference_steps"
+    )
 
 
 def prepare_latents(
@@ -367,6 +391,17 @@ class Inpainting(NamedTuple):
         k = model_input.shape[0] // self.mask.shape[0]  # 2 with guidance
         extra = [self.mask.repeat(k, 1, 1, 1), self.masked_image_latents.repeat(k, 1, 1, 1)]
         return torch.cat([model_input, *extra], dim=1)
+
+    def handed_over(self, latents: torch.Tensor, generator: torch.Generator) -> Inpainting:
+        """The refiner's inpainting after the base's ``latents``, as diffusers'
+        ``StableDiffusionXLInpaintPipeline(image=latents, mask_image=..., denoising_start=...)``:
+        the same mask; the base's latents are the image latents that the unmasked region
+        gets back after every step, noised with noise drawn now; no masked image."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        cpu = torch.device("cpu")
+        noise = randn_tensor(latents.shape, generator=generator, device=cpu, dtype=torch.float32)
+        return Inpainting(self.mask, None, latents, noise.to(latents.device))
 
     def keep_unmasked(
         self, scheduler, latents: torch.Tensor, next_timestep: torch.Tensor | None
