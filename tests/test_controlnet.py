@@ -9,7 +9,7 @@ saved as diffusers folders and exported beside the tiny model with
 tritonserver, with the tiny SDXL, its ControlNet and the tiny refiner (``xl_``). Served
 images equal diffusers' within one uint8 level: one and two ControlNets, conditioning
 scales, guidance start/end, guess mode, two samplers; SDXL, also with the refiner after
-the ControlNet base; img2img and
+the ControlNet base (text-to-image and inpainting); img2img and
 inpainting (SD 1.x and SDXL, two samplers each, diffusers' default scales and
 strengths); requests with and without ControlNet sent together equal
 themselves sent alone; bad inputs are INVALID_ARG with a sentence.
@@ -677,9 +677,10 @@ def xl_refiner(family_checkpoints):
     return pipe
 
 
-def _refined_reference(pipes, scheduler, seed: int, **settings) -> np.ndarray:
+def _refined_reference(pipes, scheduler, seed: int, refine=None, **settings) -> np.ndarray:
     """uint8 images of the ControlNet base (``settings``) up to SWITCH, then the refiner
-    (the same settings but the size and the ControlNet's), with one generator."""
+    (the same settings but the size, the image and the ControlNet's, plus ``refine``), with
+    one generator."""
     import diffusers
     import torch
     from helpers import REFERENCE_SCHEDULERS
@@ -702,7 +703,12 @@ def _refined_reference(pipes, scheduler, seed: int, **settings) -> np.ndarray:
             generator=generator, denoising_end=SWITCH, output_type="latent", **settings
         ).images
         out = refiner(
-            generator=generator, image=latents, denoising_start=SWITCH, output_type="np", **shared
+            generator=generator,
+            image=latents,
+            denoising_start=SWITCH,
+            output_type="np",
+            **shared,
+            **(refine or {}),
         ).images
     finally:
         for pipe, original in zip(pipes, originals, strict=True):
@@ -731,6 +737,44 @@ def test_sdxl_controlnet_then_refiner_equals_diffusers(url, xl_pipe, xl_refiner,
     assert max_diff(plain, got) > 8
 
 
+def test_sdxl_controlnet_inpainting_then_refiner_equals_diffusers(url, xl_pipe, family_checkpoints):
+    """StableDiffusionXLControlNetInpaintPipeline(strength, denoising_end) then the refiner's
+    StableDiffusionXLInpaintPipeline(denoising_start). The window lies over the strength's
+    share before the cut: at 10 steps of Euler a, strength 0.65 runs 6 of them and the base
+    the first 3 (>= 300); control_guidance_end 0.4 keeps the ControlNet for 2 (over the
+    base's 3: 1; over all 10: 3)."""
+    from diffusers import (
+        StableDiffusionXLControlNetInpaintPipeline,
+        StableDiffusionXLInpaintPipeline,
+    )
+    from helpers import source_image, source_mask
+
+    base = StableDiffusionXLControlNetInpaintPipeline(**xl_pipe.components)
+    refiner = StableDiffusionXLInpaintPipeline.from_pretrained(
+        family_checkpoints["tiny-sdxl-refiner"]
+    )
+    for pipe in (base, refiner):
+        pipe.set_progress_bar_config(disable=True)
+    image, mask = source_image(HEIGHT, WIDTH), source_mask(HEIGHT, WIDTH)
+    control = control_image(43)
+    common = {**BASE, "num_inference_steps": 10, "strength": 0.65}
+    request = {**common, "image": image, "mask_image": mask, "scheduler": "euler_a"}
+    request |= {"model": "xl_stable_diffusion", "refiner_switch_at": SWITCH}
+    got, _ = served(url, ("canny",), [control], 5, control_guidance_end=[0.4], **request)
+    pils = {k: PIL.Image.fromarray(v) for k, v in (("image", image), ("mask_image", mask))}
+    want = _refined_reference(
+        (base, refiner), "euler_a", 5, control_image=PIL.Image.fromarray(control),
+        control_guidance_end=0.4, height=HEIGHT, width=WIDTH, **pils, **common,
+        refine={"height": HEIGHT, "width": WIDTH},
+    )  # fmt: skip
+    assert max_diff(got, want) <= 1
+    # Not vacuous: the ControlNet's share survives the refiner, and the window matters.
+    plain, _ = served(url, (), [], 5, **request)
+    assert max_diff(plain, got) > 8
+    wider, _ = served(url, ("canny",), [control], 5, control_guidance_end=[0.5], **request)
+    assert max_diff(wider, got) > 1
+
+
 def test_cli_controlnet_with_refiner_writes_infotext_that_reproduces_it(url, tmp_path):
     from sd_triton.client import cli, infotext_options, parse_infotext, read_infotext
 
@@ -753,12 +797,13 @@ def test_cli_controlnet_with_refiner_writes_infotext_that_reproduces_it(url, tmp
 
 
 def test_controlnet_with_refiner_refuses_an_image_and_the_hires_fix(url):
-    """The refiner follows text-to-image only, with ControlNet as without (diffusers' SDXL
-    ControlNet img2img pipeline has no denoising_end at all), and not the hires fix."""
+    """With ControlNet the refiner follows text-to-image and inpainting, not img2img
+    (diffusers' SDXL ControlNet img2img pipeline has no denoising_end at all), and not the
+    hires fix."""
     unit = {"controlnet": _names("canny"), "control_image": control_image(0)[None]}
     request = {"height": HEIGHT, "width": WIDTH, "refiner_switch_at": 0.7, **unit}
     for extra, words in (
-        ({"image": control_image(1)}, "refiner_switch_at applies to text-to-image: leave out"),
+        ({"image": control_image(1)}, "refiner_switch_at applies to text-to-image and inpai"),
         ({"enable_hr": True}, "enable_hr with refiner_switch_at is not supported"),
     ):
         error = str(bad_request_error(url, request | extra, model="xl_stable_diffusion"))

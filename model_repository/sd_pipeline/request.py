@@ -604,11 +604,11 @@ def _check_refiner_switch(request: GenerationRequest, config: PipelineConfig) ->
         )
     if not math.isfinite(switch) or not 0 < switch < 1:
         raise InvalidRequest(f"refiner_switch_at must be in (0, 1), got {switch}")
-    if request.image is not None and request.controlnet is not None:
+    if request.controlnet is not None and request.image is not None and request.mask_image is None:
         raise InvalidRequest(
-            "with ControlNet, refiner_switch_at applies to text-to-image: leave out the image, "
-            "or the refiner (diffusers' SDXL ControlNet img2img pipeline has no denoising_end; "
-            "ControlNet inpainting before the refiner is not supported yet)"
+            "with ControlNet, refiner_switch_at applies to text-to-image and inpainting: leave "
+            "out the image, or the refiner (diffusers' SDXL ControlNet img2img pipeline has no "
+            "denoising_end)"
         )
 
 
