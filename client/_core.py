@@ -16,7 +16,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar
 
@@ -61,6 +61,26 @@ class ModelStatus:
     version: str
     state: str
     reason: str = ""
+
+
+# The models one export writes, after its --model-prefix: the pipelines, the components,
+# a refiner's components (refiner_*), the ControlNets (controlnet_NAME) and the UNet they steer.
+PIPELINE_MODELS = (S.STABLE_DIFFUSION.name, S.STABLE_DIFFUSION_STREAM.name)
+
+
+def _component_of_export(rest: str) -> bool:
+    base = rest.removeprefix("refiner_")
+    return base in S.COMPONENTS or rest == "unet_controlled" or rest.startswith("controlnet_")
+
+
+def load_waves(names: Iterable[str], prefix: str = "") -> tuple[list[str], list[str]]:
+    """The models of ``names`` that the export with ``--model-prefix`` ``prefix`` wrote, in
+    the order a rollout loads them: (components, pipelines). A pipeline version calls its
+    components' same version, so the components load first and the pipelines last. Other
+    exports' models (``xl_unet`` beside an unprefixed export) are not in either."""
+    own = {n[len(prefix) :] for n in names if n.startswith(prefix)}
+    pipelines = sorted(prefix + n for n in own if n in PIPELINE_MODELS)
+    return sorted(prefix + n for n in own if _component_of_export(n)), pipelines
 
 
 @dataclass(frozen=True)

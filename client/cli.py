@@ -26,13 +26,14 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 from typing import TextIO
 
 from sd_pipeline import spec as S
 
-from ._core import DEFAULT_URL
+from ._core import DEFAULT_URL, load_waves
 from ._edit import MARGINS, img2img_request, inpaint_request, outpaint_request
 from ._errors import (
     CancelledError,
@@ -180,9 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", parents=[common], help="list the server's models (admin)")
     models.set_defaults(func=cmd_models)
     load = sub.add_parser("load", parents=[common], help="load or reload a model (admin)")
-    load.add_argument("name", help="model to load")
+    load.add_argument("name", nargs="?", help="model to load")
     load.add_argument(
         "--versions", type=int, nargs="+", metavar="N", help="serve exactly these versions"
+    )
+    load.add_argument(
+        "--all",
+        action="store_true",
+        help="load every model of one export (its components, refiner, ControlNets), the "
+        "components first and the pipelines last: a new version's rollout "
+        "(sd-triton-export --new-version)",
+    )
+    load.add_argument(
+        "--prefix",
+        default="",
+        metavar="PREFIX",
+        help="with --all: the export's --model-prefix (default: none)",
     )
     load.set_defaults(func=cmd_load)
     unload = sub.add_parser("unload", parents=[common], help="unload a model (admin)")
@@ -564,9 +578,45 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
+    if args.all == (args.name is not None):
+        raise InvalidRequestError("name one model to load, or give --all (not both)")
+    if args.all and args.versions:
+        raise InvalidRequestError("--versions pins one model's versions: name it, without --all")
+    if args.prefix and not args.all:
+        raise InvalidRequestError("--prefix chooses the models of --all: give --all too")
     with _client(args) as client:
+        if args.all:
+            return _load_all(client, args.prefix, args.timeout)
         client.load_model(args.name, versions=args.versions, timeout_s=args.timeout)
     print(f"loaded {args.name}" + (f" versions {args.versions}" if args.versions else ""))
+    return EXIT_OK
+
+
+def _load_all(client: Client, prefix: str, timeout_s: float | None) -> int:
+    """Load the components of the export with ``--model-prefix`` ``prefix`` side by side,
+    then, when every one loaded, its pipelines; one line per model loaded."""
+    components, pipelines = load_waves(
+        (m.name for m in client.list_models(timeout_s=timeout_s)), prefix
+    )
+    if not pipelines and not components:
+        raise InvalidRequestError(
+            f"the server's repository has no model of an export with --model-prefix {prefix!r}"
+        )
+
+    def load(name: str, then: str = "") -> str:
+        try:
+            client.load_model(name, timeout_s=timeout_s)
+        except SDTritonError as e:
+            raise type(e)(f"loading {name} failed: {_one_line(e)}{then}", status=e.status) from e
+        return name
+
+    held = f"; the pipelines ({', '.join(pipelines)}) were not loaded" if pipelines else ""
+    # Each wave's loads side by side: the server loads models in parallel.
+    with ThreadPoolExecutor(max(1, len(components), len(pipelines))) as pool:
+        for name in pool.map(lambda n: load(n, held), components):
+            print(f"loaded {name}")
+        for name in pool.map(load, pipelines):
+            print(f"loaded {name}")
     return EXIT_OK
 
 

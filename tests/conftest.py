@@ -133,11 +133,10 @@ def serve_extras(extras_server):
 
     @contextlib.contextmanager
     def serve(prefix: str):
-        names = sorted(
-            p.name for p in extras_server.repository.iterdir() if p.name.startswith(prefix)
-        )
-        pipelines = [n for n in names if n.startswith(f"{prefix}stable_diffusion")]
-        components = [n for n in names if n not in pipelines]
+        from sd_triton.client._core import load_waves  # the order of `sd-triton load --all`
+
+        names = [p.name for p in extras_server.repository.iterdir()]
+        components, pipelines = load_waves(names, prefix)
         assert pipelines and components, f"no {prefix}* models in {extras_server.repository}"
         client = grpcclient.InferenceServerClient(extras_server.grpc_url)
         try:

@@ -44,6 +44,87 @@ def test_bad_command_lines_exit_2(argv, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "sentence"),
+    [
+        (["load"], "name one model to load, or give --all (not both)"),
+        (["load", "unet", "--all"], "name one model to load, or give --all (not both)"),
+        (["load", "--all", "--versions", "1"], "--versions pins one model's versions"),
+        (["load", "unet", "--prefix", "xl_"], "--prefix chooses the models of --all"),
+    ],
+)
+def test_load_needs_one_model_or_all(argv, sentence, unused_url, capsys):
+    """Refused before any call: no server listens at ``unused_url``."""
+    assert cli.main([*argv, "--url", unused_url]) == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert err.startswith("sd-triton: error: ") and len(err.splitlines()) == 1
+    assert sentence in err
+
+
+def test_a_rollout_loads_components_first_and_pipelines_last():
+    from sd_triton.client._core import load_waves
+
+    names = [
+        "xl_unet", "stable_diffusion_stream", "unet", "xl_stable_diffusion", "controlnet_canny",
+        "stable_diffusion", "refiner_unet", "xl_refiner_unet", "text_encoder", "unet",
+        "unet_controlled", "xlr_unet", "xl_text_encoder_2", "xl_controlnet_depth", "bls_probe",
+    ]  # fmt: skip
+    # The unprefixed export's models only: xl_unet is the xl_ export's, bls_probe nobody's.
+    assert load_waves(names) == (
+        ["controlnet_canny", "refiner_unet", "text_encoder", "unet", "unet_controlled"],
+        ["stable_diffusion", "stable_diffusion_stream"],
+    )
+    assert load_waves(names, "xl_") == (
+        ["xl_controlnet_depth", "xl_refiner_unet", "xl_text_encoder_2", "xl_unet"],
+        ["xl_stable_diffusion"],
+    )
+    assert load_waves(names, "xl") == ([], [])  # xlr_unet is not the r_unet of an "xl" export
+    assert load_waves(names, "sd3_") == ([], [])
+
+
+class _Repository:
+    """What ``load --all`` asks of a client: the index, and loads (one of which fails)."""
+
+    def __init__(self, names, failing=None):
+        self.names, self.failing, self.loaded = names, failing, []
+
+    def list_models(self, timeout_s=None):
+        from sd_triton.client._core import ModelStatus
+
+        return [ModelStatus(n, "1", "UNAVAILABLE") for n in self.names]
+
+    def load_model(self, name, timeout_s=None):
+        from sd_triton.client import UnavailableError
+
+        if name == self.failing:
+            raise UnavailableError("load failed for model 'unet': no such file", status="x")
+        self.loaded.append(name)
+
+
+def test_a_component_that_fails_to_load_holds_the_pipelines_back(capsys):
+    from sd_triton.client import UnavailableError
+
+    names = ["stable_diffusion", "text_encoder", "unet", "stable_diffusion_stream"]
+    repository = _Repository(names, failing="unet")
+    with pytest.raises(UnavailableError) as info:
+        cli._load_all(repository, "", None)
+    assert str(info.value) == (
+        "loading unet failed: load failed for model 'unet': no such file; the pipelines "
+        "(stable_diffusion, stable_diffusion_stream) were not loaded"
+    )
+    assert repository.loaded == ["text_encoder"] and info.value.status == "x"
+    assert capsys.readouterr().out == "loaded text_encoder\n"
+    repository = _Repository(names)
+    assert cli._load_all(repository, "", None) == cli.EXIT_OK
+    assert repository.loaded[2:] == ["stable_diffusion", "stable_diffusion_stream"]
+    assert capsys.readouterr().out.splitlines() == [
+        "loaded text_encoder",
+        "loaded unet",
+        "loaded stable_diffusion",
+        "loaded stable_diffusion_stream",
+    ]
+
+
 def test_every_contract_option_has_a_flag():
     from sd_pipeline import spec as S
 

@@ -190,6 +190,33 @@ def test_admin_commands_read_the_key_from_a_file_or_the_environment(
     assert cli.main(["load", "text_encoder", *locked_args]) == cli.EXIT_OK
 
 
+def test_load_all_loads_the_components_then_the_pipelines(
+    locked_server, locked_args, monkeypatch, capsys
+):
+    """A rollout in one command on the locked server, where the VAE encoder and the streaming
+    model start unloaded: every model of the unprefixed export loaded, the pipelines last."""
+    from sd_triton.client._core import load_waves
+
+    monkeypatch.setenv("SD_TRITON_ADMIN_KEY", locked_server.admin_key)
+    assert cli.main(["models", *locked_args]) == cli.EXIT_OK
+    index = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+    pipelines = ["stable_diffusion", "stable_diffusion_stream"]
+    export = {*pipelines, "text_encoder", "unet", "vae_encoder", "vae_decoder", "safety_checker"}
+    components, _ = load_waves(index)
+
+    assert cli.main(["load", "--all", *locked_args]) == cli.EXIT_OK
+    loaded = [line.removeprefix("loaded ") for line in capsys.readouterr().out.splitlines()]
+    assert loaded[-2:] == pipelines and sorted(loaded[:-2]) == components
+    assert export <= set(loaded)
+    assert cli.main(["models", *locked_args]) == cli.EXIT_OK
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert {name for name, _, state, *_ in rows if state == "READY"} >= set(loaded)
+
+    assert cli.main(["load", "--all", "--prefix", "nope_", *locked_args]) == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert "has no model of an export with --model-prefix 'nope_'" in err
+
+
 # --------------------------------------------------------------------------- docs/client.md
 
 # The docs talk to localhost:8001 and show a size for SD 1.x; the tiny model is smaller.
