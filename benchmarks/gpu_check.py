@@ -49,6 +49,8 @@ from .load import InProcess, Request, Served
 
 log = logging.getLogger(__name__)
 
+PIPELINE = "stable_diffusion"
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -216,22 +218,28 @@ def _request(plan: Plan, steps: int) -> Request:
     return Request(plan.size, plan.size, steps)
 
 
-def served_numbers(plan: Plan, url: str, client) -> dict:
-    """Warm-up, one image for the comparison, s/image per step count, images/s per concurrency."""
+def served_numbers(plan: Plan, url: str, client, metrics_url: str) -> dict:
+    """Warm-up, one image for the comparison, s/image per step count (and the per-step
+    overhead over those runs), images/s per concurrency."""
     first = _request(plan, plan.steps[0])
     c_max = max(plan.concurrency)
     Served(url, first).run(c_max, c_max, seed0=10**6)  # every instance's first request
     out: dict = {"images": [Served(url, first).one(0, seed=seed) for seed in plan.seeds]}
     out["s_per_image"] = {}
+    before, loop_before = stats.snapshot(client), stats.denoise_snapshot(metrics_url, PIPELINE)
     for steps in plan.steps:
         timing = Served(url, _request(plan, steps)).run(1, plan.images_per_step_count, seed0=100)
         out["s_per_image"][str(steps)] = round(timing.percentile(50), 4)
+    n = plan.images_per_step_count * len(plan.steps)
+    unet = stats.delta(stats.settled(client, before, PIPELINE, n), before).get("unet")
+    loop = stats.ms_per_step(stats.denoise_snapshot(metrics_url, PIPELINE), loop_before)
+    out["per_step"] = per_step(loop, unet or stats.ModelStats())
     out["levels"] = []
     for c in plan.concurrency:
         n = c * plan.requests_per_worker
         before = stats.snapshot(client)
         timing = Served(url, first).run(c, n, seed0=200)
-        unet = stats.delta(stats.settled(client, before, "stable_diffusion", n), before).get(
+        unet = stats.delta(stats.settled(client, before, PIPELINE, n), before).get(
             "unet", stats.ModelStats()
         )
         out["levels"].append(
@@ -247,6 +255,18 @@ def served_numbers(plan: Plan, url: str, client) -> dict:
             }
         )
     return out
+
+
+def per_step(loop_ms: float | None, unet: stats.ModelStats) -> dict:
+    """#13's measure at c=1: the pipeline's ms per denoising step (its own clock, one UNet
+    call each) less the UNet's compute per execution: what serving adds around the UNet."""
+    compute = round(unet.ms_per_execution("compute_infer"), 4)
+    return {
+        "loop_ms": loop_ms,
+        "unet_compute_ms": compute,
+        "unet_queue_ms": round(unet.ms_per_execution("queue"), 4),
+        "overhead_ms": None if loop_ms is None else round(loop_ms - compute, 4),
+    }
 
 
 def inprocess_numbers(plan: Plan, checkpoint: Path) -> dict:
@@ -307,7 +327,7 @@ def run(plan: Plan, build_dir: Path, checkpoint: Path | None = None) -> dict:
     t_served = time.perf_counter()
     try:
         client = grpcclient.InferenceServerClient(server.grpc_url)
-        served = served_numbers(plan, server.grpc_url, client)
+        served = served_numbers(plan, server.grpc_url, client, server.metrics_url)
         pids = [p["pid"] for p in system.process_memory(server.pid)]
         memory = {"gpu": gpu_memory(pids), "rss": system.process_memory(server.pid)}
         server_version = client.get_server_metadata().version
@@ -393,6 +413,7 @@ def markdown(result: dict) -> str:
             if floor["floor_ms"]
             else ""
         ),
+        per_step_line(served["per_step"]),
         "- GPU memory of the server's processes: "
         + (
             f"{gpu['total_mib']} MiB over {gpu['processes']} processes"
@@ -402,6 +423,17 @@ def markdown(result: dict) -> str:
         f"- host memory (RSS) of the server's processes: {rss:.2f} GiB",
     ]
     return "\n".join(lines) + "\n"
+
+
+def per_step_line(p: dict) -> str:
+    if p["loop_ms"] is None:
+        return "- served per step: n/a (the pipeline counted no step)"
+    return (
+        f"- served per step at c=1 (the pipeline's own clock over the s/image runs): "
+        f"{p['loop_ms']} ms, of which the UNet's compute {p['unet_compute_ms']} ms per execution "
+        f"(queue {p['unet_queue_ms']} ms): **{p['overhead_ms']} ms per step added by serving** "
+        '(BLS round trip, scheduler step, guidance; docs/gpu.md, "Per-step overhead")'
+    )
 
 
 def slug(text: str) -> str:

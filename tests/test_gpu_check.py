@@ -80,10 +80,15 @@ def test_gpu_check_dry_run(tmp_path, tiny_checkpoint, monkeypatch):
     assert levels[1]["unet"]["samples_per_execution"] == 2.0
     assert levels[1]["unet"]["executions_per_image"] >= 2.0  # PNDM: 2 steps, 3 UNet calls
     assert result["unet_per_step"]["measured_ms"] > 0
+    # What serving adds per step (#13): the loop's clock holds each UNet call's compute.
+    step = result["served"]["per_step"]
+    assert 0 < step["unet_compute_ms"] < step["loop_ms"] < 1e4
+    assert step["overhead_ms"] == round(step["loop_ms"] - step["unet_compute_ms"], 4)
     assert result["unet_per_step"]["floor_ms"] is None  # no FLOP peak claimed for a CPU
     assert any(p["label"] == "stub:stable_diffusion" for p in result["memory"]["rss"])
     text = (tmp_path / "results" / "cpu-dry.md").read_text()
     assert "**PASS** over 3 seeds" in text and "| 3 |" in text
+    assert f"**{step['overhead_ms']} ms per step added by serving**" in text
 
 
 # ------------------------------------------------------------ wheels for the GPU machine
