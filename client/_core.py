@@ -63,6 +63,10 @@ class ModelStatus:
     reason: str = ""
 
 
+# Triton's answer to a load or unload when the server runs with model control none (or
+# poll): its words, which name polling either way.
+_NO_MODEL_CONTROL = "explicit model load / unload is not allowed"
+
 # The models one export writes, after its --model-prefix: the pipelines, the components,
 # a refiner's components (refiner_*), the ControlNets (controlnet_NAME) and the UNet they steer.
 PIPELINE_MODELS = (S.STABLE_DIFFUSION.name, S.STABLE_DIFFUSION_STREAM.name)
@@ -260,7 +264,15 @@ class ClientCore(Generic[ResultT, PendingT, StreamT]):
         return {GRPC_ADMIN_KEY_HEADER: self.admin_key} if self.admin_key else None
 
     def _admin_error(self, error: SDTritonError) -> SDTritonError:
-        """A refused admin call, said plainly: was the key missing, or wrong?"""
+        """A refused admin call, said plainly: was the key missing, or wrong? Or does the
+        server load its models only at start?"""
+        if _NO_MODEL_CONTROL in error.message:
+            return type(error)(
+                f"{error.message} (this server loads its models once, at start: start it with "
+                "explicit model control, sd-triton-server --model-control explicit and an "
+                "admin key, to load and unload models while it runs)",
+                status=error.status,
+            )
         if not isinstance(error, PermissionDeniedError):
             return error
         why = (

@@ -870,3 +870,21 @@ def test_a_retry_whose_wait_would_pass_the_deadline_is_not_made():
         Client, "StatusCode.UNAVAILABLE", timeout_s=1.0, retries=3, backoff_s=5.0
     )
     assert isinstance(error, UnavailableError) and len(timeouts) == 1 and took < 1.0
+
+
+def test_a_load_on_a_server_without_model_control_says_how_to_start_one():
+    """tritonserver 2.51 started with model control none answers a load with the words below
+    (measured with `make serve` and an admin key): the client adds what to do about it."""
+    from sd_triton.client import Client, UnavailableError
+
+    refused = UnavailableError(
+        "127.0.0.1:1: explicit model load / unload is not allowed if polling is enabled",
+        status="StatusCode.UNAVAILABLE",
+    )
+    with Client("127.0.0.1:1", admin_key="k" * 16) as client:
+        error = client._admin_error(refused)
+        other = client._admin_error(UnavailableError("unknown model", status="x"))
+    assert type(error) is UnavailableError and error.status == "StatusCode.UNAVAILABLE"
+    assert str(error).startswith(refused.message + " (this server loads its models once")
+    assert "sd-triton-server --model-control explicit" in str(error)
+    assert str(other) == "unknown model"
