@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from sd_pipeline import spec as S
+from sd_pipeline.controlnet import CONTROLLED_UNET
 
 from ._edit import img2img_request, inpaint_request, outpaint_request
 from ._errors import PermissionDeniedError, SDTritonError, UnavailableError
@@ -74,7 +75,7 @@ PIPELINE_MODELS = (S.STABLE_DIFFUSION.name, S.STABLE_DIFFUSION_STREAM.name)
 
 def _component_of_export(rest: str) -> bool:
     base = rest.removeprefix("refiner_")
-    return base in S.COMPONENTS or rest == "unet_controlled" or rest.startswith("controlnet_")
+    return base in S.COMPONENTS or rest == CONTROLLED_UNET or rest.startswith("controlnet_")
 
 
 def load_waves(names: Iterable[str], prefix: str = "") -> tuple[list[str], list[str]]:

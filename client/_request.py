@@ -362,8 +362,9 @@ def _controlnets(
     names = _per_controlnet(request.controlnet, 0, None)
     published = defaults.get("controlnet_hashes", "")
     hashes = dict(entry.split(": ", 1) for entry in published.split(", ") if ": " in entry)
-    xl = defaults.get("family", "sd") != "sd"
-    scale = server_request.default_controlnet_scale(xl, request.image, request.mask_image)
+    scale = server_request.default_controlnet_scale(
+        _is_xl(defaults), request.image, request.mask_image
+    )
     unit_defaults = {**DEFAULTS, "controlnet_conditioning_scale": scale}
     columns = [
         _per_controlnet(getattr(request, name), len(names), unit_defaults[name])
@@ -382,9 +383,15 @@ def _guidance_scale(request: GenerationRequest, defaults: Mapping[str, Any]) -> 
         return float(request.guidance_scale)
     if "guidance_scale" in defaults:
         return float(defaults["guidance_scale"])
-    xl = defaults.get("family", "sd") != "sd"
     controlnet = request.controlnet is not None
-    return server_request.default_guidance_scale(xl, request.image, request.mask_image, controlnet)
+    return server_request.default_guidance_scale(
+        _is_xl(defaults), request.image, request.mask_image, controlnet
+    )
+
+
+def _is_xl(defaults: Mapping[str, Any]) -> bool:
+    """Whether the model is SDXL's (base or refiner), from the family it publishes."""
+    return defaults.get("family", "sd") != "sd"
 
 
 def _strength(request: GenerationRequest, defaults: Mapping[str, Any]) -> float | None:
@@ -395,9 +402,9 @@ def _strength(request: GenerationRequest, defaults: Mapping[str, Any]) -> float 
         return None
     if request.strength is not None:
         return float(request.strength)
-    xl = defaults.get("family", "sd") != "sd"
     controlnet = request.controlnet is not None
-    return server_request.default_strength(xl, request.mask_image is not None, controlnet)
+    inpainting = request.mask_image is not None
+    return server_request.default_strength(_is_xl(defaults), inpainting, controlnet)
 
 
 def _refiner(request: GenerationRequest, defaults: Mapping[str, Any]) -> str | None:

@@ -182,10 +182,7 @@ def default_controlnet_scale(xl: bool, image: object, mask_image: object) -> flo
     """diffusers' ``controlnet_conditioning_scale`` for the family (``xl``: SDXL) and the
     mode a request's ``image`` and ``mask_image`` (None: absent) make (the family's
     ControlNet txt2img, img2img or inpaint pipeline). The client reports it too."""
-    mode = "txt2img" if image is None else "img2img"
-    if mask_image is not None:
-        mode = "inpaint"
-    return DEFAULT_CONTROLNET_SCALE[(xl, mode)]
+    return DEFAULT_CONTROLNET_SCALE[(xl, _mode(image, mask_image))]
 
 
 def default_guidance_scale(xl: bool, image: object, mask_image: object, controlnet: bool) -> float:
@@ -196,8 +193,14 @@ def default_guidance_scale(xl: bool, image: object, mask_image: object, controln
         return _DEFAULTS["guidance_scale"]
     if controlnet:
         return DEFAULT_XL_CONTROLNET_GUIDANCE_SCALE
-    mode = "txt2img" if image is None else "img2img" if mask_image is None else "inpaint"
-    return DEFAULT_XL_GUIDANCE_SCALE[mode]
+    return DEFAULT_XL_GUIDANCE_SCALE[_mode(image, mask_image)]
+
+
+def _mode(image: object, mask_image: object) -> str:
+    """The pipeline a request's ``image`` and ``mask_image`` (None: absent) pick."""
+    if mask_image is not None:
+        return "inpaint"
+    return "txt2img" if image is None else "img2img"
 
 
 def make_request(

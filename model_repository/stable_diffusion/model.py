@@ -224,16 +224,11 @@ class TritonPythonModel:
             denoise_s=None if result is None else result.denoise_s,
         )
         pb_utils.Logger.log_info(log_line(entry))
-        if result is None:
-            self.metrics.observe(entry["outcome"], duration)
-        else:
-            self.metrics.observe(
-                entry["outcome"],
-                duration,
-                len(result.images),
-                steps=result.steps,
-                denoise_s=result.denoise_s,
-            )
+        done = (
+            (0, 0, 0.0) if result is None else (len(result.images), result.steps, result.denoise_s)
+        )
+        images, steps, denoise_s = done
+        self.metrics.observe(entry["outcome"], duration, images, steps=steps, denoise_s=denoise_s)
 
     def _respond(self, request):
         start = time.perf_counter()
