@@ -126,7 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="invisible watermark on the images (default: as diffusers, SDXL only)",
     )
-    p.add_argument("--pipeline-instances", type=int, default=4, metavar="N")
+    p.add_argument(
+        "--pipeline-instances",
+        type=int,
+        default=4,
+        metavar="N",
+        help="instances (processes) of the stable_diffusion model (default 4; 1 with "
+        "--unet-in-pipeline)",
+    )
+    p.add_argument(
+        "--unet-in-pipeline",
+        action="store_true",
+        help="run the UNet's host (--host python or torch) inside the pipeline models' "
+        "process: no BLS call per step; one pipeline process runs concurrent requests on "
+        "threads and merges their steps (docs/gpu.md, 'Per-step overhead')",
+    )
     p.add_argument(
         "--parameter",
         type=_parameter,
@@ -259,6 +273,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         trt_cache=args.trt_cache,
         component_instances=args.component_instances,
         pipeline_instances=args.pipeline_instances,
+        unet_in_pipeline=args.unet_in_pipeline,
         intra_op_threads=args.intra_op_threads,
         unet_max_batch_size=args.unet_max_batch_size,
         max_batch_size=args.max_batch_size,

@@ -135,6 +135,8 @@ class Hosting:
     request limits (:mod:`.tensorrt`). ``unet_max_batch_size``: the UNet's
     ``max_batch_size`` (dynamic batching across requests); ``max_batch_size``:
     the other components'.
+    ``unet_in_pipeline``: the pipeline models run the UNet model's host in their
+    own process (one instance each, requests on threads, steps merged there).
     """
 
     host: Host = "python"
@@ -143,6 +145,7 @@ class Hosting:
     trt_cache: str = "/trt_cache"
     component_instances: int = 1
     pipeline_instances: int = 4
+    unet_in_pipeline: bool = False
     intra_op_threads: int | None = None
     unet_max_batch_size: int = 16
     max_batch_size: int = 8
@@ -198,6 +201,11 @@ class ExportOptions:
                 raise ExportError(f"{label} must be at least 1, got {value}")
         if h.tensorrt and h.host != "onnxruntime":
             raise ExportError("--tensorrt needs --host onnxruntime (Triton's onnxruntime backend)")
+        if h.unet_in_pipeline and h.host == "onnxruntime":
+            raise ExportError(
+                "--unet-in-pipeline runs the UNet model's Python host in the pipeline's "
+                "process: it needs --host python or --host torch, not onnxruntime"
+            )
         if h.tensorrt and not h.trt_cache:
             raise ExportError("--tensorrt needs an engine cache folder (--trt-cache)")
         if c.preset is not None and c.preset not in PRESETS:

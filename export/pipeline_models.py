@@ -139,7 +139,15 @@ def pipeline_parameters(
     if constants.get("controlnet_hashes"):  # single-file ControlNets: "name: hash, ..."
         hashes = constants["controlnet_hashes"].items()
         identity["controlnet_hashes"] = ", ".join(f"{n}: {h}" for n, h in hashes)
-    return {**ADMISSION_DEFAULTS, **preset, **identity, **opts.parameters, **limits.parameters()}
+    hosting = {"unet_in_pipeline": "1"} if opts.hosting.unet_in_pipeline else {}
+    return {
+        **ADMISSION_DEFAULTS,
+        **hosting,
+        **preset,
+        **identity,
+        **opts.parameters,
+        **limits.parameters(),
+    }
 
 
 def write_assets(ckpt: Checkpoint, assets: Path, pipeline_json: Mapping[str, Any]) -> None:
@@ -194,9 +202,11 @@ def write_pipeline_models(
         write_assets(ckpt, version_dir / "assets", pipeline_json)
         for sub, (sub_ckpt, sub_json) in extra_assets.items():
             write_assets(sub_ckpt, version_dir / "assets" / sub, sub_json)
-        # A decoupled model runs requests on its own threads: one instance.
+        # A decoupled model runs requests on its own threads: one instance; so does
+        # the unary one with the UNet in its process (its steps merge there).
         decoupled = bool(model_spec.extra.get("decoupled"))
-        instances = 1 if decoupled else opts.hosting.pipeline_instances
+        one = decoupled or opts.hosting.unet_in_pipeline
+        instances = 1 if one else opts.hosting.pipeline_instances
         config = T.pipeline_config(
             model_spec,
             parameters=parameters,

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import json_format
+
 from sd_pipeline import spec as S
 from sd_pipeline.config import Limits
 from sd_pipeline.watermark import diffusers_default as diffusers_watermarks
@@ -144,6 +146,10 @@ def _pipeline_json(
         "version": int(version),
         "component_models": {n: opts.model_name(n) for n in names},
         "component_versions": {n: int(version) for n in names},
+        # For a pipeline that runs the UNet's host itself (--unet-in-pipeline).
+        "unet_config": json_format.MessageToDict(
+            plan.configs["unet"], preserving_proto_field_name=True
+        ),
     }
 
 

@@ -53,6 +53,8 @@ def _onnx_dtype(type_string: str) -> str:
 class TritonPythonModel(ComponentHost):
     """Runs ``model.onnx`` from this version folder with onnxruntime."""
 
+    ARRAYS = "numpy"  # what run() takes and returns (the pipeline's in-process UNet asks)
+
     def cuda_available(self) -> bool:
         import onnxruntime as ort
 

@@ -81,6 +81,10 @@ class PipelineConfig:
     # component name (a key of component_models), and the residuals each returns
     controlnets: Mapping[str, str] = field(default_factory=dict)
     controlnet_residuals: int = 0
+    # The UNet model's Triton config as JSON data (what Triton hands a model's
+    # initialize), for a pipeline that runs the UNet's host in its own process
+    # (config parameter unet_in_pipeline; triton_components.InProcessUNet).
+    unet_config: Mapping[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PipelineConfig:

@@ -164,6 +164,11 @@ class Metrics:
             ("sd_images_total", "Images returned"),
             ("sd_denoise_steps_total", "Denoising steps of successful requests"),
             ("sd_denoise_seconds_total", "Seconds those denoising steps took"),
+            # The UNet in the pipeline's process (unet_in_pipeline): its runs and the
+            # samples they held; samples / executions > a request's rows = merged steps.
+            ("sd_unet_executions_total", "Runs of the UNet in the pipeline's process"),
+            ("sd_unet_requests_total", "Step calls those runs merged"),
+            ("sd_unet_samples_total", "Samples (batch rows) those runs held"),
         ):
             self._families[name] = family(name=name, description=description, kind=family.COUNTER)
 
@@ -195,3 +200,11 @@ class Metrics:
         if steps:
             self._metric("sd_denoise_steps_total", None).increment(steps)
             self._metric("sd_denoise_seconds_total", None).increment(denoise_s)
+
+    def observe_unet(self, calls: int, samples: int) -> None:
+        """One run of the in-process UNet that merged ``calls`` step calls, ``samples`` rows."""
+        if not self._families:
+            return
+        self._metric("sd_unet_executions_total", None).increment(1)
+        self._metric("sd_unet_requests_total", None).increment(calls)
+        self._metric("sd_unet_samples_total", None).increment(samples)

@@ -33,11 +33,24 @@ between calls (the served name and version, each tensor's dtype and reshape,
 the output names, where they land) is worked out once per contract and device
 (:class:`_Plan`), so that a call only converts its tensors and waits for the
 answer (benchmarks/overhead.py measures what is left).
+
+The UNet in the pipeline's process (:class:`InProcessUNet`, config parameter
+``unet_in_pipeline``): that call is most of what serving adds to a step
+(0.3-0.4 ms of a 0.7 ms step on the CPU, benchmarks/results/cpu-overhead.md),
+so the pipeline can instead load the UNet model's own host (its ``model.py``
+and files, from the UNet model's folder in the same repository) and run it
+here; concurrent requests' steps are merged by :class:`~.step_merger.StepMerger`
+as the UNet's dynamic batcher would. ControlNet's controlled UNet and the
+refiner's UNet stay BLS calls.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -46,8 +59,9 @@ from . import spec as S
 from .components import TextEncoding, controlnet_call, unet_call
 from .config import PipelineConfig
 from .errors import ComponentError
+from .step_merger import StepMerger
 
-__all__ = ["TritonComponents"]
+__all__ = ["InProcessUNet", "TritonComponents"]
 
 _CPU = torch.device("cpu")
 
@@ -77,6 +91,7 @@ class TritonComponents:
         model_names: Mapping[str, str] | None = None,
         *,
         device: torch.device | str = "cpu",
+        unet: InProcessUNet | None = None,
     ) -> None:
         import triton_python_backend_utils as pb_utils
 
@@ -85,6 +100,7 @@ class TritonComponents:
         self.device = torch.device(device)
         self.model_names = {**config.component_models, **(model_names or {})}
         self.model_versions = dict(config.component_versions)
+        self.local_unet = unet
         # (id(spec), device) -> _Plan; specs are long-lived objects (spec.py's
         # constants, components.unet_spec's one per contract), checked on use.
         self._plans: dict[tuple[int, torch.device], _Plan] = {}
@@ -187,6 +203,8 @@ class TritonComponents:
 
     def unet(self, sample, timestep, encoder_hidden_states, added=None, *, residuals=None):
         spec, tensors = unet_call(sample, timestep, encoder_hidden_states, added, residuals)
+        if self.local_unet is not None and residuals is None:
+            return self.local_unet(spec, tensors)
         return self._call(spec, *tensors)[0]
 
     def controlnet(
@@ -207,3 +225,107 @@ class TritonComponents:
     def safety_check(self, clip_input, images):
         out_images, flags = self._call(S.SAFETY_CHECKER, clip_input, images)
         return out_images, flags
+
+
+# ---------------------------------------------------------------------------
+# The UNet in the pipeline's process
+
+
+def unet_folder(pipeline_folder: str | Path, config: PipelineConfig) -> Path:
+    """The version folder of the UNet model this pipeline calls, beside it in the repository."""
+    name = config.component_models.get("unet", "unet")
+    version = config.component_versions.get("unet", 1)
+    return Path(pipeline_folder).resolve().parent / name / str(version)
+
+
+class InProcessUNet:
+    """The UNet model's own host (``onnx_host`` or ``torch_host``), run in this process.
+
+    ``folder``: the UNet model's version folder (its ``model.py`` and files);
+    ``model_config``: its Triton config as JSON data (``pipeline.json``'s
+    ``unet_config``, as the exporter wrote it); ``kind`` and ``device_id``: the
+    pipeline instance's, so the UNet runs where the loop runs. Calls from
+    several threads are merged into one run (:class:`~.step_merger.StepMerger`,
+    at most the config's ``max_batch_size`` samples); ``observe(calls, rows)``
+    sees every run.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        model_config: Mapping[str, Any],
+        *,
+        kind: str = "CPU",
+        device_id: int = 0,
+        observe=None,
+    ) -> None:
+        folder = Path(folder)
+        self.name = str(model_config.get("name", "unet"))
+        source = folder / "model.py"
+        if not source.is_file():
+            raise FileNotFoundError(
+                f"unet_in_pipeline: the UNet model's files are not at {folder} (the pipeline "
+                "reads them from the UNet model's folder beside it, so the repository must be "
+                "on a local or mounted file system); set the pipeline's config parameter "
+                "unet_in_pipeline to 0 to call the UNet model instead"
+            )
+        if str(folder) not in sys.path:  # the host's own imports (the torch host's wrappers)
+            sys.path.append(str(folder))
+        spec = importlib.util.spec_from_file_location(f"sd_unet_host_{id(self)}", source)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        host = module.TritonPythonModel()
+        host.initialize(
+            {
+                "model_config": json.dumps(dict(model_config)),
+                "model_name": self.name,
+                "model_repository": str(folder.parent),
+                "model_version": folder.name,
+                "model_instance_kind": kind,
+                "model_instance_device_id": str(device_id),
+            }
+        )
+        self.host = host
+        self.inputs = {t.name: t for t in host.inputs}
+        self.output = host.outputs[0]
+        self._numpy = getattr(host, "ARRAYS", "numpy") == "numpy"
+        max_batch = int(model_config.get("max_batch_size", 0))
+        if max_batch < 1:
+            raise ValueError(f"unet_in_pipeline: model {self.name} has no batch dimension")
+        self.merger = StepMerger(self._run_batched, max_batch, observe)
+
+    def _run_batched(self, batches):
+        from component_host import run_batched  # beside the pipeline's model.py, as in every host
+
+        results = run_batched(self.host.run, batches, self.host.concat)
+        self.host.finish()
+        return results
+
+    def _convert(self, name: str, x: torch.Tensor):
+        t = self.inputs.get(name)
+        if t is None:
+            raise ComponentError(self.name, f"the UNet model has no input {name!r}")
+        x = x.detach().to(getattr(torch, t.dtype))
+        if self._numpy:
+            x = x.cpu().numpy()
+        return t.to_model(x)
+
+    def __call__(self, spec: S.ModelSpec, tensors) -> torch.Tensor:
+        device = tensors[0].device
+        inputs = {
+            t.name: self._convert(t.name, x) for t, x in zip(spec.inputs, tensors, strict=True)
+        }
+        try:
+            outputs = self.merger(inputs)
+        except Exception as e:  # noqa: BLE001  (a host's own error types)
+            raise ComponentError(self.name, str(e)) from e
+        out = outputs[self.output.name]
+        out = torch.from_numpy(out) if self._numpy else out
+        if out.device != device:
+            out = out.to(device)
+        return out.float() if out.dtype == torch.float16 else out
+
+    def finalize(self) -> None:
+        finalize = getattr(self.host, "finalize", None)
+        if finalize is not None:
+            finalize()

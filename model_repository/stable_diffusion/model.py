@@ -17,6 +17,16 @@ errors into responses. One file serves two configs:
   step and then the images with the FINAL flag. One instance runs up to
   ``max_concurrency`` requests at once (config parameter, default 8).
 
+``unet_in_pipeline`` (config parameter, ``1`` to enable; the exporter's
+``--unet-in-pipeline``): the UNet model's own host (its ``model.py`` and
+files, read from the UNet model's folder beside this one) runs in this
+process, so a step makes no BLS call (``InProcessUNet``); the unary model
+then also hands each request to a worker thread (a default-policy model may
+answer through the request's response sender after ``execute`` returned,
+measured on Triton 2.51), so that one instance runs up to ``max_concurrency``
+requests at once and their steps merge in-process (``sd_unet_*`` metrics
+count the runs and the samples they held).
+
 Config parameters (string values, all optional; the exporter writes them,
 documented in docs/reliability.md):
 ``max_steps``, ``max_pixels``, ``max_side``, ``max_images``,
@@ -70,7 +80,7 @@ from sd_pipeline.preview import latents_to_preview  # noqa: E402
 from sd_pipeline.request import GenerationRequest, model_defaults, parse_request  # noqa: E402
 from sd_pipeline.schedulers import check_name  # noqa: E402
 from sd_pipeline.telemetry import Metrics, Unavailable, component_unavailable, log_line, record  # noqa: E402
-from sd_pipeline.triton_components import TritonComponents  # noqa: E402
+from sd_pipeline.triton_components import InProcessUNet, TritonComponents, unet_folder  # noqa: E402
 
 ASSETS = _HERE / "assets"
 DEFAULT_MAX_CONCURRENCY = 8
@@ -149,15 +159,20 @@ class TritonPythonModel:
         # CPU (parameter ``device``: auto, cuda or cpu); BLS calls keep CUDA tensors on it.
         cuda = instance_device(args, model_config, cuda=torch.cuda.is_available())
         device = "cpu" if cuda is None else f"cuda:{cuda}"
-        self.components = TritonComponents(self.assets.config, device=device)
-        # The refiner exported beside an SDXL base (its own component models).
-        refiner = self.assets.refiner
-        self.refiner = None if refiner is None else TritonComponents(refiner.config, device=device)
         self.model_name = args.get("model_name", model_config.get("name", ""))
         self.model_version = str(args.get("model_version", ""))
         self.metrics = Metrics(pb_utils, self.model_name, self.model_version)
+        self.unet = None
+        self.threaded = self.decoupled
+        if _flag(parameters, "unet_in_pipeline"):
+            self.unet = self._load_unet(args, cuda)
+            self.threaded = True
+        self.components = TritonComponents(self.assets.config, device=device, unet=self.unet)
+        # The refiner exported beside an SDXL base (its own component models).
+        refiner = self.assets.refiner
+        self.refiner = None if refiner is None else TritonComponents(refiner.config, device=device)
         self.pool = None
-        if self.decoupled:
+        if self.threaded:
             workers = int(parameters.get("max_concurrency") or DEFAULT_MAX_CONCURRENCY)
             self.pool = ThreadPoolExecutor(workers, thread_name_prefix="sd-stream")
             # Admission: at most `workers` running plus `max_queue_size` waiting (0: unbounded).
@@ -168,7 +183,7 @@ class TritonPythonModel:
             self.lock = threading.Lock()
 
     def execute(self, requests: list) -> list | None:
-        if self.decoupled:
+        if self.threaded:
             for request in requests:
                 self._start_stream(request)
             return None
@@ -177,6 +192,24 @@ class TritonPythonModel:
     def finalize(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
+        if self.unet is not None:
+            self.unet.finalize()
+
+    def _load_unet(self, args: dict, cuda: int | None) -> InProcessUNet:
+        """The UNet model's host in this process, on this instance's device."""
+        config = self.assets.config
+        if not config.unet_config:
+            raise ValueError(
+                f"{self.model_name}: unet_in_pipeline needs the UNet's config in "
+                "pipeline.json (unet_config): export again with --unet-in-pipeline"
+            )
+        return InProcessUNet(
+            unet_folder(args["model_repository"], config),
+            config.unet_config,
+            kind="CPU" if cuda is None else "GPU",
+            device_id=cuda or 0,
+            observe=self.metrics.observe_unet,
+        )
 
     # ------------------------------------------------------------------ helpers
     def _inputs(self, request) -> dict:
@@ -319,18 +352,29 @@ class TritonPythonModel:
                 self.components,
                 self.assets,
                 refiner=self.refiner,
-                callback=progress,
+                callback=progress if self.decoupled else None,
                 should_stop=polled_at_most_every(sender.is_cancelled, CANCEL_POLL_INTERVAL_S),
             )
-            response = pb_utils.InferenceResponse(
-                output_tensors=[*result_tensors(result), elapsed()]
-            )
+            tensors = result_tensors(result)
+            if self.decoupled:
+                tensors.append(elapsed())
+            response = pb_utils.InferenceResponse(output_tensors=tensors)
         except Exception as e:
             error = e
             response = pb_utils.InferenceResponse(error=error_for(e))
-        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        # Recorded before the answer leaves, as the unary model's: a client that reads
+        # the metrics after its response sees its request counted.
         request_id, inputs = audit
         self._audit(request_id, inputs, parsed, start, error, result)
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+def _flag(parameters: dict[str, str], key: str) -> bool:
+    """A yes/no config parameter (``1``/``true``/``yes``; absent or empty: no)."""
+    value = parameters.get(key, "").strip().lower()
+    if value not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise ValueError(f"config parameter {key} must be 1 or 0, got {value!r}")
+    return value in ("1", "true", "yes")
 
 
 def _request_id(request) -> str:

@@ -56,6 +56,8 @@ def torch_dtype(tensor: TensorConfig) -> torch.dtype:
 class TritonPythonModel(ComponentHost):
     """Runs one component's torch module from this version folder."""
 
+    ARRAYS = "torch"  # what run() takes and returns (the pipeline's in-process UNet asks)
+
     def cuda_available(self) -> bool:
         return torch.cuda.is_available()
 
