@@ -22,11 +22,18 @@ of every request, the loop's clock only that of the steps.
 
 Variants share one server: for each UNet ``max_queue_delay_microseconds``
 asked for, a pipeline model ``d<delay>_null_stable_diffusion`` calling its
-own ``d<delay>_null_unet`` (the other components are shared). They run
+own ``d<delay>_null_unet`` by BLS (the other components are shared), and
+``inpipe_null_stable_diffusion``, one instance with the config parameter
+``unet_in_pipeline: 1``, which loads ``inpipe_null_unet``'s host into its own
+process and makes no BLS call per step (its steps of concurrent requests merge
+in-process; the ``sd_unet_*`` metrics count its runs, calls and samples). The
+null UNet is a component host (``component_host.ComponentHost``, as the
+exported UNet's ``model.py``), so served and in the pipeline it runs the same
+code: read, concatenate, ``run`` returns ``sample``. The variants run
 alternately (ABBA over rounds), so load from elsewhere hits all alike. A
 second server does the same with the real UNet at concurrency 4, to show from
-the UNet's statistics (samples per execution) whether the dynamic batcher
-still merges steps of concurrent requests at each delay.
+the UNet's statistics (samples per execution; for the UNet in the pipeline,
+its metrics) whether steps of concurrent requests are still merged.
 
 Memory: the RSS and the unique set size (USS: what the process alone holds;
 shared libraries are counted once, in whichever process maps them) of each
@@ -59,27 +66,44 @@ log = logging.getLogger(__name__)
 PIPELINE = "stable_diffusion"
 SHARED = ("text_encoder", "vae_encoder", "vae_decoder", "safety_checker")
 
-# The null UNet: the UNet's tensor contract, no work. Batched requests each get
-# their own sample back, so the dynamic batcher behaves as with the real model.
-NULL_UNET = '''"""Null UNet (benchmarks/overhead.py): out_sample = sample, nothing computed."""
+# The null UNet: the UNet's tensor contract, no work. A component host as the
+# exported UNet's model.py is (component_host.ComponentHost, ARRAYS numpy), so that
+# Triton serves it (requests read, batched by shape, split back) and a pipeline with
+# unet_in_pipeline loads it into its own process, running the same code either way.
+NULL_UNET = '''"""Null UNet (benchmarks/overhead.py): out_sample = sample, nothing computed.
 
+A component host as the exported UNet's ``model.py``: Triton serves it (the
+dynamic batcher's requests concatenated and split back as with the real
+model), and a pipeline with ``unet_in_pipeline`` runs it in its own process.
+"""
+
+import numpy as np
 import triton_python_backend_utils as pb_utils
+from component_host import ComponentHost
 
 
-class TritonPythonModel:
-    def execute(self, requests):
-        return [
-            pb_utils.InferenceResponse(
-                output_tensors=[
-                    pb_utils.Tensor(
-                        "out_sample",
-                        pb_utils.get_input_tensor_by_name(r, "sample").as_numpy(),
-                    )
-                ]
-            )
-            for r in requests
-        ]
+class TritonPythonModel(ComponentHost):
+    ARRAYS = "numpy"
+
+    def cuda_available(self):
+        return False
+
+    def load(self, args):
+        pass
+
+    def read(self, tensor, pb_tensor):
+        return pb_tensor.as_numpy()
+
+    def concat(self, arrays):
+        return np.concatenate(arrays)
+
+    def run(self, inputs):
+        return {"out_sample": inputs["sample"]}
+
+    def output(self, tensor, x):
+        return pb_utils.Tensor(tensor.name, np.ascontiguousarray(x))
 '''
+HOST_LIBRARY = "component_host.py"  # what the null UNet's model.py imports, beside it
 
 # The floor under the served step: one BLS call from a Python model to the null
 # UNet with one step's tensors, built once, and nothing else of the pipeline's.
@@ -131,17 +155,21 @@ UNBATCHED = "unbatched_null_unet"
 
 @dataclass(frozen=True)
 class Variant:
-    """One pipeline model in the benchmark server: which UNet, at which queue delay."""
+    """One pipeline model in the benchmark server: which UNet, at which queue delay, and
+    whether the pipeline calls it (BLS) or runs its host in its own process."""
 
     delay_us: int
     null_unet: bool = True
     # The real UNet's onnxruntime threads spin while idle (onnx host allow_spinning 1)
     spinning: bool = False
+    # The pipeline runs the UNet's host in its process (config parameter unet_in_pipeline)
+    in_pipeline: bool = False
 
     @property
     def prefix(self) -> str:
         spin = "spin_" if self.spinning else ""
-        return f"d{self.delay_us}_{'null' if self.null_unet else 'real'}_{spin}"
+        where = "inpipe" if self.in_pipeline else f"d{self.delay_us}"
+        return f"{where}_{'null' if self.null_unet else 'real'}_{spin}"
 
     @property
     def pipeline(self) -> str:
@@ -150,6 +178,15 @@ class Variant:
     @property
     def unet(self) -> str:
         return f"{self.prefix}unet"
+
+    @property
+    def label(self) -> str:
+        """How the report names it."""
+        return "in pipeline" if self.in_pipeline else f"BLS, delay {self.delay_us} µs"
+
+
+def _label(row: dict) -> str:
+    return "in pipeline" if row.get("in_pipeline") else f"BLS, delay {row['delay_us']} µs"
 
 
 # ------------------------------------------------------------ repository
@@ -180,30 +217,63 @@ def _unet_model(source: Path, dest: Path, variant: Variant) -> None:
         config.dynamic_batching.max_queue_delay_microseconds = variant.delay_us
         if variant.null_unet:
             config.backend, config.platform = "python", ""
-            config.ClearField("instance_group")
+            del config.instance_group[:]
+            group = config.instance_group.add()
+            group.kind, group.count = group.KIND_CPU, 1
         elif "allow_spinning" in config.parameters:  # the Python-backend ONNX host
             config.parameters["allow_spinning"].string_value = str(int(variant.spinning))
 
     _copy_model(source / "unet", dest / variant.unet, variant.unet, edit)
     if variant.null_unet:
+        # component_host.py: the UNet's own copy (a Python-hosted export), else the
+        # pipeline's (every export has one beside the pipeline's model.py)
+        hosts = [*(source / "unet").glob(f"*/{HOST_LIBRARY}")]
+        hosts += (source / PIPELINE).glob(f"*/{HOST_LIBRARY}")
+        if not hosts:
+            raise FileNotFoundError(
+                f"no {HOST_LIBRARY} under {source} (an export's pipeline has one)"
+            )
         for version in (dest / variant.unet).iterdir():
             if version.is_dir():
                 shutil.rmtree(version)
                 version.mkdir()
                 (version / "model.py").write_text(NULL_UNET)
+                shutil.copy2(hosts[0], version / HOST_LIBRARY)
 
 
 def _pipeline_model(source: Path, dest: Path, variant: Variant, instances: int) -> None:
+    """The pipeline of ``variant``: ``instances`` instances calling its UNet by BLS, or, with
+    the UNet in the pipeline, one instance running up to ``instances`` requests on threads
+    (``max_concurrency``) whose steps merge in-process."""
+    from google.protobuf import json_format
+
+    from sd_triton.export.triton_config import read_config
+
     def edit(config) -> None:
         del config.instance_group[:]
         group = config.instance_group.add()
-        group.kind, group.count = group.KIND_CPU, instances
+        group.kind, group.count = group.KIND_CPU, 1 if variant.in_pipeline else instances
+        if variant.in_pipeline:
+            config.parameters["unet_in_pipeline"].string_value = "1"
+            config.parameters["max_concurrency"].string_value = str(instances)
 
     _copy_model(source / PIPELINE, dest / variant.pipeline, variant.pipeline, edit)
+    if variant.in_pipeline:
+        code = "\n".join(p.read_text() for p in (dest / variant.pipeline).glob("*/model.py"))
+        if "unet_in_pipeline" not in code:
+            raise ValueError(
+                f"{source / PIPELINE}: this export's pipeline cannot run the UNet in its process "
+                "(no unet_in_pipeline in its model.py): export it again with this version"
+            )
+    # The UNet's config as the pipeline's in-process host is given it (the exporter's form)
+    unet_config = json_format.MessageToDict(
+        read_config(dest / variant.unet), preserving_proto_field_name=True
+    )
     for assets in (dest / variant.pipeline).glob("*/assets"):
         pipeline_json = assets / "pipeline.json"
         constants = json.loads(pipeline_json.read_text())
         constants["component_models"] = {**constants["component_models"], "unet": variant.unet}
+        constants["unet_config"] = unet_config
         pipeline_json.write_text(json.dumps(constants, indent=2) + "\n")
 
 
@@ -333,15 +403,26 @@ class Plan:
     requests_per_worker: int = 4  # per level, step count and round
     rounds: int = 2
     merge_steps: int = 10  # real-UNet run: steps per request
-    merge_requests_per_worker: int = 2
+    merge_requests_per_worker: int = 2  # per level and round
+    merge_rounds: int = 2  # real-UNet run: rounds, variants alternating ABBA
     # real-UNet run: also the UNet with onnxruntime's spinning threads (at the last delay)
     merge_spinning: bool = True
     probe_calls: int = 200  # bare BLS calls per target and round (0: no probe)
+    # also the pipeline that runs the UNet's host in its own process (unet_in_pipeline)
+    in_pipeline: bool = True
+
+    def null_variants(self) -> list[Variant]:
+        variants = [Variant(d) for d in self.delays_us]
+        if self.in_pipeline:
+            variants.append(Variant(0, in_pipeline=True))
+        return variants
 
     def merge_variants(self) -> list[Variant]:
         variants = [Variant(d, null_unet=False) for d in self.delays_us]
         if self.merge_spinning:
             variants.append(Variant(self.delays_us[-1], null_unet=False, spinning=True))
+        if self.in_pipeline:
+            variants.append(Variant(0, null_unet=False, in_pipeline=True))
         return variants
 
 
@@ -391,8 +472,9 @@ def paired(concurrency: int, pairs: int, steps: tuple[int, int], one) -> dict:
 
 
 def _served_paired(server, client, plan: Plan, variant: Variant, c: int) -> dict:
-    """One level of :func:`paired` against ``variant``, with the UNet's statistics and the
-    pipeline's own ms per step (its metrics) over it."""
+    """One level of :func:`paired` against ``variant``, with the UNet's statistics (Triton's,
+    or for the UNet in the pipeline its ``sd_unet_*`` metrics) and the pipeline's own ms per
+    step (its metrics) over it."""
     import tritonclient.grpc as grpcclient
 
     url = server.grpc_url
@@ -408,17 +490,29 @@ def _served_paired(server, client, plan: Plan, variant: Variant, c: int) -> dict
 
     before = stats.snapshot(client)
     loop_before = stats.denoise_snapshot(server.metrics_url, variant.pipeline)
+    unet_before = stats.unet_snapshot(server.metrics_url, variant.pipeline)
     try:
         row = paired(c, plan.requests_per_worker, plan.steps, one)
     finally:
         for x in clients:
             x.close()
     n = 2 * c * plan.requests_per_worker
-    after = stats.settled(client, before, variant.pipeline, n)
+    after = _settled(client, before, variant, n)
     loop_after = stats.denoise_snapshot(server.metrics_url, variant.pipeline)
+    unet_after = stats.unet_snapshot(server.metrics_url, variant.pipeline)
     row["unet"] = stats.delta(after, before).get(variant.unet, stats.ModelStats())
     row["loop"] = [b - a for a, b in zip(loop_before, loop_after, strict=True)]
+    row["unet_in_pipeline"] = [b - a for a, b in zip(unet_before, unet_after, strict=True)]
     return row
+
+
+def _settled(client, before: dict, variant: Variant, requests: int) -> dict:
+    """Triton's statistics once ``variant``'s ``requests`` are in them. The pipeline with the
+    UNet in its process answers from its own threads, and writes its metrics (the numbers
+    read for it) before each answer: a plain snapshot."""
+    if variant.in_pipeline:
+        return stats.snapshot(client)
+    return stats.settled(client, before, variant.pipeline, requests)
 
 
 def _start(repository: Path, log_dir: Path | None, name: str, timeout_s: float):
@@ -435,20 +529,39 @@ def _warm(url: str, plan: Plan, variants: Sequence[Variant]) -> None:
     c = max(plan.concurrency)
     for variant in variants:
         request = replace(plan.request, steps=plan.steps[0])
+        if variant.in_pipeline:
+            # One instance running requests on threads: a lone request first, so that the
+            # first requests do not race on the pipeline's lazy imports (diffusers' scheduler
+            # classes: concurrent first requests failed with "module 'diffusers' has no
+            # attribute 'EulerDiscreteScheduler'"), then c at once to start c threads.
+            Served(url, request, model=variant.pipeline).run(1, 1)
         Served(url, request, model=variant.pipeline).run(c, c)
 
 
-def _merge_rows(rows: list[dict]) -> dict:
-    """Rounds of one (variant, concurrency) as one row: all pairs' medians, statistics summed."""
+def _merge_rows(variant: Variant, rows: list[dict]) -> dict:
+    """Rounds of one (variant, concurrency) as one row: all pairs' medians, statistics summed.
+
+    ``unet``: the UNet's statistics, Triton's for a UNet called by BLS, the pipeline's
+    ``sd_unet_*`` metrics for the UNet in its process (``bls_unet``: Triton's for that
+    UNet's model all the same, which no step should have called)."""
     unet = stats.ModelStats()
     for row in rows:
         unet = unet + row["unet"]
     steps, seconds = (sum(r["loop"][k] for r in rows) for k in (0, 1))
     best = sorted(rows, key=lambda r: r["ms_per_step"])[len(rows) // 2]
+    extra = {}
+    if variant.in_pipeline:
+        runs = [sum(r["unet_in_pipeline"][k] for r in rows) for k in range(3)]
+        extra["bls_unet"] = unet.to_dict()
+        unet_row = stats.in_pipeline_unet(runs, (0, 0, 0))
+    else:
+        unet_row = unet.to_dict()
+    best = {k: v for k, v in best.items() if k != "unet_in_pipeline"}
     return {
         **best,
+        **extra,
         "rounds": [r["ms_per_step"] for r in rows],
-        "unet": unet.to_dict(),
+        "unet": unet_row,
         "loop": {"steps": steps, "seconds": round(seconds, 6)},
         "loop_ms_per_step": stats.ms_per_step((steps, seconds), (0, 0)),
         "loop_rounds": [stats.ms_per_step(r["loop"], (0, 0)) for r in rows],
@@ -467,8 +580,8 @@ def served_overhead(
     beside the levels."""
     import tritonclient.grpc as grpcclient
 
-    variants = [Variant(d) for d in plan.delays_us]
-    levels: dict[tuple[int, int], list[dict]] = {}
+    variants = plan.null_variants()
+    levels: dict[tuple[Variant, int], list[dict]] = {}
     probes: dict[str, list[np.ndarray]] = {t: [] for t in probe_targets}
     server = _start(repository, log_dir, "overhead", timeout_s)
     try:
@@ -482,7 +595,7 @@ def served_overhead(
                 for variant in variants if r % 2 == 0 else variants[::-1]:
                     for c in plan.concurrency:
                         row = _served_paired(server, client, plan, variant, c)
-                        levels.setdefault((variant.delay_us, c), []).append(row)
+                        levels.setdefault((variant, c), []).append(row)
                 for target in probes if r % 2 == 0 else list(probes)[::-1]:
                     probes[target].append(bls_calls(client, target, plan.probe_calls))
         memory = system.process_memory(server.pid)
@@ -490,10 +603,20 @@ def served_overhead(
     finally:
         server.stop()
     rows = [
-        {"delay_us": d, "concurrency": c, **_merge_rows(runs)} for (d, c), runs in levels.items()
+        {**_variant_keys(v), "concurrency": c, **_merge_rows(v, runs)}
+        for (v, c), runs in levels.items()
     ]
     bls = {t: _call_ms(np.concatenate(runs)) for t, runs in probes.items() if runs}
     return {"rows": rows, "cpu": account.result, "memory": memory, "bls": bls}
+
+
+def _variant_keys(variant: Variant) -> dict:
+    """How a row names its variant."""
+    return {
+        "delay_us": variant.delay_us,
+        "in_pipeline": variant.in_pipeline,
+        "pipeline": variant.pipeline,
+    }
 
 
 def _call_ms(seconds: np.ndarray) -> dict:
@@ -524,51 +647,88 @@ def inprocess_overhead(repository: Path, plan: Plan) -> dict:
     return {**row, "loop_ms_per_step": loop_ms, "cpu": account.result}
 
 
+def _merging_level(server, client, plan: Plan, variant: Variant, c: int) -> dict:
+    """One closed-loop level of ``c`` workers against ``variant`` with the real UNet: the
+    images' latencies, the wall time, the loop's and the UNet's counters over it."""
+    metrics, url = server.metrics_url, server.grpc_url
+    n = c * plan.merge_requests_per_worker
+    request = replace(plan.request, steps=plan.merge_steps)
+    t0 = time.perf_counter()
+    before = stats.snapshot(client)
+    loop_before = stats.denoise_snapshot(metrics, variant.pipeline)
+    unet_before = stats.unet_snapshot(metrics, variant.pipeline)
+    timing = Served(url, request, model=variant.pipeline).run(c, n)
+    after = _settled(client, before, variant, n)
+    loop_after = stats.denoise_snapshot(metrics, variant.pipeline)
+    unet_after = stats.unet_snapshot(metrics, variant.pipeline)
+    return {
+        "images": n,
+        "wall_s": time.perf_counter() - t0,
+        "latencies": list(timing.latencies),
+        "loop": [b - a for a, b in zip(loop_before, loop_after, strict=True)],
+        "unet": stats.delta(after, before).get(variant.unet, stats.ModelStats()),
+        "unet_in_pipeline": [b - a for a, b in zip(unet_before, unet_after, strict=True)],
+    }
+
+
+def _merging_row(plan: Plan, variant: Variant, c: int, runs: list[dict]) -> dict:
+    """The rounds of one (variant, concurrency) of the merging run as one row."""
+    n = sum(r["images"] for r in runs)
+    lat = [x for r in runs for x in r["latencies"]]
+    bls = stats.ModelStats()
+    for r in runs:
+        bls = bls + r["unet"]
+    steps, seconds = (sum(r["loop"][k] for r in runs) for k in (0, 1))
+    u = bls.to_dict()
+    if variant.in_pipeline:
+        u = stats.in_pipeline_unet(
+            [sum(r["unet_in_pipeline"][k] for r in runs) for k in range(3)], (0, 0, 0)
+        )
+    row = {
+        **_variant_keys(variant),
+        "spinning": variant.spinning,
+        "concurrency": c,
+        "images": n,
+        "images_per_s": round(n / sum(r["wall_s"] for r in runs), 4),
+        "rounds_images_per_s": [round(r["images"] / r["wall_s"], 4) for r in runs],
+        "p50_s": round(statistics.median(lat), 4),
+        "ms_per_step": round(statistics.median(lat) / plan.merge_steps * 1e3, 3),
+        "loop_ms_per_step": stats.ms_per_step((steps, seconds), (0, 0)),
+        "unet": {**u, "executions_per_image": round(u["execution_count"] / n, 3)},
+    }
+    if variant.in_pipeline:
+        row["bls_unet"] = bls.to_dict()
+    return row
+
+
 def merging(repository: Path, plan: Plan, log_dir: Path | None, timeout_s: float) -> dict:
-    """The real UNet at each delay and concurrency: does the batcher still merge steps?"""
+    """The real UNet at each delay and concurrency, and in the pipeline's process: are steps
+    of concurrent requests still merged? Variants alternate ABBA over ``plan.merge_rounds``."""
     import tritonclient.grpc as grpcclient
 
     variants = plan.merge_variants()
-    rows = []
+    levels: dict[tuple[Variant, int], list[dict]] = {}
     server = _start(repository, log_dir, "merging", timeout_s)
     try:
-        url = server.grpc_url
-        client = grpcclient.InferenceServerClient(url)
-        _warm(url, plan, variants)
-        request = replace(plan.request, steps=plan.merge_steps)
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        _warm(server.grpc_url, plan, variants)
         with system.CpuAccount(server.pid) as account:
-            for variant in variants:
-                for c in plan.concurrency:
-                    n = c * plan.merge_requests_per_worker
-                    t0 = time.perf_counter()
-                    before = stats.snapshot(client)
-                    loop_before = stats.denoise_snapshot(server.metrics_url, variant.pipeline)
-                    timing = Served(url, request, model=variant.pipeline).run(c, n)
-                    delta = stats.delta(stats.settled(client, before, variant.pipeline, n), before)
-                    loop_after = stats.denoise_snapshot(server.metrics_url, variant.pipeline)
-                    lat = timing.latencies
-                    wall = time.perf_counter() - t0
-                    u = delta.get(variant.unet, stats.ModelStats())
-                    per_step = statistics.median(lat) / plan.merge_steps * 1e3
-                    rows.append(
-                        {
-                            "delay_us": variant.delay_us,
-                            "spinning": variant.spinning,
-                            "concurrency": c,
-                            "images_per_s": round(n / wall, 4),
-                            "p50_s": round(statistics.median(lat), 4),
-                            "ms_per_step": round(per_step, 3),
-                            "loop_ms_per_step": stats.ms_per_step(loop_after, loop_before),
-                            "unet": {
-                                **u.to_dict(),
-                                "executions_per_image": round(u.execution_count / n, 3),
-                            },
-                        }
-                    )
+            for r in range(plan.merge_rounds):
+                for variant in variants if r % 2 == 0 else variants[::-1]:
+                    for c in plan.concurrency:
+                        level = _merging_level(server, client, plan, variant, c)
+                        levels.setdefault((variant, c), []).append(level)
         client.close()
     finally:
         server.stop()
-    return {"rows": rows, "steps": plan.merge_steps, "cpu": account.result}
+    rows = [_merging_row(plan, v, c, runs) for (v, c), runs in levels.items()]
+    return {
+        "rows": rows,
+        "steps": plan.merge_steps,
+        "rounds": plan.merge_rounds,
+        "requests_per_worker": plan.merge_requests_per_worker,
+        "cpu": account.result,
+    }
 
 
 def run(
@@ -584,9 +744,7 @@ def run(
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     load = [os.getloadavg()]
     c = max(plan.concurrency)
-    null_repo = variant_repository(
-        source, work / "null-unet", [Variant(d) for d in plan.delays_us], instances=c
-    )
+    null_repo = variant_repository(source, work / "null-unet", plan.null_variants(), instances=c)
     guided = plan.request.guidance_scale > 1
     targets = add_bls_probe(source, null_repo, plan.request, 2 if guided else 1)
     result = {
@@ -599,6 +757,7 @@ def run(
             "requests_per_worker": plan.requests_per_worker,
             "rounds": plan.rounds,
             "pipeline_instances": c,
+            "in_pipeline": plan.in_pipeline,
         },
         "served": served_overhead(
             null_repo, plan, log_dir, timeout_s, targets if plan.probe_calls else ()
@@ -642,11 +801,15 @@ def memory_lines(memory: list[dict]) -> list[str]:
     return lines
 
 
+TARGET_MS = 0.5  # per-step overhead at c=1 on the CPU (issue #13)
+
+
 def markdown(result: dict) -> str:
     """The overhead section of a benchmark report."""
     plan, served, inproc = result["plan"], result["served"], result["inprocess"]
     lo, hi = plan["steps"]
     load = ", ".join("/".join(f"{x:.2f}" for x in la) for la in result["load_average"])
+    c = plan["pipeline_instances"]
     lines = [
         "## Per-step overhead (null UNet)",
         "",
@@ -658,16 +821,23 @@ def markdown(result: dict) -> str:
         f"(t at {hi} steps - t at {lo} steps) / {hi - lo}, IQR over pairs; floor: the same "
         f"from the fastest request of each step count; {plan['requests_per_worker']} pairs per "
         f"worker and round, "
-        f"{plan['rounds']} rounds (ABBA); {plan['pipeline_instances']} pipeline instances per "
-        f"variant. Started {result['started']}; load average (1/5/15 min) at start, after the "
+        f"{plan['rounds']} rounds (ABBA); BLS: {c} pipeline instances per variant calling "
+        "the null UNet model"
+        + (
+            "; in pipeline: one instance (`unet_in_pipeline: 1`, "
+            f"`max_concurrency: {c}`) running the same null UNet's host in its process"
+            if plan.get("in_pipeline")
+            else ""
+        )
+        + f". Started {result['started']}; load average (1/5/15 min) at start, after the "
         f"overhead runs{', after the merging runs' if 'merging' in result else ''}: {load}; "
         f"others' load during the served runs {served['cpu'].get('others_cores', 0)} cores, "
         f"during the in-process runs {inproc['cpu'].get('others_cores', 0)} cores.",
         "",
-        "| UNet queue delay µs | c | served ms/step, loop's clock (rounds) | in-process, "
+        "| UNet | c | served ms/step, loop's clock (rounds) | in-process, "
         "loop's clock | served ms/step, request pairs (IQR) | per round | floor | in-process, "
-        "request pairs (floor) | UNet samples/exec | UNet queue ms/call |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "request pairs (floor) | UNet samples/exec | UNet calls/exec | UNet queue ms/call |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = inproc["ms_per_step"]
     for row in served["rows"]:
@@ -675,13 +845,16 @@ def markdown(result: dict) -> str:
         q1, q3 = row["ms_per_step_iqr"]
         rounds = " ".join(f"{x:.2f}" for x in row["rounds"])
         loop_rounds = " ".join(_ms(x) for x in row["loop_rounds"])
+        queue = u["queue_ms_per_request"]
         lines.append(
-            f"| {row['delay_us']} | {row['concurrency']} | **{_ms(row['loop_ms_per_step'])}** "
+            f"| {_label(row)} | {row['concurrency']} | **{_ms(row['loop_ms_per_step'])}** "
             f"({loop_rounds}) | {_ms(inproc['loop_ms_per_step'])} "
             f"| {row['ms_per_step']:.2f} ({q1:.2f}–{q3:.2f}) | {rounds} "
             f"| {row['ms_per_step_floor']:.2f} | {base:.2f} ({inproc['ms_per_step_floor']:.2f}) "
-            f"| {u['samples_per_execution']} | {u['queue_ms_per_request']} |"
+            f"| {u['samples_per_execution']} | {u.get('requests_per_execution', '-')} "
+            f"| {'-' if queue is None else queue} |"
         )
+    lines += headline_lines(served["rows"])
     lines += bls_lines(served.get("bls", {}), served["rows"], inproc)
     lines += ["", "Memory of the server's processes (null-UNet server):", ""]
     lines += memory_lines(served["memory"])
@@ -692,22 +865,101 @@ def markdown(result: dict) -> str:
             f"### Merging under load (real UNet, {m['steps']} steps; others' load "
             f"{m['cpu'].get('others_cores', 0)} cores)",
             "",
+            f"{m.get('requests_per_worker', 2)} images per worker, level and round, "
+            f"{m.get('rounds', 1)} rounds (ABBA over the variants); images/s: all rounds' "
+            "images over their wall time (per round in brackets). "
             "ms/step: p50 latency / steps; loop's clock: the pipeline's own per-step time. "
             "Spinning: the UNet's onnxruntime threads spin while idle (onnxruntime's default; "
-            "the export writes `allow_spinning: 0`).",
+            "the export writes `allow_spinning: 0`). UNet statistics: Triton's for a UNet "
+            "called by BLS; for the UNet in the pipeline, the pipeline's `sd_unet_*` metrics "
+            "(runs, step calls, samples; no times or sizes).",
             "",
-            "| UNet queue delay µs | spinning | c | images/s | p50 s | ms/step | loop's clock "
-            "ms/step | UNet samples/exec | UNet exec/image | UNet ms/exec | batch sizes |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| UNet | spinning | c | images/s | p50 s | ms/step | loop's clock "
+            "ms/step | UNet calls/exec | UNet samples/exec | UNet exec/image | UNet ms/exec "
+            "| batch sizes |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in m["rows"]:
             spin = "yes" if row.get("spinning") else "no"
+            per_round = " ".join(str(x) for x in row.get("rounds_images_per_s", []))
             lines.append(
-                f"| {row['delay_us']} | {spin} | {row['concurrency']} | {row['images_per_s']} "
+                f"| {_label(row)} | {spin} | {row['concurrency']} | {row['images_per_s']} "
+                f"({per_round}) "
                 f"| {row['p50_s']} | {row['ms_per_step']} | {_ms(row.get('loop_ms_per_step'))} "
+                f"| {row['unet'].get('requests_per_execution', '-')} "
                 + stats.unet_cells(row["unet"])
             )
+        lines += merging_lines(m["rows"])
     return "\n".join(lines) + "\n"
+
+
+def _pick(rows: list[dict], c: int, *, in_pipeline: bool, delay_us: int = 0) -> dict | None:
+    """The row of one variant (not spinning) at concurrency ``c``."""
+    for row in rows:
+        if (
+            row["concurrency"] == c
+            and bool(row.get("in_pipeline")) == in_pipeline
+            and not row.get("spinning")
+            and (in_pipeline or row["delay_us"] == delay_us)
+        ):
+            return row
+    return None
+
+
+def headline_lines(rows: list[dict]) -> list[str]:
+    """The UNet in the pipeline against the BLS call at delay 0, per concurrency: ms per step
+    by the loop's clock, and at c=1 against the target."""
+    lines = []
+    for c in sorted({r["concurrency"] for r in rows}):
+        inpipe = _pick(rows, c, in_pipeline=True)
+        bls = _pick(rows, c, in_pipeline=False)
+        if (
+            inpipe is None
+            or bls is None
+            or None
+            in (
+                inpipe["loop_ms_per_step"],
+                bls["loop_ms_per_step"],
+            )
+        ):
+            continue
+        a, b = inpipe["loop_ms_per_step"], bls["loop_ms_per_step"]
+        u = inpipe["unet"]
+        line = (
+            f"**c={c}: UNet in the pipeline {a:.3f} ms per step vs {b:.3f} by BLS at delay "
+            f"0 µs** (loop's clock; {a / b:.2f}×); its UNet ran {u['execution_count']} times "
+            f"for {u['request_count']} step calls ({u['requests_per_execution']} calls, "
+            f"{u['samples_per_execution']} samples per run)"
+        )
+        if c == 1:
+            verdict = "met" if a <= TARGET_MS else "not met"
+            line += f"; target ≤ {TARGET_MS} ms per step at c=1: **{verdict}**"
+        calls = inpipe.get("bls_unet", {}).get("request_count", 0)
+        lines += ["", line + f"; BLS calls to its UNet model: {calls}."]
+    return lines
+
+
+def merging_lines(rows: list[dict]) -> list[str]:
+    """Under load (the highest concurrency): images/s and merging, the UNet in the pipeline
+    against the BLS call at delay 0."""
+    c = max(r["concurrency"] for r in rows)
+    inpipe = _pick(rows, c, in_pipeline=True)
+    bls = _pick(rows, c, in_pipeline=False)
+    if inpipe is None or bls is None:
+        return []
+    u, v = inpipe["unet"], bls["unet"]
+    ratio = inpipe["images_per_s"] / bls["images_per_s"] if bls["images_per_s"] else 0.0
+    return [
+        "",
+        f"**c={c}, real UNet: in the pipeline {inpipe['images_per_s']} images/s vs "
+        f"{bls['images_per_s']} by BLS at delay 0 µs ({ratio:.2f}×).** Merging: in the "
+        f"pipeline {u['request_count']} step calls in {u['execution_count']} runs "
+        f"(`sd_unet_requests_total` / `sd_unet_executions_total` = "
+        f"{u['requests_per_execution']}), {u['samples_per_execution']} samples per run; "
+        f"by BLS {v['samples_per_execution']} samples per execution "
+        f"({v['requests_per_execution']} calls); UNet executions per image "
+        f"{u['executions_per_image']} vs {v['executions_per_image']}.",
+    ]
 
 
 def bls_lines(bls: dict, rows: list[dict], inproc: dict) -> list[str]:
@@ -729,6 +981,8 @@ def bls_lines(bls: dict, rows: list[dict], inproc: dict) -> list[str]:
             f"| {ms['p50']:.3f} | {ms['p90']:.3f} |"
         )
     for row in rows:
+        if row.get("in_pipeline"):
+            continue
         call = bls.get(Variant(row["delay_us"]).unet)
         if row["concurrency"] != 1 or call is None or row["loop_ms_per_step"] is None:
             continue
@@ -774,10 +1028,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="bare BLS calls to each null UNet per round (the floor under a step; 0: none)",
     )
     p.add_argument(
+        "--overhead-merge-rounds",
+        type=int,
+        default=2,
+        help="rounds of the real-UNet run (variants alternating ABBA)",
+    )
+    p.add_argument(
+        "--overhead-merge-requests-per-worker",
+        type=int,
+        default=2,
+        help="images per worker, level and round in the real-UNet run",
+    )
+    p.add_argument(
         "--no-merging",
         dest="merging",
         action="store_false",
         help="skip the real-UNet run that shows merging under load",
+    )
+    p.add_argument(
+        "--no-in-pipeline",
+        dest="in_pipeline",
+        action="store_false",
+        help="skip the pipeline that runs the UNet's host in its process (unet_in_pipeline)",
     )
     p.add_argument(
         "--no-spinning-variant",
@@ -798,6 +1070,9 @@ def plan_from_args(args: argparse.Namespace, request: Request) -> Plan:
         rounds=args.overhead_rounds,
         merge_spinning=args.merge_spinning,
         probe_calls=args.overhead_probe_calls,
+        in_pipeline=args.in_pipeline,
+        merge_rounds=args.overhead_merge_rounds,
+        merge_requests_per_worker=args.overhead_merge_requests_per_worker,
     )
 
 

@@ -88,11 +88,21 @@ class ModelStats:
         per = count if phase in ("queue", "success") else self.execution_count
         return ns / per / 1e6 if per else 0.0
 
+    @property
+    def request_count(self) -> int:
+        """Requests (for the UNet: step calls) that succeeded."""
+        return self.phases.get("success", (0, 0))[0]
+
     def to_dict(self) -> dict:
+        calls = self.request_count
         return {
             "inference_count": self.inference_count,
             "execution_count": self.execution_count,
+            "request_count": calls,
             "samples_per_execution": round(self.samples_per_execution, 3),
+            "requests_per_execution": round(calls / self.execution_count, 3)
+            if self.execution_count
+            else 0.0,
             "compute_infer_ms_per_execution": round(self.ms_per_execution("compute_infer"), 3),
             "queue_ms_per_request": round(self.ms_per_execution("queue"), 3),
             "batch_sizes": {str(k): v for k, v in self.batches.items()},
@@ -100,11 +110,14 @@ class ModelStats:
 
 
 def unet_cells(unet: dict) -> str:
-    """A Markdown row's UNet cells: samples/exec, exec/image, ms/exec and batch sizes."""
-    sizes = " ".join(f"{k}×{n}" for k, n in unet["batch_sizes"].items())
+    """A Markdown row's UNet cells: samples/exec, exec/image, ms/exec and batch sizes
+    ("-" where the source does not tell: the UNet in the pipeline's process counts its
+    runs and samples, not their times or sizes)."""
+    sizes = " ".join(f"{k}×{n}" for k, n in unet["batch_sizes"].items()) or "-"
+    ms = unet["compute_infer_ms_per_execution"]
     return (
         f"| {unet['samples_per_execution']} | {unet['executions_per_image']} "
-        f"| {unet['compute_infer_ms_per_execution']} | {sizes} |"
+        f"| {'-' if ms is None else ms} | {sizes} |"
     )
 
 
@@ -205,3 +218,31 @@ def ms_per_step(after: tuple[float, float], before: tuple[float, float]) -> floa
     """Milliseconds per denoising step between two :func:`denoise_snapshot`s (None: no step)."""
     steps = after[0] - before[0]
     return None if steps <= 0 else round((after[1] - before[1]) / steps * 1e3, 4)
+
+
+UNET_IN_PIPELINE = ("sd_unet_executions_total", "sd_unet_requests_total", "sd_unet_samples_total")
+
+
+def unet_snapshot(metrics_url: str, model: str) -> tuple[float, float, float]:
+    """(runs, step calls, samples) of the UNet in pipeline ``model``'s process so far
+    (its ``sd_unet_*`` metrics, all versions; zeros where it calls the UNet by BLS)."""
+    text = scrape(metrics_url)
+    runs, calls, samples = (metric(text, name, model=model) for name in UNET_IN_PIPELINE)
+    return runs, calls, samples
+
+
+def in_pipeline_unet(after: tuple[float, ...], before: tuple[float, ...]) -> dict:
+    """The in-process UNet's runs between two :func:`unet_snapshot`s, keyed as
+    :meth:`ModelStats.to_dict` (no times: the metrics count runs, calls and samples)."""
+    runs, calls, samples = (int(round(b - a)) for a, b in zip(before, after, strict=True))
+    return {
+        "inference_count": samples,
+        "execution_count": runs,
+        "request_count": calls,
+        "samples_per_execution": round(samples / runs, 3) if runs else 0.0,
+        "requests_per_execution": round(calls / runs, 3) if runs else 0.0,
+        "compute_infer_ms_per_execution": None,
+        "queue_ms_per_request": None,
+        "batch_sizes": {},
+        "source": "sd_unet_* metrics",
+    }

@@ -444,40 +444,110 @@ def test_paired_per_step_time_cancels_the_fixed_cost():
 
 
 def test_variant_repository_serves_a_null_unet_per_delay(tmp_path, tiny_repository):
+    from google.protobuf import json_format
+
     from sd_triton.benchmarks import overhead
     from sd_triton.export.triton_config import read_config
 
     variants = [overhead.Variant(2000), overhead.Variant(0), overhead.Variant(0, null_unet=False)]
     variants.append(overhead.Variant(0, null_unet=False, spinning=True))
+    variants += [overhead.Variant(0, in_pipeline=True)]
+    variants += [overhead.Variant(0, null_unet=False, in_pipeline=True)]
     repo = overhead.variant_repository(tiny_repository, tmp_path / "r", variants, instances=3)
     real = [
-        read_config(repo / v.unet).parameters["allow_spinning"].string_value for v in variants[2:]
+        read_config(repo / v.unet).parameters["allow_spinning"].string_value for v in variants[2:4]
     ]
     assert real == ["0", "1"] and variants[3].unet == "d0_real_spin_unet"
+    assert [v.pipeline for v in variants[4:]] == [
+        "inpipe_null_stable_diffusion",
+        "inpipe_real_stable_diffusion",
+    ]
     plan = overhead.Plan(request=None, delays_us=(2000, 0))
     assert plan.merge_variants() == [
         overhead.Variant(2000, null_unet=False),
         overhead.Variant(0, null_unet=False),
         overhead.Variant(0, null_unet=False, spinning=True),
+        overhead.Variant(0, null_unet=False, in_pipeline=True),
     ]
+    assert plan.null_variants() == [*variants[:2], overhead.Variant(0, in_pipeline=True)]
+    assert overhead.Plan(request=None, in_pipeline=False).null_variants() == variants[:2]
+    source = sorted(
+        p.name for p in (tiny_repository / "unet" / "1").iterdir() if p.name != "__pycache__"
+    )
+    assert "model.onnx" in source
     for v in variants:
         unet = read_config(repo / v.unet)
         assert unet.name == v.unet
         assert unet.dynamic_batching.max_queue_delay_microseconds == v.delay_us
         assert unet.max_batch_size == read_config(tiny_repository / "unet").max_batch_size
         files = sorted(p.name for p in (repo / v.unet / "1").iterdir())
-        source = sorted(
-            p.name for p in (tiny_repository / "unet" / "1").iterdir() if p.name != "__pycache__"
-        )
-        assert files == (["model.py"] if v.null_unet else source)
-        assert "model.onnx" in source
+        assert files == (["component_host.py", "model.py"] if v.null_unet else source)
         pipeline = read_config(repo / v.pipeline)
         assert pipeline.name == v.pipeline
-        assert [g.count for g in pipeline.instance_group] == [3]
+        # BLS: 3 instances; the UNet in the pipeline: one instance running 3 requests at once
+        assert [g.count for g in pipeline.instance_group] == [1 if v.in_pipeline else 3]
+        parameters = {k: p.string_value for k, p in pipeline.parameters.items()}
+        assert parameters.get("unet_in_pipeline") == ("1" if v.in_pipeline else None)
+        if v.in_pipeline:
+            assert parameters["max_concurrency"] == "3"
         constants = json.loads((repo / v.pipeline / "1" / "assets" / "pipeline.json").read_text())
         assert constants["component_models"]["unet"] == v.unet
-    assert (repo / "d0_null_unet" / "1" / "model.py").read_text() == overhead.NULL_UNET
+        # The UNet's config as the in-process host reads it (Triton's JSON form)
+        assert constants["unet_config"] == json_format.MessageToDict(
+            unet, preserving_proto_field_name=True
+        )
+    for name in ("d0_null_unet", "inpipe_null_unet"):
+        assert (repo / name / "1" / "model.py").read_text() == overhead.NULL_UNET
+        host = (repo / name / "1" / "component_host.py").read_text()
+        assert host == (tiny_repository / "unet" / "1" / "component_host.py").read_text()
+        unet = read_config(repo / name)
+        assert unet.backend == "python"
+        assert [(g.kind, g.count) for g in unet.instance_group] == [
+            (unet.instance_group[0].KIND_CPU, 1)
+        ]
     assert read_config(repo / "text_encoder").name == "text_encoder"
+
+
+def test_null_unet_host_runs_served_and_in_the_pipeline(tmp_path, tiny_repository, monkeypatch):
+    """The null UNet is a component host: as Triton serves it (requests batched and split back)
+    and as a pipeline with unet_in_pipeline loads it (InProcessUNet with pipeline.json's
+    unet_config), each call gets its own sample back."""
+    import fake_pb_utils
+
+    from sd_pipeline.triton_components import InProcessUNet
+    from sd_triton.benchmarks import overhead
+
+    variants = [overhead.Variant(0), overhead.Variant(0, in_pipeline=True)]
+    repo = overhead.variant_repository(tiny_repository, tmp_path / "r", variants, instances=2)
+    pb = fake_pb_utils.install(monkeypatch)
+    rng = np.random.default_rng(0)
+
+    def step(batch):
+        return {
+            "sample": rng.standard_normal((batch, 4, 8, 8), dtype=np.float32),
+            "timestep": np.full((batch, 1), 999.0, np.float32),
+            "encoder_hidden_states": np.zeros((batch, 77, 32), np.float32),
+        }
+
+    served = fake_pb_utils.import_model(monkeypatch, repo / "d0_null_unet" / "1" / "model.py")
+    model = fake_pb_utils.initialize(served, repo / "d0_null_unet")
+    assert model.ARRAYS == "numpy"
+    calls = [step(2), step(2)]
+    responses = model.execute([fake_pb_utils.request(pb, **c) for c in calls])
+    for call, response in zip(calls, responses, strict=True):
+        np.testing.assert_array_equal(fake_pb_utils.outputs(response)["out_sample"], call["sample"])
+
+    folder = repo / "inpipe_null_unet" / "1"
+    monkeypatch.syspath_prepend(str(folder))  # (InProcessUNet would append it for good)
+    monkeypatch.delitem(sys.modules, "component_host", raising=False)
+    assets = repo / "inpipe_null_stable_diffusion" / "1" / "assets"
+    unet_config = json.loads((assets / "pipeline.json").read_text())["unet_config"]
+    runs = []
+    unet = InProcessUNet(folder, unet_config, observe=lambda c, rows: runs.append((c, rows)))
+    call = step(2)
+    out = unet.merger(call)["out_sample"]
+    np.testing.assert_array_equal(out, call["sample"])
+    assert runs == [(1, 2)]
 
 
 def test_bls_probe_sends_a_guided_steps_unet_inputs(tmp_path, tiny_repository):
@@ -505,39 +575,68 @@ def test_bls_probe_sends_a_guided_steps_unet_inputs(tmp_path, tiny_repository):
     assert unbatched.name == overhead.UNBATCHED and not unbatched.HasField("dynamic_batching")
     assert unbatched.max_batch_size == unet.max_batch_size
     assert (repo / overhead.UNBATCHED / "1" / "model.py").read_text() == overhead.NULL_UNET
+    assert (repo / overhead.UNBATCHED / "1" / "component_host.py").is_file()
 
 
 @pytest.mark.server
 def test_harness_overhead_mode(tmp_path, tiny_repository):
-    """The null-UNet mode end to end: per-step times, UNet statistics, memory, in the report."""
+    """The null-UNet mode end to end: per-step times, UNet statistics, memory, in the report;
+    the pipeline with the UNet in its process beside the BLS one, with the null UNet and, in
+    the merging run, the real one."""
     from sd_triton.benchmarks import harness
 
     args = ["--repository", str(tiny_repository), "--models", "overhead", "--no-progress"]
     args += ["--overhead-concurrency", "1,2", "--overhead-delays", "0"]
     args += ["--overhead-steps", "1,3", "--overhead-requests-per-worker", "1"]
-    args += ["--overhead-rounds", "1", "--no-merging", "--overhead-probe-calls", "7"]
+    args += ["--overhead-rounds", "1", "--overhead-probe-calls", "7"]
+    args += ["--overhead-merge-rounds", "1", "--overhead-merge-requests-per-worker", "1"]
+    args += ["--no-spinning-variant"]
     args += ["--output-dir", str(tmp_path), "--label", "ov", "--build-dir", str(tmp_path / "b")]
     assert harness.main(args) == 0
     result = json.loads((tmp_path / "raw" / "ov.json").read_text())["overhead"]
-    rows = {r["concurrency"]: r for r in result["served"]["rows"]}
-    assert set(rows) == {1, 2}
+    served = result["served"]["rows"]
+    assert {(r["in_pipeline"], r["concurrency"]) for r in served} == {
+        (False, 1),
+        (False, 2),
+        (True, 1),
+        (True, 2),
+    }
+    rows = {r["concurrency"]: r for r in served if not r["in_pipeline"]}
+    inpipe = {r["concurrency"]: r for r in served if r["in_pipeline"]}
+    assert {r["pipeline"] for r in inpipe.values()} == {"inpipe_null_stable_diffusion"}
     # c=1 with guidance: every UNet execution is one request's pair of samples
     assert rows[1]["unet"]["samples_per_execution"] == 2.0
     assert rows[1]["unet"]["inference_count"] == 2 * (1 + 3)
-    assert all(np.isfinite(r["ms_per_step"]) for r in rows.values())
+    assert all(np.isfinite(r["ms_per_step"]) for r in served)
     assert np.isfinite(result["inprocess"]["ms_per_step"])
     # The pipeline's own clock (its sd_denoise_* metrics) counted exactly the level's steps:
     # one pair per worker, 1 + 3 steps.
-    assert [rows[c]["loop"]["steps"] for c in (1, 2)] == [4, 8]
-    assert all(0 < r["loop_ms_per_step"] < 1e3 for r in rows.values())
+    for levels in (rows, inpipe):
+        assert [levels[c]["loop"]["steps"] for c in (1, 2)] == [4, 8]
+        assert all(0 < r["loop_ms_per_step"] < 1e3 for r in levels.values())
     assert 0 < result["inprocess"]["loop_ms_per_step"] < 1e3
+    # The UNet in the pipeline: its sd_unet_* metrics counted every step's call and its two
+    # samples, and no step called its UNet model by BLS.
+    for c, r in inpipe.items():
+        u = r["unet"]
+        assert (u["request_count"], u["inference_count"]) == (4 * c, 8 * c)
+        assert 0 < u["execution_count"] <= u["request_count"]
+        assert u["samples_per_execution"] == round(8 * c / u["execution_count"], 3)
+        assert r["bls_unet"]["request_count"] == 0 and r["bls_unet"]["inference_count"] == 0
+    assert inpipe[1]["unet"]["execution_count"] == 4  # a lone request's steps: one run each
     stubs = [p for p in result["served"]["memory"] if p["label"] == "stub:d0_null_stable_diffusion"]
     assert len(stubs) == 2 and all(0 < p["uss"] <= p["rss"] for p in stubs)
+    labels = [p["label"] for p in result["served"]["memory"]]
+    assert labels.count("stub:inpipe_null_stable_diffusion") == 1  # one instance
     text = (tmp_path / "ov.md").read_text()
     assert (
         "## Per-step overhead (null UNet)" in text and "stub:d0_null_stable_diffusion | 2 |" in text
     )
-    assert f"| 0 | 1 | **{rows[1]['loop_ms_per_step']:.3f}** (" in text
+    assert f"| BLS, delay 0 µs | 1 | **{rows[1]['loop_ms_per_step']:.3f}** (" in text
+    a, b = inpipe[1]["loop_ms_per_step"], rows[1]["loop_ms_per_step"]
+    assert f"| in pipeline | 1 | **{a:.3f}** (" in text
+    assert f"**c=1: UNet in the pipeline {a:.3f} ms per step vs {b:.3f} by BLS at delay 0" in text
+    assert "target ≤ 0.5 ms per step at c=1: **" in text
     # The bare BLS calls: every call timed, through the batcher and without it.
     bls = result["served"]["bls"]
     assert set(bls) == {"d0_null_unet", "unbatched_null_unet"}
@@ -545,3 +644,29 @@ def test_harness_overhead_mode(tmp_path, tiny_repository):
     call = bls["d0_null_unet"]["mean"]
     assert f"| d0_null_unet | 7 | **{call:.3f}** |" in text
     assert f"At c=1, delay 0 µs: {rows[1]['loop_ms_per_step']:.3f} ms per served step = " in text
+    # Merging, real UNet: the BLS UNet's statistics (Triton's) and the in-pipeline UNet's
+    # (its metrics) count the same work, one call of 2 samples per step of every image.
+    merging = result["merging"]
+    steps = merging["steps"]
+    assert {(r["in_pipeline"], r["concurrency"]) for r in merging["rows"]} == {
+        (False, 1),
+        (False, 2),
+        (True, 1),
+        (True, 2),
+    }
+    for r in merging["rows"]:
+        u = r["unet"]
+        assert r["images"] == r["concurrency"]
+        assert (u["request_count"], u["inference_count"]) == (
+            steps * r["images"],
+            2 * steps * r["images"],
+        )
+        assert 0 < u["execution_count"] <= u["request_count"] and r["images_per_s"] > 0
+        assert r.get("bls_unet", {"request_count": 0})["request_count"] == 0
+    m = {(r["in_pipeline"], r["concurrency"]): r for r in merging["rows"]}
+    ratio = m[True, 2]["images_per_s"] / m[False, 2]["images_per_s"]
+    assert (
+        f"**c=2, real UNet: in the pipeline {m[True, 2]['images_per_s']} images/s vs "
+        f"{m[False, 2]['images_per_s']} by BLS at delay 0 µs ({ratio:.2f}×).**" in text
+    )
+    assert f"`sd_unet_executions_total` = {m[True, 2]['unet']['requests_per_execution']})" in text
