@@ -152,7 +152,10 @@ class Metrics:
 
     def __init__(self, pb_utils: Any, model: str, version: str) -> None:
         self._labels = {"model": model, "version": version}
-        self._lock = threading.Lock()
+        # Every metric call holds it: the Python backend's metric calls are not thread-safe
+        # (concurrent increments from a threaded model's workers crashed tritonserver 2.51
+        # with SIGSEGV in libtriton_python.so); reentrant, as _metric takes it too.
+        self._lock = threading.RLock()
         self._metrics: dict[tuple[str, str], Any] = {}
         family = getattr(pb_utils, "MetricFamily", None)
         self._families = {}
@@ -193,18 +196,20 @@ class Metrics:
     ) -> None:
         if not self._families:
             return
-        self._metric("sd_requests_total", outcome).increment(1)
-        self._metric("sd_request_duration_seconds_total", outcome).increment(duration_s)
-        if images:
-            self._metric("sd_images_total", None).increment(images)
-        if steps:
-            self._metric("sd_denoise_steps_total", None).increment(steps)
-            self._metric("sd_denoise_seconds_total", None).increment(denoise_s)
+        with self._lock:
+            self._metric("sd_requests_total", outcome).increment(1)
+            self._metric("sd_request_duration_seconds_total", outcome).increment(duration_s)
+            if images:
+                self._metric("sd_images_total", None).increment(images)
+            if steps:
+                self._metric("sd_denoise_steps_total", None).increment(steps)
+                self._metric("sd_denoise_seconds_total", None).increment(denoise_s)
 
     def observe_unet(self, calls: int, samples: int) -> None:
         """One run of the in-process UNet that merged ``calls`` step calls, ``samples`` rows."""
         if not self._families:
             return
-        self._metric("sd_unet_executions_total", None).increment(1)
-        self._metric("sd_unet_requests_total", None).increment(calls)
-        self._metric("sd_unet_samples_total", None).increment(samples)
+        with self._lock:
+            self._metric("sd_unet_executions_total", None).increment(1)
+            self._metric("sd_unet_requests_total", None).increment(calls)
+            self._metric("sd_unet_samples_total", None).increment(samples)
