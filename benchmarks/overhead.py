@@ -515,6 +515,21 @@ def _settled(client, before: dict, variant: Variant, requests: int) -> dict:
     return stats.settled(client, before, variant.pipeline, requests)
 
 
+def _checked(server, what: str, run, *args):
+    """``run(*args)``; if it fails because the server died, say so: the exit code (negative: the
+    signal), what was running and where the server's log is, not the client's "Socket closed"."""
+    try:
+        return run(*args)
+    except Exception as e:
+        proc = getattr(server, "_proc", None)
+        code = None if proc is None else proc.poll()
+        if code is None:
+            raise
+        raise RuntimeError(
+            f"tritonserver exited with code {code} during {what}; its log: {server.log_path}"
+        ) from e
+
+
 def _start(repository: Path, log_dir: Path | None, name: str, timeout_s: float):
     from sd_triton.server import TritonServer
 
@@ -587,14 +602,23 @@ def served_overhead(
     try:
         url = server.grpc_url
         client = grpcclient.InferenceServerClient(url)
-        _warm(url, plan, variants)
+        _checked(server, "the warm-up", _warm, url, plan, variants)
         for target in probes:
             bls_calls(client, target, 20)
         with system.CpuAccount(server.pid) as account:
             for r in range(plan.rounds):
                 for variant in variants if r % 2 == 0 else variants[::-1]:
                     for c in plan.concurrency:
-                        row = _served_paired(server, client, plan, variant, c)
+                        row = _checked(
+                            server,
+                            f"{variant.pipeline} at c={c}, round {r + 1}",
+                            _served_paired,
+                            server,
+                            client,
+                            plan,
+                            variant,
+                            c,
+                        )
                         levels.setdefault((variant, c), []).append(row)
                 for target in probes if r % 2 == 0 else list(probes)[::-1]:
                     probes[target].append(bls_calls(client, target, plan.probe_calls))
@@ -711,12 +735,21 @@ def merging(repository: Path, plan: Plan, log_dir: Path | None, timeout_s: float
     server = _start(repository, log_dir, "merging", timeout_s)
     try:
         client = grpcclient.InferenceServerClient(server.grpc_url)
-        _warm(server.grpc_url, plan, variants)
+        _checked(server, "the warm-up", _warm, server.grpc_url, plan, variants)
         with system.CpuAccount(server.pid) as account:
             for r in range(plan.merge_rounds):
                 for variant in variants if r % 2 == 0 else variants[::-1]:
                     for c in plan.concurrency:
-                        level = _merging_level(server, client, plan, variant, c)
+                        level = _checked(
+                            server,
+                            f"{variant.pipeline} at c={c}, merging round {r + 1}",
+                            _merging_level,
+                            server,
+                            client,
+                            plan,
+                            variant,
+                            c,
+                        )
                         levels.setdefault((variant, c), []).append(level)
         client.close()
     finally:

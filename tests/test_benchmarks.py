@@ -508,6 +508,27 @@ def test_variant_repository_serves_a_null_unet_per_delay(tmp_path, tiny_reposito
     assert read_config(repo / "text_encoder").name == "text_encoder"
 
 
+def test_a_level_that_fails_because_the_server_died_says_so():
+    from types import SimpleNamespace
+
+    from sd_triton.benchmarks import overhead
+
+    def fails(x):
+        raise ConnectionError(f"Socket closed {x}")
+
+    dead = SimpleNamespace(_proc=SimpleNamespace(poll=lambda: -11), log_path=Path("/l/ts.log"))
+    with pytest.raises(RuntimeError) as e:
+        overhead._checked(dead, "inpipe_null_stable_diffusion at c=4, round 1", fails, 1)
+    assert str(e.value) == (
+        "tritonserver exited with code -11 during inpipe_null_stable_diffusion at c=4, "
+        "round 1; its log: /l/ts.log"
+    )
+    alive = SimpleNamespace(_proc=SimpleNamespace(poll=lambda: None), log_path=None)
+    with pytest.raises(ConnectionError):  # the server is up: the error is the level's own
+        overhead._checked(alive, "x", fails, 1)
+    assert overhead._checked(alive, "x", lambda a, b: a + b, 2, 3) == 5
+
+
 def test_null_unet_host_runs_served_and_in_the_pipeline(tmp_path, tiny_repository, monkeypatch):
     """The null UNet is a component host: as Triton serves it (requests batched and split back)
     and as a pipeline with unet_in_pipeline loads it (InProcessUNet with pipeline.json's
