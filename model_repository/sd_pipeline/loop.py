@@ -178,6 +178,28 @@ class Stage:
         return latents
 
 
+def import_lazy_modules() -> None:
+    """Import now what requests import on first use (diffusers' scheduler classes, image
+    processor, pipeline helpers).
+
+    diffusers resolves its names lazily (``_LazyModule``); two worker threads of a
+    threaded pipeline model resolving the same name at once can see
+    ``module 'diffusers' has no attribute 'EulerDiscreteScheduler'`` (seen on a fresh
+    instance's first concurrent requests). The pipeline model calls this once at load.
+    """
+    import diffusers
+    import diffusers.image_processor
+    import diffusers.models.autoencoders.vae
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion
+    import diffusers.utils.torch_utils  # noqa: F401
+
+    from .schedulers import SCHEDULERS
+
+    for choice in SCHEDULERS.values():
+        getattr(diffusers, choice.class_name)
+    diffusers.StableDiffusionPipeline  # noqa: B018  (conditioning's guidance embedding)
+
+
 def generate(
     request: GenerationRequest,
     components: Components,

@@ -75,7 +75,12 @@ from sd_pipeline import spec as S  # noqa: E402
 from sd_pipeline.conditioning import check_prompt_chunks  # noqa: E402
 from sd_pipeline.config import Assets, Limits  # noqa: E402
 from sd_pipeline.errors import Cancelled, ComponentError, InvalidRequest  # noqa: E402
-from sd_pipeline.loop import GenerationResult, generate, polled_at_most_every  # noqa: E402
+from sd_pipeline.loop import (  # noqa: E402
+    GenerationResult,
+    generate,
+    import_lazy_modules,
+    polled_at_most_every,
+)
 from sd_pipeline.preview import latents_to_preview  # noqa: E402
 from sd_pipeline.request import GenerationRequest, model_defaults, parse_request  # noqa: E402
 from sd_pipeline.schedulers import check_name  # noqa: E402
@@ -147,6 +152,8 @@ class TritonPythonModel:
         self.spec = S.STABLE_DIFFUSION_STREAM if self.decoupled else S.STABLE_DIFFUSION
         check_model_config(model_config, self.spec)
         self.assets = Assets.load(ASSETS)
+        # Worker threads would otherwise race diffusers' lazy imports on first use.
+        import_lazy_modules()
         parameters = config_parameters(model_config)
         self.limits = Limits.from_parameters(parameters, self.assets.config)
         # The alias for requests that name no scheduler (None: the model's own config).
