@@ -232,3 +232,37 @@ def test_many_threads_each_get_their_own_rows():
 def test_max_batch_must_be_at_least_one(max_batch):
     with pytest.raises(ValueError, match=f"max_batch must be at least 1, got {max_batch}"):
         StepMerger(lambda batches: [], max_batch)
+
+
+def test_a_run_that_answers_the_wrong_number_of_calls_fails_them_all_and_ends():
+    """A run_batched that loses a call's result must not leave that call waiting forever
+    (nor its thread re-running empty batches): every call of the run gets an error."""
+    runs = []
+
+    def short(batches):
+        runs.append(len(batches))
+        return [{"out": b["sample"]} for b in batches[:-1]] if len(batches) > 1 else batches
+
+    merger = StepMerger(short, max_batch=4)
+    hold, release = threading.Event(), threading.Event()
+
+    def first(batches):  # the first run holds while two more calls queue behind it
+        hold.set()
+        assert release.wait(TIMEOUT_S)
+        return short(batches)
+
+    merger._run_batched = first
+    with ThreadPoolExecutor(3) as pool:
+        lone = pool.submit(merger, inputs(1, 1))
+        assert hold.wait(TIMEOUT_S)
+        merger._run_batched = short
+        queued = [pool.submit(merger, inputs(tag, 1)) for tag in (2, 3)]
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(merger._queue) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        release.set()
+        np.testing.assert_array_equal(lone.result(TIMEOUT_S)["sample"], inputs(1, 1)["sample"])
+        for future in queued:
+            with pytest.raises(RuntimeError, match="1 results for 2 calls"):
+                future.result(TIMEOUT_S)
+    assert runs == [1, 2]

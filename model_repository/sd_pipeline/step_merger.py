@@ -19,6 +19,7 @@ modules are; both release the GIL while they compute).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -98,12 +99,16 @@ class StepMerger:
         return batch
 
     def _run(self, batch: list[_Call]) -> None:
+        """Run ``batch``; every call in it ends done, with its outputs or an exception."""
         try:
             results = self._run_batched([c.inputs for c in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{len(results)} results for {len(batch)} calls")
         except Exception as e:  # noqa: BLE001  (every waiting call gets it)
             results = [e] * len(batch)
         for call, result in zip(batch, results, strict=True):
             call.result = result
             call.done = True
         if self._observe is not None:
-            self._observe(len(batch), sum(c.rows for c in batch))
+            with contextlib.suppress(Exception):  # metrics never fail a step
+                self._observe(len(batch), sum(c.rows for c in batch))
