@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import fields
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sd_pipeline import spec as S
-from sd_pipeline.config import Limits, PipelineConfig
+from sd_pipeline.config import UNET_FOLDER, Limits, PipelineConfig
 
 from . import component_models as CM
 from . import triton_config as T
@@ -219,3 +220,23 @@ def write_pipeline_models(
         # The served pipeline version picks the component versions (pipeline.json).
         T.set_version_policy(config, 1)
         T.write_config(config, staging / model_name)
+        if opts.hosting.unet_in_pipeline:
+            _nest_unet(staging / opts.model_name("unet") / version, version_dir / UNET_FOLDER)
+    if opts.hosting.unet_in_pipeline:
+        # No UNet model of its own: nothing calls it, and Triton would load its weights again.
+        shutil.rmtree(staging / opts.model_name("unet"))
+
+
+def _nest_unet(src: Path, dest: Path) -> None:
+    """The UNet model's version folder (host code, weights) inside a pipeline's version folder,
+    where the pipeline loads it and where a copy of the repository (object storage, a
+    mounted volume) carries it with the pipeline. Hard links where the file system allows:
+    the unary and streaming pipelines share one copy of the weights on disk."""
+
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dest, copy_function=link)

@@ -82,10 +82,13 @@ def test_in_process_unet_without_the_unets_files_says_what_to_do(tmp_path):
     assert "set the pipeline's config parameter unet_in_pipeline to 0" in message
 
 
-def test_unet_folder_is_the_pipelines_unet_beside_it(tmp_path):
+def test_unet_folder_is_the_pipelines_own_else_the_unet_model_beside_it(tmp_path):
     # What unet_folder reads of the pipeline's config (pipeline.json).
     config = SimpleNamespace(component_models={"unet": "ip_unet"}, component_versions={"unet": 3})
-    assert unet_folder(tmp_path / "ip_stable_diffusion", config) == tmp_path / "ip_unet" / "3"
+    pipeline = tmp_path / "ip_stable_diffusion"
+    assert unet_folder(pipeline, "2", config) == tmp_path / "ip_unet" / "3"
+    (pipeline / "2" / "unet").mkdir(parents=True)  # where the exporter puts it
+    assert unet_folder(pipeline, "2", config) == pipeline / "2" / "unet"
 
 
 def test_onnxruntime_host_is_refused(tmp_path, capsys):
@@ -132,17 +135,31 @@ def test_export_writes_one_instance_and_the_parameter(repository, tiny_repositor
     assert "unet_in_pipeline" not in default.parameters
 
 
-def test_pipeline_json_records_the_unets_config(repository):
+def test_pipeline_json_records_the_unets_config(repository, tiny_repository):
     constants = json.loads((repository / MODEL / "1" / "assets" / "pipeline.json").read_text())
-    unet = T.read_config(repository / f"{PREFIX}unet")
+    # As the UNet model's config would be (the session export writes one), under this prefix.
+    unet = T.read_config(tiny_repository / "unet")
+    unet.name = f"{PREFIX}unet"
     expected = json_format.MessageToDict(unet, preserving_proto_field_name=True)
     assert constants["unet_config"] == expected
-    assert constants["unet_config"]["name"] == f"{PREFIX}unet"
     assert int(constants["unet_config"]["max_batch_size"]) == Hosting().unet_max_batch_size
-    assert constants["component_models"]["unet"] == f"{PREFIX}unet"
-    assert (
-        unet_folder(repository / MODEL, PipelineConfig.from_dict(constants)) / "model.py"
-    ).is_file()
+
+
+def test_the_unet_lives_in_the_pipelines_version_folders_only(repository, tiny_repository):
+    """No UNet model of its own (Triton would load its weights a third time); each pipeline
+    carries the UNet's host and weights, hard-linked: one copy on disk."""
+    assert not (repository / f"{PREFIX}unet").exists()
+    files = {}
+    for name in (MODEL, STREAM):
+        folder = repository / name / "1" / "unet"
+        assert (folder / "model.py").read_bytes() == (
+            tiny_repository / "unet" / "1" / "model.py"
+        ).read_bytes()
+        files[name] = (folder / "model.onnx").stat()
+    assert files[MODEL].st_ino == files[STREAM].st_ino
+    constants = json.loads((repository / MODEL / "1" / "assets" / "pipeline.json").read_text())
+    config = PipelineConfig.from_dict(constants)
+    assert unet_folder(repository / MODEL, "1", config) == repository / MODEL / "1" / "unet"
 
 
 # ---------------------------------------------------------------------------
@@ -170,19 +187,9 @@ def unet_metrics(metrics_url: str, model: str = MODEL) -> np.ndarray:
 NON_SQUARE = {**SETTINGS, "height": 48, "width": 80}
 
 
-def unet_model_requests(url: str) -> int:
-    """Requests the ``ip_unet`` model (loaded, but not called in this mode) has served."""
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        stats = client.get_inference_statistics(f"{PREFIX}unet").model_stats[0]
-    finally:
-        client.close()
-    return stats.inference_stats.success.count
-
-
 @pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m"])
 def test_served_equals_diffusers(url, metrics_url, reference_pipe, scheduler):
-    before, unet_before = unet_metrics(metrics_url), unet_model_requests(url)
+    before = unet_metrics(metrics_url)
     images, flags, seeds = generate(url, model=MODEL, scheduler=scheduler, seed=11, **NON_SQUARE)
     expected, expected_flags = reference(reference_pipe, scheduler, 11, **NON_SQUARE)
     assert images.shape == (2, 48, 80, 3)
@@ -193,7 +200,6 @@ def test_served_equals_diffusers(url, metrics_url, reference_pipe, scheduler):
     executions, requests, samples = unet_metrics(metrics_url) - before
     assert executions == requests == NON_SQUARE["num_inference_steps"]
     assert samples == 4 * requests
-    assert unet_model_requests(url) == unet_before  # no BLS call to the UNet model
 
 
 def test_served_img2img_equals_diffusers(url, reference_pipe):
@@ -328,15 +334,14 @@ def test_request_whose_client_gave_up_leaves_the_model_serving(url, metrics_url)
 # Served: SDXL on the torch host
 
 
-# What SDXL txt2img calls by BLS with the UNet in the pipeline: not the UNet model (nor the
-# VAE encoder), so they are not loaded; the torch host takes a while to load each model.
+# What SDXL txt2img calls by BLS with the UNet in the pipeline (no UNet model is exported;
+# the VAE encoder is not needed, so not loaded: the torch host takes a while per model).
 XL_LOADED = ["text_encoder", "text_encoder_2", "vae_decoder"]
 
 
 @pytest.fixture(scope="module")
 def xl_url(extras_server, family_checkpoints):
-    """The tiny SDXL base in-pipeline on the torch host (``ipxl_``), its pipeline loaded
-    without its UNet model."""
+    """The tiny SDXL base in-pipeline on the torch host (``ipxl_``)."""
     options = ExportOptions(
         contents=Contents(stream_model=False),
         hosting=Hosting(host="torch", unet_in_pipeline=True),
@@ -344,7 +349,8 @@ def xl_url(extras_server, family_checkpoints):
     )
     path = extras_server.repository
     export_repository(family_checkpoints["tiny-sdxl"], path, options, overwrite=True)
-    assert (path / f"{XL_PREFIX}unet").is_dir()
+    assert not (path / f"{XL_PREFIX}unet").exists()
+    assert (path / XL_MODEL / "1" / "unet" / "unet").is_dir()  # the torch host's module folder
     headers = extras_server.grpc_admin_headers
     # All at once: the pipeline calls its components only when it serves a request.
     models = [XL_MODEL, *(XL_PREFIX + n for n in XL_LOADED)]
@@ -352,7 +358,6 @@ def xl_url(extras_server, family_checkpoints):
     try:
         with ThreadPoolExecutor(len(models)) as pool:
             list(pool.map(lambda n: client.load_model(n, headers=headers), models))
-        assert not client.is_model_ready(f"{XL_PREFIX}unet")
         yield extras_server.grpc_url
         for name in models:
             client.unload_model(name, headers=headers)

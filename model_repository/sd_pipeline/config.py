@@ -27,6 +27,11 @@ __all__ = [
 ]
 
 
+# The folder inside a pipeline's version folder that holds the UNet model's version folder
+# (host code and weights) when the pipeline runs the UNet itself (unet_in_pipeline).
+UNET_FOLDER = "unet"
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """The model constants of ``assets/pipeline.json`` (written by the exporter)."""

@@ -57,7 +57,7 @@ import torch
 
 from . import spec as S
 from .components import TextEncoding, controlnet_call, unet_call
-from .config import PipelineConfig
+from .config import UNET_FOLDER, PipelineConfig
 from .errors import ComponentError
 from .step_merger import StepMerger
 
@@ -231,11 +231,19 @@ class TritonComponents:
 # The UNet in the pipeline's process
 
 
-def unet_folder(pipeline_folder: str | Path, config: PipelineConfig) -> Path:
-    """The version folder of the UNet model this pipeline calls, beside it in the repository."""
+def unet_folder(pipeline_folder: str | Path, version: str, config: PipelineConfig) -> Path:
+    """The UNet model's version folder for the pipeline model at ``pipeline_folder``.
+
+    Where the exporter puts it (``--unet-in-pipeline``): ``unet/`` inside the pipeline's
+    own version folder. Otherwise the UNet model beside the pipeline in the repository
+    (its name and version from pipeline.json), as a repository assembled by hand may have.
+    """
+    nested = Path(pipeline_folder) / str(version) / UNET_FOLDER
+    if nested.is_dir():
+        return nested
     name = config.component_models.get("unet", "unet")
-    version = config.component_versions.get("unet", 1)
-    return Path(pipeline_folder).resolve().parent / name / str(version)
+    unet_version = config.component_versions.get("unet", 1)
+    return Path(pipeline_folder).resolve().parent / name / str(unet_version)
 
 
 class InProcessUNet:
@@ -264,10 +272,10 @@ class InProcessUNet:
         source = folder / "model.py"
         if not source.is_file():
             raise FileNotFoundError(
-                f"unet_in_pipeline: the UNet model's files are not at {folder} (the pipeline "
-                "reads them from the UNet model's folder beside it, so the repository must be "
-                "on a local or mounted file system); set the pipeline's config parameter "
-                "unet_in_pipeline to 0 to call the UNet model instead"
+                f"unet_in_pipeline: the UNet model's files are not at {folder} (the exporter's "
+                "--unet-in-pipeline puts them in the pipeline's version folder, under "
+                f"{UNET_FOLDER}/); export again with --unet-in-pipeline, or set the pipeline's "
+                "config parameter unet_in_pipeline to 0 to call the UNet model instead"
             )
         if str(folder) not in sys.path:  # the host's own imports (the torch host's wrappers)
             sys.path.append(str(folder))

@@ -19,8 +19,8 @@ errors into responses. One file serves two configs:
 
 ``unet_in_pipeline`` (config parameter, ``1`` to enable; the exporter's
 ``--unet-in-pipeline``): the UNet model's own host (its ``model.py`` and
-files, read from the UNet model's folder beside this one) runs in this
-process, so a step makes no BLS call (``InProcessUNet``); the unary model
+files, which the exporter puts in ``unet/`` inside this version folder) runs
+in this process, so a step makes no BLS call (``InProcessUNet``); the unary model
 then also hands each request to a worker thread (a default-policy model may
 answer through the request's response sender after ``execute`` returned,
 measured on Triton 2.51), so that one instance runs up to ``max_concurrency``
@@ -211,7 +211,7 @@ class TritonPythonModel:
                 "pipeline.json (unet_config): export again with --unet-in-pipeline"
             )
         return InProcessUNet(
-            unet_folder(args["model_repository"], config),
+            unet_folder(args["model_repository"], args["model_version"], config),
             config.unet_config,
             kind="CPU" if cuda is None else "GPU",
             device_id=cuda or 0,
