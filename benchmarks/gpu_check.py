@@ -18,7 +18,12 @@ docs/gpu.md):
    concurrency 1 and 4 (with the UNet's samples per execution from the
    server's statistics), the GPU memory of the server's processes, and the
    UNet's ms per step beside the FLOP floor (:mod:`.flops`);
-6. writes ``benchmarks/results/gpu-<gpu>.md`` (and ``raw/gpu-<gpu>.json``).
+6. does 4 and 5 again (c=1 and concurrency, no second export) for the same
+   pipeline with the UNet in its process (``inpipe_stable_diffusion``: config
+   parameter ``unet_in_pipeline``, one instance; docs/gpu.md, "Per-step
+   overhead"): the UNet's host on the GPU inside the pipeline's process, its
+   steps merged there (``sd_unet_*`` metrics);
+7. writes ``benchmarks/results/gpu-<gpu>.md`` (and ``raw/gpu-<gpu>.json``).
 
 Designed to take under 8 minutes on an H100-class GPU: about 1 min to build
 the weights, 1 min to export (no ONNX step with the torch host), 1-2 min to
@@ -50,6 +55,8 @@ from .load import InProcess, Request, Served
 log = logging.getLogger(__name__)
 
 PIPELINE = "stable_diffusion"
+# The same pipeline with the UNet in its process (unet_in_pipeline), beside it.
+IN_PIPELINE = "inpipe_stable_diffusion"
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,7 @@ def build(plan: Plan, build_dir: Path, checkpoint: Path | None = None) -> tuple[
     )
     t0 = time.perf_counter()
     export_repository(checkpoint, repository, options, overwrite=True)
+    add_in_pipeline_twin(repository, plan)
     log.info(
         "exported %s (%s, %s) in %.0f s",
         plan.name,
@@ -149,6 +157,28 @@ def build(plan: Plan, build_dir: Path, checkpoint: Path | None = None) -> tuple[
         time.perf_counter() - t0,
     )
     return checkpoint, repository
+
+
+def add_in_pipeline_twin(repository: Path, plan: Plan) -> None:
+    """The exported pipeline again as :data:`IN_PIPELINE`, with the UNet in its process.
+
+    A copy of the pipeline model's folder with config parameter ``unet_in_pipeline``
+    and one instance running up to the highest concurrency's requests: it reads the
+    ``unet`` model's folder beside it (no second export) and loads those weights once
+    more, on the same GPU, in its own process.
+    """
+    from sd_triton.export import triton_config as T
+
+    dest = repository / IN_PIPELINE
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(repository / PIPELINE, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    config = T.read_config(dest)
+    config.name = IN_PIPELINE
+    config.parameters["unet_in_pipeline"].string_value = "1"
+    config.parameters["max_concurrency"].string_value = str(max(plan.concurrency))
+    config.instance_group[0].count = 1
+    T.write_config(config, dest)
 
 
 def check_host(plan: Plan) -> None:
@@ -269,6 +299,48 @@ def per_step(loop_ms: float | None, unet: stats.ModelStats) -> dict:
     }
 
 
+def in_pipeline_numbers(plan: Plan, url: str, metrics_url: str, unet_compute_ms) -> dict:
+    """:func:`served_numbers` for :data:`IN_PIPELINE`; its UNet counts from the ``sd_unet_*``
+    metrics (Triton sees no UNet call), its per-step overhead against the UNet's compute per
+    execution measured on the BLS pipeline (the same module on the same device)."""
+
+    def served(steps: int) -> Served:
+        return Served(url, _request(plan, steps), model=IN_PIPELINE)
+
+    first, c_max = plan.steps[0], max(plan.concurrency)
+    served(first).one(0, seed=10**6)  # diffusers' lazy imports, the first CUDA kernels
+    served(first).run(c_max, c_max, seed0=10**6)
+    out: dict = {"images": [served(first).one(0, seed=seed) for seed in plan.seeds]}
+    out["s_per_image"] = {}
+    loop_before = stats.denoise_snapshot(metrics_url, IN_PIPELINE)
+    for steps in plan.steps:
+        timing = served(steps).run(1, plan.images_per_step_count, seed0=100)
+        out["s_per_image"][str(steps)] = round(timing.percentile(50), 4)
+    loop = stats.ms_per_step(stats.denoise_snapshot(metrics_url, IN_PIPELINE), loop_before)
+    out["per_step"] = {
+        "loop_ms": loop,
+        "unet_compute_ms": unet_compute_ms,
+        "unet_queue_ms": 0.0,
+        "overhead_ms": None if loop is None else round(loop - unet_compute_ms, 4),
+    }
+    out["levels"] = []
+    for c in plan.concurrency:
+        n = c * plan.requests_per_worker
+        before = stats.unet_snapshot(metrics_url, IN_PIPELINE)
+        timing = served(first).run(c, n, seed0=200)
+        unet = stats.in_pipeline_unet(stats.unet_snapshot(metrics_url, IN_PIPELINE), before)
+        out["levels"].append(
+            {
+                "concurrency": c,
+                "steps": first,
+                "images_per_s": round(timing.images_per_s, 4),
+                "p50_s": round(timing.percentile(50), 4),
+                "unet": {**unet, "executions_per_image": round(unet["execution_count"] / n, 3)},
+            }
+        )
+    return out
+
+
 def inprocess_numbers(plan: Plan, checkpoint: Path) -> dict:
     """diffusers in this process on the same device and precision: the reference image and s/image."""
     import torch
@@ -328,6 +400,8 @@ def run(plan: Plan, build_dir: Path, checkpoint: Path | None = None) -> dict:
     try:
         client = grpcclient.InferenceServerClient(server.grpc_url)
         served = served_numbers(plan, server.grpc_url, client, server.metrics_url)
+        compute = served["per_step"]["unet_compute_ms"]
+        in_pipeline = in_pipeline_numbers(plan, server.grpc_url, server.metrics_url, compute)
         pids = [p["pid"] for p in system.process_memory(server.pid)]
         memory = {"gpu": gpu_memory(pids), "rss": system.process_memory(server.pid)}
         server_version = client.get_server_metadata().version
@@ -345,8 +419,12 @@ def run(plan: Plan, build_dir: Path, checkpoint: Path | None = None) -> dict:
             "server_start": round(t_served - t_built, 1),
             "total": round(time.perf_counter() - t_start, 1),
         },
-        "image_check": compare(served.pop("images"), inproc.pop("images"), plan.tolerance),
+        "image_check": compare(served.pop("images"), inproc["images"], plan.tolerance),
         "served": served,
+        "in_pipeline": {
+            "image_check": compare(in_pipeline.pop("images"), inproc.pop("images"), plan.tolerance),
+            **in_pipeline,
+        },
         "inprocess": inproc,
         "memory": memory,
         "unet_per_step": unet_floor(plan, checkpoint, served["levels"]),
@@ -422,7 +500,53 @@ def markdown(result: dict) -> str:
         ),
         f"- host memory (RSS) of the server's processes: {rss:.2f} GiB",
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + in_pipeline_lines(result, steps)) + "\n"
+
+
+def in_pipeline_lines(result: dict, steps: list[str]) -> list[str]:
+    """The results file's section on :data:`IN_PIPELINE`, beside the BLS pipeline's numbers."""
+    ip, served = result["in_pipeline"], result["served"]
+    check = ip["image_check"]
+    lines = [
+        "",
+        f"## The UNet in the pipeline's process (`{IN_PIPELINE}`, `unet_in_pipeline`)",
+        "",
+        "The same export's pipeline with the UNet's host loaded into its own process (one "
+        "instance, requests on threads, steps merged there; no BLS call per step). Its UNet "
+        "counts come from the pipeline's `sd_unet_*` metrics.",
+        "",
+        f"**{'PASS' if check['ok'] else 'FAIL'}** against diffusers in-process over "
+        f"{check['images']} seeds: max {check['max_levels']} levels, "
+        f"{check['within_one_level'] * 100:.3f} % within 1 level, PSNR {check['psnr_db']} dB.",
+        "",
+        "| steps | BLS s/image | in pipeline s/image | in pipeline / BLS |",
+        "|---|---|---|---|",
+    ]
+    for s in steps:
+        a, b = served["s_per_image"][s], ip["s_per_image"][s]
+        lines.append(f"| {s} | {a} | {b} | {b / a:.3f} |")
+    lines += [
+        "",
+        "| c | BLS images/s | in pipeline images/s | in pipeline UNet samples/run | calls/run |",
+        "|---|---|---|---|---|",
+    ]
+    for bls, lv in zip(served["levels"], ip["levels"], strict=True):
+        u = lv["unet"]
+        lines.append(
+            f"| {lv['concurrency']} | {bls['images_per_s']} | {lv['images_per_s']} "
+            f"| {u['samples_per_execution']} | {u['requests_per_execution']} |"
+        )
+    p = ip["per_step"]
+    if p["loop_ms"] is not None:
+        lines += [
+            "",
+            f"- served per step at c=1 (the pipeline's own clock over the s/image runs): "
+            f"{p['loop_ms']} ms, less the UNet's compute per execution measured through the "
+            f"BLS pipeline above ({p['unet_compute_ms']} ms; the same module on the same "
+            f"device, so the difference carries both runs' noise): **{p['overhead_ms']} ms per "
+            "step added by serving** (scheduler step, guidance, the merger; no BLS call)",
+        ]
+    return lines
 
 
 def per_step_line(p: dict) -> str:
@@ -481,7 +605,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = write(result, args.output_dir, label)
     print(markdown(result))
     print(f"wrote {path}")
-    return 0 if result["image_check"]["ok"] else 1
+    ok = result["image_check"]["ok"] and result["in_pipeline"]["image_check"]["ok"]
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

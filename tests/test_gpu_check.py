@@ -89,6 +89,21 @@ def test_gpu_check_dry_run(tmp_path, tiny_checkpoint, monkeypatch):
     text = (tmp_path / "results" / "cpu-dry.md").read_text()
     assert "**PASS** over 3 seeds" in text and "| 3 |" in text
     assert f"**{step['overhead_ms']} ms per step added by serving**" in text
+    # The same pipeline with the UNet in its process: same images, its steps counted and
+    # merged in its own process (the sd_unet_* metrics), none through Triton's UNet.
+    ip = result["in_pipeline"]
+    assert ip["image_check"]["ok"] and ip["image_check"]["max_levels"] <= 1
+    assert set(ip["s_per_image"]) == {"2", "3"}
+    ip_levels = {lv["concurrency"]: lv for lv in ip["levels"]}
+    assert set(ip_levels) == {1, 2}
+    one = ip_levels[1]["unet"]
+    assert one["samples_per_execution"] == 2.0 and one["requests_per_execution"] == 1.0
+    assert one["execution_count"] == 3  # one image, PNDM's 2 steps: 3 UNet calls
+    assert ip_levels[2]["unet"]["request_count"] == 2 * 3
+    assert ip["per_step"]["loop_ms"] > 0
+    assert ip["per_step"]["unet_compute_ms"] == step["unet_compute_ms"]
+    assert "## The UNet in the pipeline's process" in text
+    assert text.count("**PASS**") == 2
 
 
 # ------------------------------------------------------------ wheels for the GPU machine
