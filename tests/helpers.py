@@ -6,6 +6,8 @@ live in conftest.py.
 
 from __future__ import annotations
 
+import queue
+
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -186,6 +188,34 @@ def served_generate(url: str, *, model: str = MODEL, **options):
         result.as_numpy("nsfw_content_detected"),
         result.as_numpy("seeds"),
     )
+
+
+def stream(url: str, model: str, *, cancel_after: int | None = None, **options):
+    """All responses of one streamed request: (progress dicts, final result or error)."""
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    try:
+        client.async_stream_infer(model, infer_inputs(**options), enable_empty_final_response=True)
+        progress, final = [], None
+        while True:
+            result, error = responses.get(timeout=120)
+            if error is not None:
+                return progress, error
+            response = result.get_response()
+            is_final = response.parameters["triton_final_response"].bool_param
+            names = {o.name for o in response.outputs}
+            if "images" in names:
+                final = result
+            elif names:
+                progress.append({n: result.as_numpy(n) for n in names})
+                if cancel_after is not None and len(progress) == cancel_after:
+                    client.stop_stream(cancel_requests=True)
+                    return progress, None
+            if is_final:
+                return progress, final
+    finally:
+        client.close()
 
 
 def bad_request_error(url: str, inputs: dict, model: str = MODEL) -> InferenceServerException:

@@ -11,14 +11,12 @@
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from helpers import (
     IMG2IMG,
     MODEL,
@@ -26,10 +24,10 @@ from helpers import (
     SETTINGS,
     bad_request_error,
     img2img_reference,
-    infer_inputs,
     max_diff,
     reference,
     source_image,
+    stream,
 )
 from helpers import served_generate as generate
 from polling import metric, scrape, wait_until
@@ -207,34 +205,6 @@ def test_bad_inputs_do_not_disturb_other_requests(triton_url):
 def stream_model(grpc_client):
     assert grpc_client.is_model_ready(STREAM_MODEL), f"the exporter always writes {STREAM_MODEL}"
     return STREAM_MODEL
-
-
-def stream(url: str, model: str, *, cancel_after: int | None = None, **options):
-    """All responses of one streamed request: (progress dicts, final result or error)."""
-    responses: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    try:
-        client.async_stream_infer(model, infer_inputs(**options), enable_empty_final_response=True)
-        progress, final = [], None
-        while True:
-            result, error = responses.get(timeout=120)
-            if error is not None:
-                return progress, error
-            response = result.get_response()
-            is_final = response.parameters["triton_final_response"].bool_param
-            names = {o.name for o in response.outputs}
-            if "images" in names:
-                final = result
-            elif names:
-                progress.append({n: result.as_numpy(n) for n in names})
-                if cancel_after is not None and len(progress) == cancel_after:
-                    client.stop_stream(cancel_requests=True)
-                    return progress, None
-            if is_final:
-                return progress, final
-    finally:
-        client.close()
 
 
 def test_stream_reports_each_step_then_the_images(triton_url, stream_model, reference_pipe):

@@ -23,7 +23,6 @@ Plus a unit test of ``InProcessUNet`` on a folder without the UNet's files.
 from __future__ import annotations
 
 import json
-import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -41,6 +40,7 @@ from helpers import (
     max_diff,
     reference,
     source_image,
+    stream,
 )
 from helpers import served_generate as generate
 from polling import metric, scrape, wait_until
@@ -250,30 +250,6 @@ def test_concurrent_requests_merge_steps_and_each_equals_alone(url, metrics_url)
         runs.append(int(executions))
     assert min(runs) < calls, f"{calls} step calls ran in {runs} runs: none merged"
     print(f"\n{CONCURRENT} concurrent x {ROUNDS}: {calls} step calls in {runs} runs; diffs {diffs}")
-
-
-def stream(url: str, model: str, **options):
-    """All responses of one streamed request: (progress dicts, final result or error)."""
-    responses: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    try:
-        client.async_stream_infer(model, infer_inputs(**options), enable_empty_final_response=True)
-        progress, final = [], None
-        while True:
-            result, error = responses.get(timeout=120)
-            if error is not None:
-                return progress, error
-            response = result.get_response()
-            names = {o.name for o in response.outputs}
-            if "images" in names:
-                final = result
-            elif names:
-                progress.append({n: result.as_numpy(n) for n in names})
-            if response.parameters["triton_final_response"].bool_param:
-                return progress, final
-    finally:
-        client.close()
 
 
 def test_stream_reports_each_step_then_the_unary_image(url, metrics_url):
