@@ -9,7 +9,8 @@ the controlled UNet (``unet_controlled``) and the refiner's to its own UNet
   diffusers' ``StableDiffusionControlNetPipeline`` and a plain request on the same
   pipeline ``StableDiffusionPipeline``, within one uint8 level; the pipeline's
   ``sd_unet_*`` metrics count the plain request's steps and none of the ControlNet
-  request's, Triton's statistics of ``ipcn_unet_controlled`` the reverse;
+  request's, Triton's statistics of ``ipcn_unet_controlled`` the reverse; a ControlNet
+  window over half the steps splits them between the two, and equals diffusers too;
 - the tiny SDXL base with its refiner, in-pipeline (``ipxr_``, the families repository's
   ONNX files, only the models such a request calls loaded): ``refiner_switch_at`` equals
   diffusers' base (``denoising_end``, latents out) then refiner (``denoising_start``)
@@ -185,6 +186,23 @@ def test_controlnet_and_plain_requests_on_one_in_pipeline_model(
     assert max_diff(plain, want) <= 1
     # Not vacuous: the ControlNet changes the image.
     assert max_diff(plain, got) > 8
+
+    # A window over the first half: its steps by BLS, the rest in the pipeline's process.
+    before, calls = unet_metrics(metrics_url, CN_MODEL), successes(extras_server, CONTROLLED)
+    half, _, _ = served_generate(
+        cn_url, model=CN_MODEL, scheduler="euler", seed=7, **CN_SETTINGS,
+        controlnet=np.array([b"canny"], dtype=object), control_image=image[None],
+        control_guidance_end=np.array([0.5], np.float32),
+    )  # fmt: skip
+    executions, requests, _ = unet_metrics(metrics_url, CN_MODEL) - before
+    assert executions == requests == steps // 2
+    assert successes(extras_server, CONTROLLED) - calls == steps // 2
+    want, _ = reference(
+        controlled, "euler", 7, image=PIL.Image.fromarray(image), control_guidance_end=0.5,
+        **CN_SETTINGS,
+    )  # fmt: skip
+    assert max_diff(half, want) <= 1
+    assert min(max_diff(half, got), max_diff(half, plain)) > 1
 
 
 # ---------------------------------------------------------------------------
