@@ -22,6 +22,7 @@ them into place.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -146,9 +147,12 @@ def _pipeline_json(
         "version": int(version),
         "component_models": {n: opts.model_name(n) for n in names},
         "component_versions": {n: int(version) for n in names},
-        # For a pipeline that runs the UNet's host itself (--unet-in-pipeline).
-        "unet_config": json_format.MessageToDict(
-            plan.configs["unet"], preserving_proto_field_name=True
+        # For a pipeline that runs the UNet's host itself (--unet-in-pipeline); keys sorted:
+        # protobuf maps (the config's parameters) iterate in no fixed order.
+        "unet_config": json.loads(
+            json_format.MessageToJson(
+                plan.configs["unet"], preserving_proto_field_name=True, sort_keys=True
+            )
         ),
     }
 

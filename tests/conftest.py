@@ -123,7 +123,9 @@ def extras_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def serve_extras(extras_server):
     """``with serve_extras(prefix) as url``: the models named ``prefix*`` in the extras
-    repository loaded (components first, then the pipeline models), unloaded after."""
+    repository loaded (components first, then the pipeline models), unloaded after.
+    ``only``: just these models (full names), all at once (a pipeline calls its components
+    only when it serves a request), for an export whose other models a module never calls."""
     import contextlib
     from concurrent.futures import ThreadPoolExecutor
 
@@ -132,12 +134,14 @@ def serve_extras(extras_server):
     headers = extras_server.grpc_admin_headers
 
     @contextlib.contextmanager
-    def serve(prefix: str):
+    def serve(prefix: str, only: list[str] | None = None):
         from sd_triton.client._core import load_waves  # the order of `sd-triton load --all`
 
         names = [p.name for p in extras_server.repository.iterdir()]
-        components, pipelines = load_waves(names, prefix)
-        assert pipelines and components, f"no {prefix}* models in {extras_server.repository}"
+        components, pipelines = (only, []) if only else load_waves(names, prefix)
+        assert components and (pipelines or only), (
+            f"no {prefix}* models in {extras_server.repository}"
+        )
         client = grpcclient.InferenceServerClient(extras_server.grpc_url)
         try:
             with ThreadPoolExecutor(len(components)) as pool:

@@ -272,3 +272,32 @@ def assert_config_matches_onnx(config, onnx_path):
             for c, o in zip(shape, dims[1:], strict=True):
                 assert (c == -1) == isinstance(o, str), f"{name}: {shape} vs {dims}"
                 assert c == -1 or c == o, f"{name}: {shape} vs {dims}"
+
+
+# ControlNets (tests/test_controlnet.py, tests/test_unet_in_pipeline_combos.py)
+CONTROLNET_EMBEDDING_CHANNELS = (16, 32)
+
+
+def control_image(seed: int, height: int = 32, width: int = 48) -> np.ndarray:
+    """A control map: blocks of random grey levels (edges at several scales)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)
+    return np.repeat(np.repeat(blocks, 4, axis=0), 4, axis=1)
+
+
+def make_controlnet(unet, seed: int, path) -> None:
+    """A ControlNet from ``unet`` with random output convolutions (zero-initialised ones would
+    give residuals of 0), saved to ``path``."""
+    import torch
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    model = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=CONTROLNET_EMBEDDING_CHANNELS
+    )
+    gen = torch.Generator().manual_seed(10 + seed)
+    convs = [*model.controlnet_down_blocks, model.controlnet_mid_block]
+    with torch.no_grad():
+        for p in (p for conv in convs for p in conv.parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.save_pretrained(path)

@@ -22,7 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import PIL.Image
 import pytest
-from helpers import bad_request_error, max_diff, reference, served_generate
+from helpers import (
+    bad_request_error,
+    control_image,
+    make_controlnet,
+    max_diff,
+    reference,
+    served_generate,
+)
 
 from sd_triton.client.control import canny
 from sd_triton.export import ExportOptions, export_repository
@@ -34,16 +41,8 @@ from sd_triton.server import TritonServer
 
 NAMES = ("canny", "depth")
 # The tiny VAE's images are 2x its latents: one downsampling in the control image embedding.
-EMBEDDING_CHANNELS = (16, 32)
 HEIGHT, WIDTH = 32, 48
 BASE = {"prompt": "a house by a lake", "negative_prompt": "blurry", "guidance_scale": 7.5}
-
-
-def control_image(seed: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
-    """A control map: blocks of random grey levels (edges at several scales)."""
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)
-    return np.repeat(np.repeat(blocks, 4, axis=0), 4, axis=1)
 
 
 @pytest.fixture(scope="module")
@@ -56,21 +55,6 @@ def controlnet_dirs(tmp_path_factory, tiny_checkpoint) -> dict[str, object]:
     for seed, name in enumerate(NAMES):
         make_controlnet(unet, seed, root / name)
     return {name: root / name for name in NAMES}
-
-
-def make_controlnet(unet, seed: int, path) -> None:
-    """A ControlNet from ``unet`` with random output convolutions, saved to ``path``."""
-    import torch
-    from diffusers import ControlNetModel
-
-    torch.manual_seed(seed)
-    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBEDDING_CHANNELS)
-    gen = torch.Generator().manual_seed(10 + seed)
-    convs = [*model.controlnet_down_blocks, model.controlnet_mid_block]
-    with torch.no_grad():
-        for p in (p for conv in convs for p in conv.parameters()):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    model.save_pretrained(path)
 
 
 @pytest.fixture(scope="module")

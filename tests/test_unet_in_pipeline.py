@@ -316,7 +316,7 @@ XL_LOADED = ["text_encoder", "text_encoder_2", "vae_decoder"]
 
 
 @pytest.fixture(scope="module")
-def xl_url(extras_server, family_checkpoints):
+def xl_url(extras_server, serve_extras, family_checkpoints):
     """The tiny SDXL base in-pipeline on the torch host (``ipxl_``)."""
     options = ExportOptions(
         contents=Contents(stream_model=False),
@@ -327,18 +327,8 @@ def xl_url(extras_server, family_checkpoints):
     export_repository(family_checkpoints["tiny-sdxl"], path, options, overwrite=True)
     assert not (path / f"{XL_PREFIX}unet").exists()
     assert (path / XL_MODEL / "1" / "unet" / "unet").is_dir()  # the torch host's module folder
-    headers = extras_server.grpc_admin_headers
-    # All at once: the pipeline calls its components only when it serves a request.
-    models = [XL_MODEL, *(XL_PREFIX + n for n in XL_LOADED)]
-    client = grpcclient.InferenceServerClient(extras_server.grpc_url)
-    try:
-        with ThreadPoolExecutor(len(models)) as pool:
-            list(pool.map(lambda n: client.load_model(n, headers=headers), models))
-        yield extras_server.grpc_url
-        for name in models:
-            client.unload_model(name, headers=headers)
-    finally:
-        client.close()
+    with serve_extras(XL_PREFIX, only=[XL_MODEL, *(XL_PREFIX + n for n in XL_LOADED)]) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

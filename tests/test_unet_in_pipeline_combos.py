@@ -21,14 +21,20 @@ the controlled UNet (``unet_controlled``) and the refiner's to its own UNet
 from __future__ import annotations
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
-from helpers import REFERENCE_SCHEDULERS, max_diff, reference, served_generate
+from helpers import (
+    REFERENCE_SCHEDULERS,
+    control_image,
+    make_controlnet,
+    max_diff,
+    reference,
+    served_generate,
+)
 from polling import metric, scrape
 
 from sd_triton.export import Contents, ExportOptions, Hosting, Naming, export_repository
@@ -76,25 +82,16 @@ def metrics_url(extras_server):
 
 
 # The tiny VAE's images are 2x its latents: one downsampling in the control image embedding.
-EMBEDDING_CHANNELS = (16, 32)
 
 
 @pytest.fixture(scope="module")
 def controlnet_dir(tmp_path_factory, tiny_checkpoint):
-    """A tiny ControlNet from the tiny UNet (as tests/test_controlnet.py makes them): its
-    zero-initialised output convolutions get random weights, or its residuals would be 0."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    """A tiny ControlNet from the tiny UNet (as tests/test_controlnet.py makes them)."""
+    from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tiny_checkpoint / "unet")
-    torch.manual_seed(0)
-    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=EMBEDDING_CHANNELS)
-    gen = torch.Generator().manual_seed(10)
-    convs = [*model.controlnet_down_blocks, model.controlnet_mid_block]
-    with torch.no_grad():
-        for p in (p for conv in convs for p in conv.parameters()):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     path = tmp_path_factory.mktemp("ipcn-controlnet") / "canny"
-    model.save_pretrained(path)
+    make_controlnet(unet, 0, path)
     return path
 
 
@@ -138,13 +135,6 @@ def sd_pipes(tiny_checkpoint, controlnet_dir):
     )
     controlled.set_progress_bar_config(disable=True)
     return base, controlled
-
-
-def control_image(seed: int) -> np.ndarray:
-    """A control map: blocks of random grey levels (edges at several scales)."""
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, (HEIGHT // 4, WIDTH // 4, 3), dtype=np.uint8)
-    return np.repeat(np.repeat(blocks, 4, axis=0), 4, axis=1)
 
 
 CN_SETTINGS = {
@@ -221,7 +211,7 @@ XR_LOADED = [
 
 
 @pytest.fixture(scope="module")
-def xr_url(extras_server, family_checkpoints, families_repository):
+def xr_url(extras_server, serve_extras, family_checkpoints, families_repository):
     """The tiny SDXL base with its refiner, in-pipeline (``ipxr_``): the ONNX files of the
     families repository's ``xl_`` export (the same checkpoints), no tracing."""
     from sd_triton.export import component_models as CM
@@ -245,17 +235,8 @@ def xr_url(extras_server, family_checkpoints, families_repository):
     assert not (path / f"{XR_PREFIX}unet").exists()
     assert (path / XR_MODEL / "1" / "unet" / "model.onnx").is_file()
     assert (path / REFINER_UNET / "1" / "model.onnx").is_file()
-    headers = extras_server.grpc_admin_headers
-    models = [XR_MODEL, *(XR_PREFIX + n for n in XR_LOADED)]
-    client = grpcclient.InferenceServerClient(extras_server.grpc_url)
-    try:
-        with ThreadPoolExecutor(len(models)) as pool:
-            list(pool.map(lambda n: client.load_model(n, headers=headers), models))
-        yield extras_server.grpc_url
-        for name in models:
-            client.unload_model(name, headers=headers)
-    finally:
-        client.close()
+    with serve_extras(XR_PREFIX, only=[XR_MODEL, *(XR_PREFIX + n for n in XR_LOADED)]) as url:
+        yield url
 
 
 XR_SETTINGS = {
