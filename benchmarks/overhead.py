@@ -179,11 +179,6 @@ class Variant:
     def unet(self) -> str:
         return f"{self.prefix}unet"
 
-    @property
-    def label(self) -> str:
-        """How the report names it."""
-        return "in pipeline" if self.in_pipeline else f"BLS, delay {self.delay_us} µs"
-
 
 def _label(row: dict) -> str:
     return "in pipeline" if row.get("in_pipeline") else f"BLS, delay {row['delay_us']} µs"
@@ -544,12 +539,6 @@ def _warm(url: str, plan: Plan, variants: Sequence[Variant]) -> None:
     c = max(plan.concurrency)
     for variant in variants:
         request = replace(plan.request, steps=plan.steps[0])
-        if variant.in_pipeline:
-            # One instance running requests on threads: a lone request first, so that the
-            # first requests do not race on the pipeline's lazy imports (diffusers' scheduler
-            # classes: concurrent first requests failed with "module 'diffusers' has no
-            # attribute 'EulerDiscreteScheduler'"), then c at once to start c threads.
-            Served(url, request, model=variant.pipeline).run(1, 1)
         Served(url, request, model=variant.pipeline).run(c, c)
 
 

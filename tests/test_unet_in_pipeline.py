@@ -218,6 +218,33 @@ CONCURRENT = 6
 ROUNDS = 3
 
 
+COLD_SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "heun", "lms", "ddim")
+
+
+def test_a_freshly_loaded_model_serves_concurrent_first_requests(url, extras_server):
+    """Its first requests arrive at once on its worker threads, each naming another
+    scheduler: diffusers' lazily resolved names are imported at load, not raced for
+    (before: "module 'diffusers' has no attribute 'EulerDiscreteScheduler'")."""
+
+    def one(scheduler, start):
+        start.wait()
+        options = {**LOAD, "num_inference_steps": 2, "scheduler": scheduler}
+        return generate(url, model=MODEL, prompt="a cold start", seed=5, **options)[0]
+
+    # Twice: the race does not lose every time (without the import at load, 1 of 2 bursts
+    # failed in a trial).
+    for _ in range(2):
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            client.load_model(MODEL, headers=extras_server.grpc_admin_headers)  # a new instance
+        finally:
+            client.close()
+        start = threading.Barrier(len(COLD_SCHEDULERS))
+        with ThreadPoolExecutor(len(COLD_SCHEDULERS)) as pool:
+            images = list(pool.map(one, COLD_SCHEDULERS, [start] * len(COLD_SCHEDULERS)))
+        assert [i.shape for i in images] == [(1, 32, 32, 3)] * len(COLD_SCHEDULERS)
+
+
 def test_concurrent_requests_merge_steps_and_each_equals_alone(url, metrics_url):
     options = [{"prompt": f"a lighthouse #{i}", "seed": 100 + i, **LOAD} for i in range(CONCURRENT)]
     alone = [generate(url, model=MODEL, **o)[0] for o in options]

@@ -38,8 +38,8 @@ The UNet in the pipeline's process (:class:`InProcessUNet`, config parameter
 ``unet_in_pipeline``): that call is most of what serving adds to a step
 (0.3-0.4 ms of a 0.7 ms step on the CPU, benchmarks/results/cpu-overhead.md),
 so the pipeline can instead load the UNet model's own host (its ``model.py``
-and files, from the UNet model's folder in the same repository) and run it
-here; concurrent requests' steps are merged by :class:`~.step_merger.StepMerger`
+and files, which the exporter puts in ``unet/`` inside the pipeline's version
+folder) and run it here; concurrent requests' steps are merged by :class:`~.step_merger.StepMerger`
 as the UNet's dynamic batcher would. ControlNet's controlled UNet and the
 refiner's UNet stay BLS calls.
 """
@@ -300,12 +300,15 @@ class InProcessUNet:
         max_batch = int(model_config.get("max_batch_size", 0))
         if max_batch < 1:
             raise ValueError(f"unet_in_pipeline: model {self.name} has no batch dimension")
+        # The host's own batching (requests of one shape concatenated, split back), from
+        # component_host.py beside the pipeline's model.py, as in every host.
+        from component_host import run_batched
+
+        self._run_batched_host = run_batched
         self.merger = StepMerger(self._run_batched, max_batch, observe)
 
     def _run_batched(self, batches):
-        from component_host import run_batched  # beside the pipeline's model.py, as in every host
-
-        results = run_batched(self.host.run, batches, self.host.concat)
+        results = self._run_batched_host(self.host.run, batches, self.host.concat)
         self.host.finish()
         return results
 

@@ -169,11 +169,11 @@ class TritonPythonModel:
         self.model_name = args.get("model_name", model_config.get("name", ""))
         self.model_version = str(args.get("model_version", ""))
         self.metrics = Metrics(pb_utils, self.model_name, self.model_version)
-        self.unet = None
-        self.threaded = self.decoupled
-        if _flag(parameters, "unet_in_pipeline"):
-            self.unet = self._load_unet(args, cuda)
-            self.threaded = True
+        in_pipeline = _flag(parameters, "unet_in_pipeline")
+        self.unet = self._load_unet(args, cuda) if in_pipeline else None
+        # Requests on worker threads: the streaming model's, and the unary one's whose
+        # steps merge in its process.
+        self.threaded = self.decoupled or self.unet is not None
         self.components = TritonComponents(self.assets.config, device=device, unet=self.unet)
         # The refiner exported beside an SDXL base (its own component models).
         refiner = self.assets.refiner
